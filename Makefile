@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: up test lint bench install clean
+
+# One node on the embedded file-lock backend (no server needed).
+up: $(PY)
+	$(PY) -m node
+
+# Install the servers, the venv and the package, then run lint and the whole test suite.
+test:
+	bash scripts/install-test-deps.sh
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+
+bench: $(PY)
+	$(PY) -m loadtest.bench_locks
+
+$(PY):
+	bash scripts/install-test-deps.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

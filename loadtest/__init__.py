@@ -1,0 +1,1 @@
+"""Local clusters, fault injection, the probe collector, the checker and benchmarks."""

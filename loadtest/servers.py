@@ -1,0 +1,308 @@
+"""Start and stop real Redis, PostgreSQL and etcd servers on free loopback ports.
+
+Used by the tests and by ``python -m loadtest up``. Local binaries come from
+Debian's packages; where a Docker engine answers and ``BATON_USE_DOCKER`` is
+not ``0``, the same servers run as containers through testcontainers instead.
+A missing binary is an error that names the command installing it, never a
+silent skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INSTALL_HINT = {
+    "redis-server": "apt-get install -y redis-server",
+    "etcd": "apt-get install -y etcd-server",
+    "postgres": "apt-get install -y postgresql",
+    "initdb": "apt-get install -y postgresql",
+    "prometheus": "apt-get install -y prometheus",
+}
+
+
+class ServerError(RuntimeError):
+    """A server could not be started; the message says what to do."""
+
+
+class ServerBinaryMissing(ServerError):
+    def __init__(self, binary: str) -> None:
+        hint = INSTALL_HINT.get(binary, f"install {binary}")
+        super().__init__(f"{binary} not found on PATH; install it with: {hint} (or run `make test`)")
+        self.binary = binary
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def find_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    if name in ("postgres", "initdb", "pg_ctl"):
+        for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+            return str(candidate)
+    raise ServerBinaryMissing(name)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise ServerError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def docker_available() -> bool:
+    if os.environ.get("BATON_USE_DOCKER", "") == "0" or not shutil.which("docker"):
+        return False
+    try:
+        done = subprocess.run(["docker", "info"], capture_output=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@dataclass
+class Server:
+    """One server (or one etcd member) with a stable port across restarts."""
+
+    kind: str
+    port: int
+    workdir: Path
+    argv: list[str]
+    ready: Callable[[], bool]
+    peer_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / f"{self.kind}-{self.port}.log"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.running:
+            return
+        if port_open(self.port):
+            raise ServerError(f"port {self.port} for {self.kind} is already in use")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=self.workdir,
+        )
+        log.close()
+        try:
+            wait_until(lambda: self._alive_or_raise() and self.ready(), timeout, f"{self.kind} on {self.port}")
+        except ServerError:
+            self.stop()
+            raise
+
+    def _alive_or_raise(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise ServerError(f"{self.kind} exited with {self.proc.returncode}:\n{tail}")
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        # runuser may exit before its child: make sure nothing of the group is left
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        wait_until(lambda: not port_open(self.port), 10, f"{self.kind} port {self.port} to close")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Cluster:
+    """A backend: one server, or several etcd members, and the URL nodes use."""
+
+    kind: str
+    url: str
+    members: list[Server]
+    workdir: Path
+    own_workdir: bool = True
+
+    def start(self) -> None:
+        for member in self.members:
+            member.proc = None
+        procs_started: list[Server] = []
+        try:
+            if self.kind == "etcd" and len(self.members) > 1:
+                self._start_etcd_members()
+            else:
+                for member in self.members:
+                    member.start()
+                    procs_started.append(member)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_etcd_members(self) -> None:
+        # members of a new cluster wait for each other: launch all, then wait for all
+        for m in self.members:
+            log = open(m.log_path, "ab")  # noqa: SIM115
+            m.proc = subprocess.Popen(m.argv, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=m.workdir)
+            log.close()
+        for m in self.members:
+            wait_until(lambda m=m: m._alive_or_raise() and m.ready(), 60, f"etcd member on {m.port}")
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def close(self) -> None:
+        self.stop()
+        if self.own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.proc.pid for m in self.members if m.proc is not None]
+
+
+def _redis_ready(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+    return check
+
+
+def redis_cluster(workdir: Path, port: int | None = None) -> Cluster:
+    binary = find_binary("redis-server")
+    port = port or free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+            "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "no"]
+    server = Server("redis", port, workdir, argv, _redis_ready(port))
+    return Cluster("redis", f"redis://127.0.0.1:{port}/0", [server], workdir)
+
+
+def _pg_ready(port: int, pg_isready: str | None) -> Callable[[], bool]:
+    def check() -> bool:
+        if pg_isready:
+            done = subprocess.run([pg_isready, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
+                                  capture_output=True)
+            return done.returncode == 0
+        return port_open(port)
+    return check
+
+
+def postgres_cluster(workdir: Path, port: int | None = None) -> Cluster:
+    postgres = find_binary("postgres")
+    initdb = find_binary("initdb")
+    try:
+        pg_isready: str | None = find_binary("pg_isready")
+    except ServerBinaryMissing:
+        pg_isready = None
+    port = port or free_port()
+    datadir = workdir / "pgdata"
+    sockdir = workdir / "pgsock"
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        # initdb refuses root: run the server as the postgres user, in a directory it owns
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(workdir, "postgres", "postgres")
+        workdir.chmod(0o755)
+    if not datadir.exists():
+        sockdir.mkdir(exist_ok=True)
+        if as_postgres:
+            shutil.chown(sockdir, "postgres", "postgres")
+        done = subprocess.run([*as_postgres, initdb, "-D", str(datadir), "-A", "trust", "-U", "postgres",
+                               "--no-sync", "-E", "UTF8"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServerError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+    argv = [*as_postgres, postgres, "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=300"]
+    server = Server("postgres", port, workdir, argv, _pg_ready(port, pg_isready))
+    return Cluster("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", [server], workdir)
+
+
+def _etcd_ready(port: int) -> Callable[[], bool]:
+    import urllib.request
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+                return b'"health":"true"' in resp.read()
+        except OSError:
+            return False
+    return check
+
+
+def etcd_cluster(workdir: Path, members: int = 1) -> Cluster:
+    binary = find_binary("etcd")
+    ports = [(free_port(), free_port()) for _ in range(members)]
+    initial = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+    token = f"baton-{os.getpid()}-{ports[0][0]}"
+    servers = []
+    for i, (client, peer) in enumerate(ports):
+        argv = [binary, "--name", f"m{i}", "--data-dir", str(workdir / f"etcd-m{i}"),
+                "--listen-client-urls", f"http://127.0.0.1:{client}",
+                "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", token,
+                "--heartbeat-interval", "100", "--election-timeout", "1000",
+                "--unsafe-no-fsync", "--logger", "zap", "--log-level", "warn"]
+        servers.append(Server("etcd", client, workdir, argv, _etcd_ready(client), peer_port=peer))
+    endpoints = ",".join(f"127.0.0.1:{c}" for c, _ in ports)
+    return Cluster("etcd", f"etcd://{endpoints}", servers, workdir)
+
+
+def start_backend(kind: str, workdir: Path | None = None, etcd_members: int = 1) -> Cluster:
+    """Start a backend server of ``kind`` ("redis", "postgres", "etcd") and wait until it answers."""
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix=f"baton-{kind}-")) if workdir is None else workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    if kind == "redis":
+        cluster = redis_cluster(workdir)
+    elif kind == "postgres":
+        cluster = postgres_cluster(workdir)
+    elif kind == "etcd":
+        cluster = etcd_cluster(workdir, etcd_members)
+    else:
+        raise ServerError(f"unknown backend server {kind!r}; expected redis, postgres or etcd")
+    cluster.own_workdir = own
+    cluster.start()
+    return cluster

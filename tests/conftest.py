@@ -1,0 +1,89 @@
+"""Fixtures that start real servers on free loopback ports.
+
+Each server kind starts once per test session, lazily, and stops at the end.
+Tests that stop or restart a server get their own (``private_server``). A
+missing binary fails the test with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.servers import Cluster, start_backend
+from lock_backends import LockBackend, from_url
+
+BACKENDS = ["file", "redis", "postgres", "etcd"]
+SERVER_BACKENDS = ["redis", "postgres", "etcd"]
+
+#: Per-operation timeout used in tests; well below the test TTLs.
+OP_TIMEOUT = 0.5
+#: TTL used by the contract tests. etcd rounds leases up to whole seconds (min 2 s here).
+TTL = 2.0
+
+
+class ServerPool:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.clusters: dict[str, Cluster] = {}
+
+    def get(self, kind: str) -> Cluster:
+        if kind not in self.clusters:
+            self.clusters[kind] = start_backend(kind, self.tmp / kind)
+        return self.clusters[kind]
+
+    def close(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.close()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool
+    pool.close()
+
+
+def with_timeout(url: str, timeout: float = OP_TIMEOUT) -> str:
+    return f"{url}{'&' if '?' in url else '?'}timeout={timeout}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: Path) -> str:
+    kind = request.param
+    if kind == "file":
+        return with_timeout(f"file://{tmp_path / 'baton.lock'}")
+    return with_timeout(servers.get(kind).url)
+
+
+@pytest.fixture(params=SERVER_BACKENDS)
+def private_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A server of its own, for tests that stop, restart or otherwise disturb it."""
+    cluster = start_backend(request.param, tmp_path / request.param)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def lock_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def make_backend() -> AsyncIterator[Callable[[str], LockBackend]]:
+    """Factory of backend instances (each one a separate 'node'), closed after the test."""
+    made: list[LockBackend] = []
+
+    def make(url: str) -> LockBackend:
+        backend = from_url(url)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        with contextlib.suppress(Exception):
+            await backend.close()
