@@ -34,5 +34,5 @@ ACCEPTED_URL_FORMS = (
     "redis://[:password@]host[:port][/db]",
     "postgresql://[user[:password]@]host[:port]/dbname",
     "etcd://host:port[,host:port...]",
-    "file:///absolute/path/to/lockfile",
+    "file:///absolute/path/to/lock-directory",
 )

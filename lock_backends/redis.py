@@ -1,0 +1,270 @@
+"""Redis backend: ``SET NX PX`` leases with a fencing counter, all in Lua.
+
+Every mutation is one Lua script, so "check the holder, then act" is atomic on
+the server. The fencing token comes from ``INCR`` of a counter in the same
+script as the ``SET NX``. If the counter is missing (a fresh server, or one
+that restarted without persistence) it is seeded from the server's clock in
+microseconds, so tokens still grow across data loss. Claims made before such a
+loss are gone, though: run Redis with AOF (``appendfsync always``) when claims
+must survive a restart, and never trust a lock across a replica promotion.
+
+Keys, for a lock named N: ``baton:{N}:lock`` (holder JSON with a nonce),
+``baton:{N}:fence`` (last token), ``baton:{N}:claim:<key>`` (claim and
+result), ``baton:{N}:runs`` (sorted set of claim keys by time) and
+``baton:{N}:settings`` (hash). The ``{N}`` hash tag keeps one lock's keys in
+one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lock_backends.base import Holder, Lease, RunRecord, local_deadline
+from lock_backends.errors import BackendUnavailable, LockBackendError
+from lock_backends.url import BackendOptions, bad_url, parse_options, redact
+
+#: Claims kept in the runs index at most, whatever the retention says.
+MAX_RUNS_INDEXED = 10_000
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local token = redis.call('INCR', KEYS[2])
+  if token == 1 then
+    local now = redis.call('TIME')
+    token = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    redis.call('SET', KEYS[2], token)
+  end
+  redis.call('PUBLISH', KEYS[3], 'acquired')
+  return token
+end
+return false
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[3] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[3], 'released')
+  return 1
+end
+return 0
+"""
+
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[7])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[8]) - 1)
+return 1
+"""
+
+_RECORD = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local claim = cjson.decode(raw)
+claim['result'] = cjson.decode(ARGV[1])
+redis.call('SET', KEYS[1], cjson.encode(claim), 'KEEPTTL')
+return 1
+"""
+
+
+class RedisBackend:
+    """Leases on one Redis server (or a primary behind a fixed address)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, options: BackendOptions) -> None:
+        self.url = url
+        self.options = options
+        parts = urlsplit(url)
+        self.address = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        timeout = options.op_timeout
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url.split("?", 1)[0], socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False, decode_responses=True, health_check_interval=0,
+        )
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._renew = self._client.register_script(_RENEW)
+        self._release = self._client.register_script(_RELEASE)
+        self._claim = self._client.register_script(_CLAIM)
+        self._record = self._client.register_script(_RECORD)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisBackend:
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise bad_url(url, "redis URL needs a host")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise bad_url(url, "port must be a number") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise bad_url(url, "redis database must be a number, as in redis://host:6379/0")
+        options, _ = parse_options(url)
+        return cls(url, options)
+
+    # -- helpers ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _op(self, what: str) -> AsyncIterator[None]:
+        """Bound the operation by the timeout and translate client errors, in one place."""
+        try:
+            async with asyncio.timeout(self.options.op_timeout):
+                yield
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise BackendUnavailable(f"{what} timed out after {self.options.op_timeout}s ({exc})",
+                                     backend=self.kind, address=self.address) from None
+        except (RedisConnectionError, OSError) as exc:
+            raise BackendUnavailable(f"{what} failed: {exc}", backend=self.kind,
+                                     address=self.address) from None
+        except RedisError as exc:
+            raise LockBackendError(f"{what} failed: {exc}", backend=self.kind,
+                                   address=self.address) from None
+
+    @staticmethod
+    def _keys(name: str) -> dict[str, str]:
+        base = f"baton:{{{name}}}"
+        return {"lock": f"{base}:lock", "fence": f"{base}:fence", "events": f"{base}:events",
+                "runs": f"{base}:runs", "settings": f"{base}:settings", "claim": f"{base}:claim:"}
+
+    # -- protocol --------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: Holder, ttl: float) -> Lease | None:
+        k = self._keys(name)
+        value = json.dumps({"node_id": holder.node_id, "url": holder.url, "nonce": secrets.token_hex(8)})
+        t_sent = time.monotonic()
+        async with self._op("acquire"):
+            token = await self._acquire(keys=[k["lock"], k["fence"], k["events"]],
+                                        args=[value, int(ttl * 1000)])
+        if token is None:
+            return None
+        return Lease(name, holder, int(token), ttl, local_deadline(t_sent, ttl), handle=value)
+
+    async def renew(self, lease: Lease) -> Lease | None:
+        k = self._keys(lease.name)
+        t_sent = time.monotonic()
+        async with self._op("renew"):
+            ok = await self._renew(keys=[k["lock"], k["fence"]],
+                                   args=[lease.handle, int(lease.ttl * 1000), lease.token])
+        if not ok:
+            return None
+        return Lease(lease.name, lease.holder, lease.token, lease.ttl,
+                     local_deadline(t_sent, lease.ttl), handle=lease.handle)
+
+    async def release(self, lease: Lease) -> None:
+        k = self._keys(lease.name)
+        async with self._op("release"):
+            await self._release(keys=[k["lock"], k["fence"], k["events"]], args=[lease.handle, lease.token])
+
+    async def leader(self, name: str) -> Holder | None:
+        async with self._op("leader"):
+            raw = await self._client.get(self._keys(name)["lock"])
+        return Holder.from_json(raw) if raw else None
+
+    async def wait_for_change(self, name: str, timeout: float) -> None:
+        """Wake on the lock's pub/sub channel; poll too, since an expiry publishes nothing."""
+        k = self._keys(name)
+        deadline = time.monotonic() + timeout
+        pubsub = self._client.pubsub()
+        try:
+            async with self._op("wait_for_change"):
+                await pubsub.subscribe(k["events"])
+                before = await self._client.get(k["lock"])
+        except BackendUnavailable:
+            await _close_quietly(pubsub)
+            await asyncio.sleep(max(0.0, min(timeout, self.options.op_timeout)))
+            return
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=min(left, 0.25))
+                    if message is not None:
+                        return
+                    async with self._op("wait_for_change"):
+                        if await self._client.get(k["lock"]) != before:
+                            return
+                except (BackendUnavailable, RedisError, OSError):
+                    await asyncio.sleep(min(max(left, 0.0), 0.25))
+        finally:
+            await _close_quietly(pubsub)
+
+    async def claim(self, lease: Lease, key: str) -> bool:
+        k = self._keys(lease.name)
+        now = time.time()
+        retention_ms = int(self.options.claim_retention * 1000)
+        claim = json.dumps({"token": lease.token, "node_id": lease.holder.node_id, "claimed_at": now})
+        async with self._op("claim"):
+            ok = await self._claim(
+                keys=[k["lock"], k["fence"], k["claim"] + key, k["runs"]],
+                args=[lease.handle, lease.token, claim, retention_ms, now, key,
+                      now - self.options.claim_retention, MAX_RUNS_INDEXED])
+        return bool(ok)
+
+    async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
+        async with self._op("record"):
+            await self._record(keys=[self._keys(name)["claim"] + key], args=[json.dumps(result)])
+
+    async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
+        k = self._keys(name)
+        async with self._op("runs"):
+            keys = await self._client.zrevrange(k["runs"], 0, max(limit, 1) - 1)
+            raws = await self._client.mget([k["claim"] + key for key in keys]) if keys else []
+        records = []
+        for key, raw in zip(keys, raws, strict=True):
+            if raw is None:
+                continue  # expired since it was indexed
+            data = json.loads(raw)
+            records.append(RunRecord(key=key, token=int(data["token"]), node_id=str(data["node_id"]),
+                                     claimed_at=float(data["claimed_at"]), result=data.get("result")))
+        return records[:limit]
+
+    async def set_setting(self, name: str, key: str, value: str | None) -> None:
+        settings_key = self._keys(name)["settings"]
+        async with self._op("set_setting"):
+            if value is None:
+                await self._client.hdel(settings_key, key)
+            else:
+                await self._client.hset(settings_key, key, value)
+
+    async def settings(self, name: str) -> dict[str, str]:
+        async with self._op("settings"):
+            return dict(await self._client.hgetall(self._keys(name)["settings"]))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.options.op_timeout):
+                await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({redact(self.url)!r})"
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await pubsub.aclose()
