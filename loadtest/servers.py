@@ -114,7 +114,8 @@ class Server:
         )
         log.close()
         try:
-            wait_until(lambda: self._alive_or_raise() and self.ready(), timeout, f"{self.kind} on {self.port}")
+            wait_until(lambda: self._alive_or_raise() and self.ready(), timeout,
+                       f"{self.kind} on {self.port}")
         except ServerError:
             self.stop()
             raise
@@ -210,8 +211,9 @@ def _redis_ready(port: int) -> Callable[[], bool]:
 def redis_cluster(workdir: Path, port: int | None = None) -> Cluster:
     binary = find_binary("redis-server")
     port = port or free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-            "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "no"]
+    # AOF with fsync on every write: claims and the fence must survive a restart-backend fault
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always", "--dir", str(workdir), "--daemonize", "no", "--protected-mode", "no"]
     server = Server("redis", port, workdir, argv, _redis_ready(port))
     return Cluster("redis", f"redis://127.0.0.1:{port}/0", [server], workdir)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -204,10 +205,8 @@ async def test_server_restart_mid_lease(private_server: Cluster, make_backend: F
     deadline = time.monotonic() + 30
     got: Lease | None = None
     while got is None and time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(BackendUnavailable):
             got = await b.acquire(lock_name, Holder("b"), TTL)
-        except BackendUnavailable:
-            pass
         if got is None:
             await asyncio.sleep(0.2)
     assert got is not None, "no lease after the server came back"

@@ -1,0 +1,52 @@
+"""A lock holder in its own process, for tests that SIGSTOP or kill it.
+
+Usage: python -m tests.holder_child URL NAME TTL
+Prints ``token N`` once it holds the lock, keeps renewing every TTL/4, and
+answers ``claim KEY`` lines on stdin with ``claim True|False`` (using the
+lease it last held, so a stale token is what gets tested after a pause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+
+from lock_backends import Holder, LockBackendError, from_url
+
+
+async def main(url: str, name: str, ttl: float) -> None:
+    backend = from_url(url)
+    lease = None
+    while lease is None:
+        lease = await backend.acquire(name, Holder("child", "http://child"), ttl)
+        if lease is None:
+            await asyncio.sleep(0.05)
+    print(f"token {lease.token}", flush=True)
+
+    async def renew_forever() -> None:
+        nonlocal lease
+        while True:
+            await asyncio.sleep(ttl / 4)
+            with contextlib.suppress(LockBackendError):
+                renewed = await backend.renew(lease)
+                if renewed is not None:
+                    lease = renewed
+
+    renewer = asyncio.create_task(renew_forever())
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        cmd, _, key = line.strip().partition(" ")
+        if cmd == "claim":
+            try:
+                ok = await backend.claim(lease, key)
+            except LockBackendError as exc:
+                print(f"claim error {exc}", flush=True)
+                continue
+            print(f"claim {ok}", flush=True)
+    renewer.cancel()
+    await backend.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
