@@ -1,0 +1,54 @@
+"""Prometheus metrics, named as in DESIGN.md: ``_total`` counters, ``_seconds`` in base units.
+
+One registry per node object (not the global default), so tests can run
+several nodes in one process; the process collector is added to it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+#: Every metric family a node exports (without the _total/_bucket suffixes).
+METRIC_NAMES = (
+    "baton_is_leader",
+    "baton_leader_transitions_total",
+    "baton_lease_token",
+    "baton_job_runs_total",
+    "baton_job_fire_lag_seconds",
+    "baton_job_duration_seconds",
+    "baton_lock_ops_total",
+    "baton_lock_op_seconds",
+)
+
+#: Outcomes of ``baton_job_runs_total``. "missed": a fire time past the misfire grace.
+OUTCOMES = ("ok", "error", "fenced", "duplicate", "missed")
+
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.is_leader = Gauge("baton_is_leader", "1 while this node holds the leadership lease", registry=r)
+        self.transitions = Counter("baton_leader_transitions_total",
+                                   "Times this node started or stopped leading", registry=r)
+        self.lease_token = Gauge("baton_lease_token", "Fencing token of the lease this node holds, 0 if none",
+                                 registry=r)
+        self.job_runs = Counter("baton_job_runs_total", "Job fire times handled, by outcome",
+                                ["job", "outcome"], registry=r)
+        self.fire_lag = Histogram("baton_job_fire_lag_seconds", "Start of the job body minus its fire time",
+                                  ["job"], buckets=LAG_BUCKETS, registry=r)
+        self.duration = Histogram("baton_job_duration_seconds", "Wall time of the job body", ["job"],
+                                  buckets=LAG_BUCKETS, registry=r)
+        self.lock_ops = Counter("baton_lock_ops_total", "Lock backend operations by result",
+                                ["backend", "op", "result"], registry=r)
+        self.lock_op_seconds = Histogram("baton_lock_op_seconds", "Lock backend operation latency",
+                                         ["backend", "op"], buckets=OP_BUCKETS, registry=r)
+
+    def lock_op(self, op: str, result: str, seconds: float) -> None:
+        self.lock_ops.labels(self.backend, op, result).inc()
+        self.lock_op_seconds.labels(self.backend, op).observe(seconds)
