@@ -43,7 +43,8 @@ ACCEPTED = {
     "probe_url": "an http:// URL of a probe collector, or empty",
     "probe_jobs": "an integer 0 or more",
     "probe_interval": "seconds, a positive number",
-    "claims": "on or off (off is for the checker's negative control only)",
+    "claims": "on or off (off disables fencing, claims and the deadline re-check alike: "
+              "for the checker's negative control only)",
     "demo_jobs": "true or false",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",

@@ -1,0 +1,51 @@
+"""``python -m node`` / ``baton-node``: run one node under uvicorn.
+
+Exit codes: 0 after a clean shutdown, 2 for bad configuration (one line on
+stderr naming the variable), 1 for anything else that stopped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+
+import uvicorn
+
+from node import logs
+from node.app import Node, create_app
+from node.config import ConfigError, Settings, from_argv
+
+
+def bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("BATON_PORT", f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}; "
+                          "pick a free port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = from_argv(argv)
+        sock = bind(settings)
+    except ConfigError as exc:
+        print(f"baton: configuration error: {exc}", file=sys.stderr)
+        return 2
+    node = Node(settings)
+    logs.setup(settings.log_level, settings.log_format, node.context)
+    config = uvicorn.Config(create_app(node), log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    asyncio.run(server.serve(sockets=[sock]))
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

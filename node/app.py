@@ -1,0 +1,209 @@
+"""A node: the parts wired together, and its HTTP API.
+
+The API reads state; only the admin routes change anything, and only with
+``Authorization: Bearer $BATON_ADMIN_TOKEN``. With no token configured they
+answer 403: disabled, never open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import httpx
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lock_backends import Holder, LockBackendError, from_url
+from node.config import Settings
+from node.election import ElectionConfig, Elector
+from node.instrumented import InstrumentedBackend
+from node.jobs import JobRegistry, add_probe_jobs, demo_registry
+from node.metrics import Metrics
+from node.scheduler import GatedScheduler
+
+JobId = Annotated[str, Path(min_length=1, max_length=200)]
+
+#: How long POST /admin/jobs/{id}/run waits for the run before answering 202.
+RUN_NOW_WAIT = 10.0
+
+
+class Node:
+    """One cluster member: backend, elector, gated scheduler, metrics."""
+
+    def __init__(self, settings: Settings, jobs: JobRegistry | None = None) -> None:
+        self.settings = settings
+        raw_backend = from_url(settings.lock_url)
+        self.metrics = Metrics(raw_backend.kind)
+        self.backend = InstrumentedBackend(raw_backend, self.metrics)
+        self.holder = Holder(settings.node_id, settings.advertise_url)
+        self.started_at = time.monotonic()
+        self.elector = Elector(
+            self.backend,
+            ElectionConfig(settings.lock_name, self.holder, settings.lease_ttl, settings.renew_deadline,
+                           settings.retry_period),
+            on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading)
+        registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
+        self._http: httpx.AsyncClient | None = None
+        if settings.probe_jobs and settings.probe_url:
+            add_probe_jobs(registry, settings.probe_jobs, settings.probe_interval, settings.probe_url,
+                           self.http)
+        self.scheduler = GatedScheduler(
+            jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,
+            lock_name=settings.lock_name, node_id=settings.node_id, timezone=ZoneInfo(settings.timezone),
+            misfire_grace=settings.misfire_grace, claims=settings.claims == "on",
+            sync_period=settings.retry_period)
+
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        return self._http
+
+    async def _started_leading(self, lease: Any) -> None:
+        await self.scheduler.on_started_leading(lease)
+
+    def _stopped_leading(self) -> None:
+        self.scheduler.on_stopped_leading()
+
+    async def start(self) -> None:
+        await self.scheduler.start()
+        self.elector.start()
+
+    async def stop(self) -> None:
+        await self.elector.stop()  # releases the lease: a follower takes over at once
+        await self.scheduler.shutdown()
+        if self._http is not None:
+            await self._http.aclose()
+        await self.backend.close()
+
+    def context(self) -> dict[str, Any]:
+        lease = self.elector.current_lease()
+        return {"node": self.settings.node_id, "role": "leader" if lease else "follower",
+                "token": lease.token if lease else None}
+
+    def status(self) -> dict[str, Any]:
+        lease = self.elector.current_lease()
+        leader = self.holder if lease else self.elector.observed_leader
+        return {
+            "node_id": self.settings.node_id,
+            "role": "leader" if lease else "follower",
+            "leader": {"node_id": leader.node_id, "url": leader.url} if leader else None,
+            "token": lease.token if lease else None,
+            "lease_remaining_s": round(self.elector.lease_remaining(), 3),
+            "backend": self.backend.kind,
+            "claims": self.settings.claims,
+        }
+
+
+def create_app(node: Node) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    app = FastAPI(title="Baton node", version="0.1.0", lifespan=lifespan,
+                  description="One member of a Baton cluster: leader-gated APScheduler with fenced claims.")
+    app.state.node = node
+
+    @app.exception_handler(LockBackendError)
+    async def backend_down(_: Request, exc: LockBackendError) -> JSONResponse:
+        return JSONResponse({"detail": f"lock backend error: {exc}"}, status_code=503)
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        expected = node.settings.admin_token
+        if expected is None:
+            raise HTTPException(403, "admin routes are disabled: set BATON_ADMIN_TOKEN to enable them")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(),
+                                                                  expected.get_secret_value().encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    Admin = Depends(require_admin)
+
+    def known_job(job_id: str) -> None:
+        if job_id not in node.scheduler.jobs:
+            raise HTTPException(404, f"no job with id {job_id!r}")
+
+    def to_leader(request: Request) -> Response | None:
+        """None on the leader; a 307 to the leader elsewhere, or 503 when none is known."""
+        if node.elector.is_leader:
+            return None
+        leader = node.elector.observed_leader
+        if leader is None or not leader.url:
+            return JSONResponse({"detail": "no leader right now; retry shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        return RedirectResponse(leader.url + request.url.path, status_code=307)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        believed = node.elector.believed_lease()
+        if believed is not None and (node.elector.renew_failing or not node.elector.is_leader):
+            return JSONResponse({"status": "unhealthy", "reason": "leading but the lease could not be renewed"},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if node.elector.is_leader or node.elector.observed_leader is not None:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "reason": "no leader known yet"}, status_code=503)
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return node.status()
+
+    @app.get("/jobs")
+    async def jobs() -> list[dict[str, Any]]:
+        return node.scheduler.describe_jobs()
+
+    @app.get("/runs")
+    async def runs(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in await node.backend.runs(node.settings.lock_name, limit)]
+
+    @app.post("/admin/jobs/{job_id}/run", dependencies=[Admin])
+    async def run_now(job_id: JobId, request: Request) -> Response:
+        known_job(job_id)
+        if (redirect := to_leader(request)) is not None:
+            return redirect
+        now = datetime.now(UTC)
+        task = node.scheduler.spawn(node.scheduler.fire(job_id, now, manual=True))
+        done, _ = await asyncio.wait({task}, timeout=RUN_NOW_WAIT)
+        body = {"job": job_id, "scheduled_at": now.isoformat(), "node_id": node.settings.node_id}
+        if not done:
+            return JSONResponse({**body, "outcome": "running"}, status_code=202)
+        return JSONResponse({**body, "outcome": task.result()})
+
+    @app.post("/admin/jobs/{job_id}/pause", dependencies=[Admin])
+    async def pause(job_id: JobId) -> dict[str, Any]:
+        known_job(job_id)
+        await node.scheduler.set_paused(job_id, True)
+        return {"job": job_id, "paused": True}
+
+    @app.post("/admin/jobs/{job_id}/resume", dependencies=[Admin])
+    async def resume(job_id: JobId) -> dict[str, Any]:
+        known_job(job_id)
+        await node.scheduler.set_paused(job_id, False)
+        return {"job": job_id, "paused": False}
+
+    @app.post("/admin/leader/step-down", dependencies=[Admin])
+    async def step_down(request: Request) -> Response:
+        if (redirect := to_leader(request)) is not None:
+            return redirect
+        node.elector.request_step_down()
+        return JSONResponse({"node_id": node.settings.node_id, "stepped_down": True})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
