@@ -157,6 +157,7 @@ class Cluster:
     members: list[Server]
     workdir: Path
     own_workdir: bool = True
+    extra_dirs: list[Path] = field(default_factory=list)
 
     def start(self) -> None:
         for member in self.members:
@@ -191,6 +192,8 @@ class Cluster:
         self.stop()
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        for extra in self.extra_dirs:
+            shutil.rmtree(extra, ignore_errors=True)
 
     @property
     def pids(self) -> list[int]:
@@ -236,14 +239,19 @@ def postgres_cluster(workdir: Path, port: int | None = None) -> Cluster:
     except ServerBinaryMissing:
         pg_isready = None
     port = port or free_port()
-    datadir = workdir / "pgdata"
-    sockdir = workdir / "pgsock"
+    pgroot = workdir
+    extra: list[Path] = []
     as_postgres: list[str] = []
     if os.geteuid() == 0:
-        # initdb refuses root: run the server as the postgres user, in a directory it owns
+        # initdb refuses root: run the server as the postgres user, in a directory it owns and can
+        # reach (a test's tmp dir is often mode 0700 somewhere up the path)
         as_postgres = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(workdir, "postgres", "postgres")
-        workdir.chmod(0o755)
+        pgroot = Path(tempfile.mkdtemp(prefix="baton-pg-"))
+        extra.append(pgroot)
+        shutil.chown(pgroot, "postgres", "postgres")
+        pgroot.chmod(0o755)
+    datadir = pgroot / "pgdata"
+    sockdir = pgroot / "pgsock"
     if not datadir.exists():
         sockdir.mkdir(exist_ok=True)
         if as_postgres:
@@ -256,7 +264,8 @@ def postgres_cluster(workdir: Path, port: int | None = None) -> Cluster:
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off", "-c", "max_connections=300"]
     server = Server("postgres", port, workdir, argv, _pg_ready(port, pg_isready))
-    return Cluster("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", [server], workdir)
+    return Cluster("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", [server], workdir,
+                   extra_dirs=extra)
 
 
 def _etcd_ready(port: int) -> Callable[[], bool]:
