@@ -3,9 +3,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: up test lint bench install clean
 
-# One node on the embedded file-lock backend (no server needed).
+# A local cluster of 3 nodes on the embedded file-lock backend (no server needed), with a live table.
 up: $(PY)
-	$(PY) -m node
+	$(PY) -m loadtest up
 
 # Install the servers, the venv and the package, then run lint and the whole test suite.
 test:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.proxy import ProxyHub
 from loadtest.servers import Cluster, ServerError, free_port, port_open, start_backend
 
 BACKENDS = ("file", "redis", "postgres", "etcd")
@@ -138,7 +139,10 @@ class LocalCluster:
     admin_token: str = "test-admin-token"
     extra_env: dict[str, str] = field(default_factory=dict)
     etcd_members: int = 1
+    #: Put a fault proxy between each node and the backend (partition and latency faults).
+    proxies: bool = True
     server: Cluster | None = None
+    hub: ProxyHub | None = None
     members: list[NodeProc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -151,6 +155,8 @@ class LocalCluster:
     def start(self) -> None:
         try:
             self._start_backend()
+            if self.proxies and self.backend != "file":
+                self.hub = ProxyHub()
             base = self.base_port
             for i in range(self.nodes):
                 port = base + i if base else free_port()
@@ -174,9 +180,29 @@ class LocalCluster:
         self.lock_url = self.server.url
 
     def node_lock_url(self, index: int) -> str:
+        """The lock URL node ``index`` uses: through its own proxies when there are any."""
         assert self.lock_url is not None
         url = self.lock_url
+        if self.hub is not None:
+            url = self._through_proxies(url, f"node-{index + 1}")
+        if "timeout=" in url:
+            return url
         return f"{url}{'&' if '?' in url else '?'}timeout={self.timing.op_timeout}"
+
+    def _through_proxies(self, url: str, node_id: str) -> str:
+        assert self.hub is not None
+        scheme, rest = url.split("://", 1)
+        netloc, slash, tail = rest.partition("/")
+        if "?" in netloc:  # etcd://h:p?x=y has no path
+            netloc, _, query = netloc.partition("?")
+            tail, slash = f"?{query}", ""
+        userinfo, at, hosts = netloc.rpartition("@")
+        proxied = []
+        for endpoint in hosts.split(","):
+            host, _, port = endpoint.rpartition(":")
+            link = self.hub.add(node_id, host or "127.0.0.1", int(port))
+            proxied.append(f"127.0.0.1:{link.port}")
+        return f"{scheme}://{userinfo}{at}{','.join(proxied)}{slash}{tail}"
 
     def _env(self, index: int, port: int) -> dict[str, str]:
         t = self.timing
@@ -198,6 +224,9 @@ class LocalCluster:
         for node in self.members:
             with contextlib.suppress(Exception):
                 node.kill()
+        if self.hub is not None:
+            self.hub.close()
+            self.hub = None
         if self.server is not None:
             self.server.stop()
 

@@ -48,7 +48,7 @@ class Node:
         self.elector = Elector(
             self.backend,
             ElectionConfig(settings.lock_name, self.holder, settings.lease_ttl, settings.renew_deadline,
-                           settings.retry_period),
+                           settings.retry_period, naive=settings.claims == "off"),
             on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading)
         registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
         self._http: httpx.AsyncClient | None = None

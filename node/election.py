@@ -47,6 +47,9 @@ class ElectionConfig:
     renew_deadline: float
     retry_period: float
     jitter: float = 0.2
+    #: Negative control only: trust the lease until a renew says it is lost, ignoring the local
+    #: deadline, as a naive elector does. Never set in production.
+    naive: bool = False
 
     def __post_init__(self) -> None:
         if not (self.ttl > self.renew_deadline > self.retry_period > 0):
@@ -207,7 +210,9 @@ class Elector:
             assert lease is not None
             now = self._clock()
             give_up = min(lease.deadline, self._last_renew_ok + cfg.renew_deadline)
-            if now >= give_up:
+            if cfg.naive:
+                give_up = now + cfg.retry_period
+            elif now >= give_up:
                 log.warning("lease could not be renewed in time; stepping down")
                 return
             wait = min(self._jittered(cfg.retry_period) if not self.renew_failing else cfg.retry_period / 4,
@@ -221,12 +226,12 @@ class Elector:
                 stop.cancel()
             if done:
                 return  # stepping down or stopping: the caller releases
-            if self._clock() >= lease.deadline:
+            if self._clock() >= lease.deadline and not cfg.naive:
                 log.warning("lease deadline passed before a renew could run (starved loop?); stepping down")
                 return
             try:
-                renewed = await asyncio.wait_for(self.backend.renew(lease),
-                                                 timeout=max(0.001, lease.deadline - self._clock()))
+                budget = cfg.ttl if cfg.naive else max(0.001, lease.deadline - self._clock())
+                renewed = await asyncio.wait_for(self.backend.renew(lease), timeout=budget)
             except (LockBackendError, TimeoutError) as exc:
                 self.renew_failing = True
                 log.warning("renew failed: %s", exc or "timed out before the lease deadline")

@@ -1,0 +1,125 @@
+"""``python -m loadtest`` (or ``baton-loadtest``): up | chaos | check | bench-locks.
+
+    python -m loadtest up --backend redis --nodes 3        # a local cluster with a live table
+    python -m loadtest chaos --fault kill --rounds 3        # faults against it, from another terminal
+    python -m loadtest check                                # what the collector saw: duplicates, misses, gaps
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from loadtest.chaos import FAULTS, ChaosError
+from loadtest.cluster import BACKENDS
+from loadtest.servers import ServerError
+
+DEFAULT_STATE_DIR = ".baton"
+
+
+def positive(kind: type[float] | type[int]) -> object:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local cluster and show it live")
+    up.add_argument("--backend", default="file", help=f"one of {', '.join(BACKENDS)} (default file)")
+    up.add_argument("--nodes", type=positive(int), default=3)
+    up.add_argument("--lock-url", help="use this lock server instead of starting one")
+    up.add_argument("--probe-jobs", type=int, default=3)
+    up.add_argument("--probe-interval", type=positive(float), default=1.0)
+    up.add_argument("--ttl", type=positive(float), default=5.0, help="lease TTL in seconds (default 5)")
+    up.add_argument("--misfire-grace", type=positive(float), default=30.0)
+    up.add_argument("--base-port", type=int, default=None, help="first node port (default: free ports)")
+    up.add_argument("--etcd-members", type=positive(int), default=1)
+    up.add_argument("--claims", choices=("on", "off"), default="on",
+                    help="off: no fencing, for the checker's negative control only")
+    up.add_argument("--admin-token", default="local-admin-token")
+    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    up.add_argument("--duration", type=positive(float), help="stop by itself after this many seconds")
+    up.add_argument("--no-live", dest="live", action="store_false", help="no live table, just a final one")
+    up.add_argument("--seed", type=int, default=0, help="seed for random faults")
+
+    chaos = sub.add_parser("chaos", help="apply faults to the running local cluster")
+    chaos.add_argument("--fault", default="kill",
+                       help=f"comma-separated: {', '.join(FAULTS)}, random (default kill)")
+    chaos.add_argument("--rounds", type=positive(int), default=1)
+    chaos.add_argument("--interval", type=float, default=5.0, help="seconds between faults (default 5)")
+    chaos.add_argument("--target", help="node id (default: the current leader)")
+    chaos.add_argument("--hold", type=positive(float), help="seconds a pause/partition/latency lasts")
+    chaos.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+
+    check = sub.add_parser("check", help="count duplicates and misses from the collector's records",
+                           add_help=False)
+    check.add_argument("rest", nargs=argparse.REMAINDER)
+
+    bench = sub.add_parser("bench-locks", help="lock operation latency per backend", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.command == "check":
+        from loadtest import checker
+
+        rest = list(args.rest)
+        if not any(a.startswith(("--state", "--records")) for a in rest) and Path(DEFAULT_STATE_DIR).is_dir():
+            rest = ["--state", str(Path(DEFAULT_STATE_DIR) / "state.json"), *rest]
+        return checker.main(rest)
+    if args.command == "bench-locks":
+        from loadtest import bench_locks
+
+        return bench_locks.main(list(args.rest))
+    from loadtest.up import UpError, post_fault, run
+
+    try:
+        if args.command == "up":
+            if args.backend not in BACKENDS:
+                raise UpError(f"unknown backend {args.backend!r}; expected one of {', '.join(BACKENDS)}")
+            return run(args, console)
+        faults = [f.strip() for f in args.fault.split(",") if f.strip()]
+        unknown = [f for f in faults if f not in (*FAULTS, "random")]
+        if unknown:
+            raise UpError(f"unknown fault(s) {', '.join(unknown)}; expected {', '.join(FAULTS)} or random")
+        state_path = Path(args.state_dir) / "state.json"
+        total = args.rounds * len(faults)
+        done = 0
+        for _ in range(args.rounds):
+            for fault in faults:
+                stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+                console.print(f"{stamp} [{done + 1}/{total}] {fault} ...")
+                result = post_fault(state_path, fault, args.target, args.hold, timeout=600)
+                done += 1
+                took = f" in {result['failover_s']}s" if result.get("failover_s") is not None else ""
+                console.print(f"{result['ended_at']} {result['fault']} {result['target']}: "
+                              f"leader now {result['new_leader']}{took}")
+                if done < total:
+                    import time
+
+                    time.sleep(args.interval)
+        return 0
+    except (UpError, ServerError, ChaosError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2 if args.command == "up" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
