@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 INSTALL_HINT = {
     "redis-server": "apt-get install -y redis-server",
@@ -147,6 +148,50 @@ class Server:
         self.stop()
         self.start()
 
+    def close(self) -> None:
+        self.stop()
+
+
+@dataclass
+class ContainerServer(Server):
+    """The same server in a container (testcontainers), on a fixed host port so restarts keep it."""
+
+    image: str = ""
+    container_port: int = 0
+    command: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    container: Any = None
+
+    @property
+    def running(self) -> bool:
+        if self.container is None:
+            return False
+        wrapped = self.container.get_wrapped_container()
+        wrapped.reload()
+        return bool(wrapped.status == "running")
+
+    def start(self, timeout: float = 120.0) -> None:
+        if self.container is None:
+            from testcontainers.core.container import DockerContainer
+
+            container = DockerContainer(self.image, command=self.command, env=self.env)
+            container.with_bind_ports(self.container_port, self.port)
+            container.start()
+            self.container = container
+        elif not self.running:
+            self.container.get_wrapped_container().start()
+        wait_until(self.ready, timeout, f"{self.kind} container on {self.port}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.container is not None and self.running:
+            self.container.get_wrapped_container().stop(timeout=int(timeout))
+        wait_until(lambda: not port_open(self.port), 30, f"{self.kind} port {self.port} to close")
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.stop()  # stops and removes
+            self.container = None
+
 
 @dataclass
 class Cluster:
@@ -189,7 +234,8 @@ class Cluster:
             member.stop()
 
     def close(self) -> None:
-        self.stop()
+        for member in self.members:
+            member.close()
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         for extra in self.extra_dirs:
@@ -301,12 +347,37 @@ def etcd_cluster(workdir: Path, members: int = 1) -> Cluster:
     return Cluster("etcd", f"etcd://{endpoints}", servers, workdir)
 
 
+def container_cluster(kind: str, workdir: Path) -> Cluster:
+    """One server of ``kind`` as a container, for machines with a Docker engine and no local binaries."""
+    port = free_port()
+    if kind == "redis":
+        server = ContainerServer(kind, port, workdir, [], _redis_ready(port), image="redis:7",
+                                 container_port=6379, command="redis-server --appendonly yes --appendfsync always")
+        return Cluster(kind, f"redis://127.0.0.1:{port}/0", [server], workdir)
+    if kind == "postgres":
+        server = ContainerServer(kind, port, workdir, [], _pg_ready(port, None), image="postgres:15",
+                                 container_port=5432, command="postgres -c max_connections=300",
+                                 env={"POSTGRES_HOST_AUTH_METHOD": "trust"})
+        return Cluster(kind, f"postgresql://postgres@127.0.0.1:{port}/postgres", [server], workdir)
+    server = ContainerServer(kind, port, workdir, [], _etcd_ready(port), image="quay.io/coreos/etcd:v3.5.17",
+                             container_port=2379,
+                             command=("etcd --listen-client-urls http://0.0.0.0:2379 "
+                                      f"--advertise-client-urls http://127.0.0.1:{port}"))
+    return Cluster(kind, f"etcd://127.0.0.1:{port}", [server], workdir)
+
+
 def start_backend(kind: str, workdir: Path | None = None, etcd_members: int = 1) -> Cluster:
-    """Start a backend server of ``kind`` ("redis", "postgres", "etcd") and wait until it answers."""
+    """Start a backend server of ``kind`` ("redis", "postgres", "etcd") and wait until it answers.
+
+    Containers (testcontainers) when a Docker engine answers, local binaries otherwise; set
+    ``BATON_USE_DOCKER=0`` to insist on local binaries. A multi-member etcd always uses binaries.
+    """
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix=f"baton-{kind}-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    if kind == "redis":
+    if kind in ("redis", "postgres", "etcd") and etcd_members == 1 and docker_available():
+        cluster = container_cluster(kind, workdir)
+    elif kind == "redis":
         cluster = redis_cluster(workdir)
     elif kind == "postgres":
         cluster = postgres_cluster(workdir)

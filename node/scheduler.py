@@ -33,7 +33,7 @@ from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from lock_backends import Lease, LockBackend, LockBackendError
+from lock_backends import BackendUnavailable, Lease, LockBackend, LockBackendError
 from node.election import Elector
 from node.jobs import JobRegistry, RunContext, claim_key, current_run, latest_fire_time, parse_claim_key
 from node.metrics import Metrics
@@ -170,16 +170,41 @@ class GatedScheduler:
         if lease is None:
             return self._count(job_id, "fenced", key, "no valid lease")
         if self.claims:
-            try:
-                claimed = await self.backend.claim(lease, key)
-            except LockBackendError as exc:
-                return self._count(job_id, "error", key, f"claim failed: {exc}")
+            claimed, lease = await self._claim_while_leading(key, scheduled_at, lease)
+            if lease is None:
+                return self._count(job_id, "fenced", key, "lease lost while the backend was unreachable")
+            if claimed is None:
+                return self._count(job_id, "error", key, "claim failed: backend unreachable past the grace")
             if not claimed:
                 if catch_up or recovery:
                     return "already-claimed"  # the normal case after a failover
                 outcome = "duplicate" if self.elector.current_lease() is not None else "fenced"
                 return self._count(job_id, outcome, key, "claim refused")
         return await self._run(spec.id, spec.func, scheduled_at, lease, key, recovery)
+
+    async def _claim_while_leading(self, key: str, scheduled_at: datetime,
+                                   lease: Lease) -> tuple[bool | None, Lease | None]:
+        """Claim, retrying a backend that does not answer for as long as the lease and the grace allow.
+
+        A backend restart shorter than the TTL then delays a run instead of losing it.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return await self.backend.claim(lease, key), lease
+            except BackendUnavailable as exc:
+                log.warning("claim of %s failed, retrying: %s", key, exc)
+            except LockBackendError as exc:
+                log.warning("claim of %s failed: %s", key, exc)
+                return None, lease
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            current = self.elector.current_lease()
+            if current is None or current.token != lease.token:
+                return None, None
+            lease = current
+            if (datetime.now(UTC) - scheduled_at).total_seconds() > self.misfire_grace:
+                return None, lease
 
     async def _run(self, job_id: str, func: Any, scheduled_at: datetime, lease: Lease, key: str,
                    recovery: bool) -> str:

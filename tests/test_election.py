@@ -151,3 +151,38 @@ async def test_starved_loop_cannot_produce_an_accepted_duplicate() -> None:
     assert ran == [("b", b.current_lease().token)]  # type: ignore[union-attr]
     await a.stop()
     await b.stop()
+
+
+async def test_recoverable_run_of_a_dead_leader_runs_once_more_on_the_next() -> None:
+    store = Store()
+    jobs = JobRegistry()
+    ran: list[tuple[str, bool]] = []
+
+    @jobs.cron("nightly", hour=3, recover=True)
+    async def nightly(run: RunContext) -> None:
+        ran.append((run.key, run.recovery))
+
+    @jobs.cron("plain", hour=4)
+    async def plain(run: RunContext) -> None:
+        ran.append((run.key, run.recovery))
+
+    a = make(store, "a")
+    a.start()
+    await until(lambda: a.is_leader)
+    lease_a = a.current_lease()
+    assert lease_a is not None
+    when = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)
+    # a claims both runs and dies before reporting either
+    assert await MemoryBackend(store).claim(lease_a, f"nightly@{when.isoformat()}")
+    assert await MemoryBackend(store).claim(lease_a, f"plain@{when.replace(hour=4).isoformat()}")
+    a._task.cancel()  # type: ignore[union-attr]
+    store.expires = 0.0
+    b = make(store, "b")
+    sched_b = GatedScheduler(jobs=jobs, backend=MemoryBackend(store), elector=b, metrics=Metrics("memory"),
+                             lock_name="lock", node_id="b", timezone=ZoneInfo("UTC"), misfire_grace=60)
+    b.start()
+    await until(lambda: b.is_leader)
+    await sched_b._recover()
+    await sched_b._recover()  # a second pass finds the recovery already done
+    assert ran == [(f"nightly@{when.isoformat()}#recovery", True)]
+    await b.stop()
