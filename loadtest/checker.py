@@ -44,6 +44,11 @@ Leaderless gaps
 Missed fire times
     An expected (job j, instant t) without a record is excused, in this order:
 
+    Both (a) and (b) apply only across a handoff: j's next run after t carries a
+    higher token than j's last run before t (or j had not run yet). Coalescing
+    is what the new leader's catch-up does; a leader that skips a fire time
+    while it keeps its lease has missed it.
+
     (a) coalesced: j has a run scheduled in ``(t, t + misfire_grace]``
         (APScheduler's coalesce: a later run within the grace stands for it);
     (b) leaderless: j has a later run at instant n, no job at all has a run at
@@ -148,6 +153,7 @@ class Probe:
     token: int
     started_at: datetime
     order: int  # position in the input, to keep sorts stable and reproducible
+    sched_us: int  # scheduled_at as microseconds since EPOCH: exact, hashable, cheap to compare
 
     @classmethod
     def from_dict(cls, obj: object, order: int, where: str) -> Probe:
@@ -155,8 +161,9 @@ class Probe:
         if problem is not None:
             raise InputError(f"{where}: {problem}")
         assert isinstance(obj, dict)
-        return cls(obj["job"], parse_time(obj["scheduled_at"]), obj["node"], obj["token"],
-                   parse_time(obj["started_at"]), order)
+        scheduled_at = parse_time(obj["scheduled_at"])
+        return cls(obj["job"], scheduled_at, obj["node"], obj["token"], parse_time(obj["started_at"]), order,
+                   Grid.micros(scheduled_at))
 
 
 @dataclass(frozen=True)
@@ -171,11 +178,12 @@ class Grid:
 
     @staticmethod
     def micros(t: datetime) -> int:
-        return (t - EPOCH) // timedelta(microseconds=1)
+        d = t - EPOCH
+        return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
-    def index(self, t: datetime) -> int | None:
-        """The instant ``t`` is, or None if it lies off the grid."""
-        k, rem = divmod(self.micros(t), self.interval_us)
+    def index(self, us: int) -> int | None:
+        """The instant at ``us`` microseconds since EPOCH, or None if that lies off the grid."""
+        k, rem = divmod(us, self.interval_us)
         if rem <= GRID_TOLERANCE_US:
             return k
         if self.interval_us - rem <= GRID_TOLERANCE_US:
@@ -219,7 +227,11 @@ def stats(values: list[float], prefix: str = "") -> dict[str, float | None]:
 def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: datetime | None,
           end: datetime | None, misfire_grace: float, chaos: list[dict[str, Any]] | None = None,
           strict: bool = False) -> dict[str, Any]:
-    """Everything the checker reports, as one JSON-ready dict. Raises :class:`InputError` on bad input."""
+    """Everything the checker reports, as one JSON-ready dict, by the rules of this module's docstring.
+
+    ``records`` are probe objects as the collector stores them (extra keys are ignored). Raises
+    :class:`InputError` on a bad record or schedule, so callers in-process get the same one-line errors.
+    """
     if jobs < 1:
         raise InputError("--jobs must be at least 1")
     if not interval > 0:
@@ -238,7 +250,8 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
     win_end = end or max((p.scheduled_at for p in probes), default=None) or datetime.now(UTC)
     if win_start is not None and win_end < win_start:
         raise InputError(f"--end {iso(win_end)} is before the window start {iso(win_start)}")
-    in_window = [p for p in probes if grid.micros(p.scheduled_at) <= grid.micros(win_end) + GRID_TOLERANCE_US]
+    end_us = grid.micros(win_end)
+    in_window = [p for p in probes if p.sched_us <= end_us + GRID_TOLERANCE_US]
     k_first = grid.first_at_or_after(win_start) if win_start is not None else 0
     k_last = grid.last_at_or_before(win_end) if win_start is not None else -1
     instants = max(0, k_last - k_first + 1)
@@ -248,7 +261,7 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
     # -- duplicate starts, fenced sink ---------------------------------------------------
     by_pair: dict[tuple[str, int], list[Probe]] = defaultdict(list)
     for p in in_window:
-        by_pair[(p.job, grid.micros(p.scheduled_at))].append(p)
+        by_pair[(p.job, p.sched_us)].append(p)
     duplicate_pairs = {pair: runs for pair, runs in by_pair.items() if len(runs) > 1}
     duplicate_starts = [
         {"job": job, "scheduled_at": iso(runs[0].scheduled_at), "starts": len(runs),
@@ -262,22 +275,24 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
     for p in by_started:
         if p.token >= highest.get(p.job, p.token):
             highest[p.job] = p.token
-            accepted[(p.job, grid.micros(p.scheduled_at))] += 1
+            accepted[(p.job, p.sched_us)] += 1
     fenced_sink_duplicates = sum(1 for n in accepted.values() if n > 1)
 
     # -- which instants ran --------------------------------------------------------------
     runs_of: dict[str, set[int]] = defaultdict(set)  # all records from start on, for look-ahead
+    token_of: dict[tuple[str, int], int] = {}  # (job, instant) -> highest token that ran it
     at_instant: dict[int, list[Probe]] = defaultdict(list)
     off_schedule: list[Probe] = []
     unexpected_jobs: set[str] = set()
     for p in probes:
-        k = grid.index(p.scheduled_at)
+        k = grid.index(p.sched_us)
         if p.job not in known:
             unexpected_jobs.add(p.job)
         elif k is None:
             off_schedule.append(p)
         else:
             runs_of[p.job].add(k)
+            token_of[(p.job, k)] = max(p.token, token_of.get((p.job, k), p.token))
             at_instant[k].append(p)
     run_instants = sorted(at_instant)
     if unexpected_jobs:
@@ -311,7 +326,6 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
     # -- misses --------------------------------------------------------------------------
     grace_us = round(misfire_grace * 1_000_000)
     tail_us = grace_us + grid.interval_us
-    end_us = grid.micros(win_end)
     excused = {"coalesced": 0, "leaderless": 0, "window_end": 0}
     missed: list[tuple[int, str]] = []
     for job in names:
@@ -322,9 +336,13 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
                 continue
             i = bisect_right(ran_sorted, k)
             nxt = ran_sorted[i] if i < len(ran_sorted) else None
-            if nxt is not None and (nxt - k) * grid.interval_us <= grace_us:
+            prev = ran_sorted[i - 1] if i > 0 else None
+            # Skipping a fire time is the catch-up's coalescing only across a handoff: the job's next
+            # run carries a newer token than its previous one. A leader that skips while it lives misses.
+            handed_over = nxt is not None and (prev is None or token_of[(job, nxt)] > token_of[(job, prev)])
+            if handed_over and nxt is not None and (nxt - k) * grid.interval_us <= grace_us:
                 excused["coalesced"] += 1
-            elif (nxt is not None and not strict
+            elif (handed_over and nxt is not None and not strict
                   and bisect_left(run_instants, nxt) == bisect_right(run_instants, k)  # nothing ran in (k, nxt)
                   and (nxt - k > 1 or k not in at_instant)):
                 excused["leaderless"] += 1
@@ -481,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest check",
                                 description="Judge a load test from the probe collector's records alone.")
     p.add_argument("--state", type=Path, help="harness state JSON: probe_jobs, probe_interval, misfire_grace, "
-                   "started_at, collector_file, chaos_log (explicit flags win)")
+                   "started_at, collector_file, chaos_log, optionally ended_at (explicit flags win)")
     p.add_argument("--records", type=Path, help="the collector's JSONL file")
     p.add_argument("--chaos-log", type=Path, help="JSONL of injected faults")
     p.add_argument("--jobs", type=int, help="number of probe jobs (probe-000..)")
@@ -566,8 +584,11 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("fenced-sink duplicates", str(result["fenced_sink_duplicates"]))
     excused = ", ".join(f"{k} {v}" for k, v in result["excused"].items())
     table.add_row("missed fire times", f"{result['missed']} (excused: {excused})")
-    table.add_row("leaderless gaps", f"{gaps['count']}; p50 {gaps['p50_s']}s, p99 {gaps['p99_s']}s, "
-                  f"max {gaps['max_s']}s (wall max {gaps['wall_max_s']}s)")
+    if gaps["count"]:
+        table.add_row("leaderless gaps", f"{gaps['count']}; p50 {gaps['p50_s']}s, p99 {gaps['p99_s']}s, "
+                      f"max {gaps['max_s']}s (wall max {gaps['wall_max_s']}s)")
+    else:
+        table.add_row("leaderless gaps", "0")
     table.add_row("handoffs / stale records", f"{result['handoffs']} / {result['stale_records']}")
     console.print(table)
     for dup in result["duplicate_starts"][:5]:
@@ -588,7 +609,10 @@ def render(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m loadtest check``: 0 pass, 1 duplicate or miss, 2 bad input."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one line; in-process callers get the code back
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         inputs = resolve(args)
         records, warnings = load_records(inputs["records"])

@@ -132,7 +132,12 @@ class JsonlSink:
 
 
 def make_app(path: Path) -> FastAPI:
-    """The collector as an ASGI app writing to ``path`` (opened lazily, on first use)."""
+    """The collector as an ASGI app appending to ``path``.
+
+    The file is opened on first use, not at startup, so the app also works under transports that skip the
+    lifespan (httpx's ASGITransport). ``GET /count`` counts every line in the file, including lines that
+    were there before this process started.
+    """
     sink = JsonlSink(Path(path))
 
     @contextlib.asynccontextmanager

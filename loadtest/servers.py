@@ -93,6 +93,11 @@ class Server:
     argv: list[str]
     ready: Callable[[], bool]
     peer_port: int = 0
+    #: The signal that asks for a quick clean stop (PostgreSQL: SIGINT, "fast" shutdown; its SIGTERM
+    #: waits for every client session to end).
+    stop_signal: int = signal.SIGTERM
+    #: Run the server as this user (PostgreSQL refuses root).
+    user: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -109,9 +114,10 @@ class Server:
         if port_open(self.port):
             raise ServerError(f"port {self.port} for {self.kind} is already in use")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        as_user = {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.workdir,
+            start_new_session=True, cwd=self.workdir if not self.user else "/", **as_user,  # type: ignore[call-overload]
         )
         log.close()
         try:
@@ -127,19 +133,19 @@ class Server:
             raise ServerError(f"{self.kind} exited with {self.proc.returncode}:\n{tail}")
         return True
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    def stop(self, sig: int | None = None, timeout: float = 15.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig if sig is not None else self.stop_signal)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-        # runuser may exit before its child: make sure nothing of the group is left
+        # make sure nothing of the process group is left
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         wait_until(lambda: not port_open(self.port), 10, f"{self.kind} port {self.port} to close")
@@ -182,7 +188,7 @@ class ContainerServer(Server):
             self.container.get_wrapped_container().start()
         wait_until(self.ready, timeout, f"{self.kind} container on {self.port}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    def stop(self, sig: int | None = None, timeout: float = 15.0) -> None:
         if self.container is not None and self.running:
             self.container.get_wrapped_container().stop(timeout=int(timeout))
         wait_until(lambda: not port_open(self.port), 30, f"{self.kind} port {self.port} to close")
@@ -306,10 +312,11 @@ def postgres_cluster(workdir: Path, port: int | None = None) -> Cluster:
                                "--no-sync", "-E", "UTF8"], capture_output=True, text=True)
         if done.returncode != 0:
             raise ServerError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
-    argv = [*as_postgres, postgres, "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
+    argv = [postgres, "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off", "-c", "max_connections=300"]
-    server = Server("postgres", port, workdir, argv, _pg_ready(port, pg_isready))
+    server = Server("postgres", port, workdir, argv, _pg_ready(port, pg_isready), stop_signal=signal.SIGINT,
+                    user="postgres" if as_postgres else None)
     return Cluster("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", [server], workdir,
                    extra_dirs=extra)
 
