@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -30,47 +27,6 @@ from tests.conftest import OP_TIMEOUT, TTL, ServerPool, with_timeout
 Factory = Callable[[str], LockBackend]
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-
-#: A lock holder in its own process: acquires, renews every TTL/4, and answers
-#: ``claim KEY`` / ``renew`` lines on stdin using the lease it last held.
-CHILD = """
-import asyncio, sys
-from lock_backends import Holder, LockBackendError, from_url
-
-async def main(url, name, ttl):
-    backend = from_url(url)
-    lease = None
-    while lease is None:
-        lease = await backend.acquire(name, Holder("child", "http://child"), ttl)
-        if lease is None:
-            await asyncio.sleep(0.05)
-    print(f"token {lease.token}", flush=True)
-
-    async def renew_forever():
-        nonlocal lease
-        while True:
-            await asyncio.sleep(ttl / 4)
-            try:
-                lease = await backend.renew(lease) or lease  # keep the stale lease to test fencing
-            except LockBackendError:
-                pass
-
-    renewer = asyncio.create_task(renew_forever())
-    loop = asyncio.get_running_loop()
-    while line := await loop.run_in_executor(None, sys.stdin.readline):
-        cmd, _, key = line.strip().partition(" ")
-        try:
-            if cmd == "claim":
-                print(f"claim {await backend.claim(lease, key)}", flush=True)
-            elif cmd == "renew":
-                print(f"renew {await backend.renew(lease) is not None}", flush=True)
-        except LockBackendError as exc:
-            print(f"{cmd} error {exc}", flush=True)
-    renewer.cancel()
-    await backend.close()
-
-asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
-"""
 
 
 @pytest.fixture
@@ -104,65 +60,6 @@ async def sql(url: str, query: str, *params: object) -> list[tuple[object, ...]]
 def session_pid(lease: Lease) -> int:
     assert lease.handle.startswith("pid:"), lease.handle
     return int(lease.handle.removeprefix("pid:"))
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(timeout=0.1):
-                return proc.stdout.readline().strip()
-    raise AssertionError(f"child said nothing within {timeout}s")
-
-
-async def ask(proc: subprocess.Popen[str], line: str) -> str:
-    assert proc.stdin is not None
-    proc.stdin.write(line + "\n")
-    proc.stdin.flush()
-    return await asyncio.to_thread(read_line, proc, 30)
-
-
-# -- the idle-session trap -----------------------------------------------------------
-
-async def test_sigstopped_holder_loses_lock_within_ttl_and_is_fenced(pg_url: str, make_backend: Factory,
-                                                                     lock_name: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, pg_url, lock_name, str(TTL)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        first = await asyncio.to_thread(read_line, proc, 30)
-        assert first.startswith("token "), first
-        old_token = int(first.split()[1])
-        contender = make_backend(pg_url)
-        assert await contender.leader(lock_name) == Holder("child", "http://child")
-        # renewing every TTL/4, the child keeps its session well past the idle timeout
-        renewing_since = time.monotonic()
-        while time.monotonic() - renewing_since < TTL * 1.5:
-            assert await contender.acquire(lock_name, Holder("c"), TTL) is None
-            await asyncio.sleep(0.1)
-
-        os.kill(proc.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        lease, _ = await eventually("acquire after SIGSTOP",
-                                    lambda: contender.acquire(lock_name, Holder("c"), TTL),
-                                    within=TTL * 1.5 + 3)
-        waited = time.monotonic() - stopped_at
-        assert lease.token > old_token
-        # not before the child's last lease could have ended (it renewed at most TTL/4 before the stop)
-        assert waited >= TTL * 0.5, waited
-        assert waited <= TTL * 1.5 + 1.5, waited
-        assert await contender.leader(lock_name) == Holder("c")
-
-        os.kill(proc.pid, signal.SIGCONT)
-        assert await ask(proc, "claim after-wakeup") == "claim False"
-        assert await ask(proc, "renew") == "renew False"
-        assert await contender.claim(lease, "after-wakeup") is True
-        assert await contender.leader(lock_name) == Holder("c")
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
 
 
 async def test_contender_session_ended_by_idle_timeout_is_reopened(pg_url: str, make_backend: Factory,
