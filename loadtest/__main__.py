@@ -74,20 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console()
-    if args.command == "check":
+def delegated(command: str, rest: list[str]) -> int | None:
+    """Subcommands with parsers of their own get their arguments untouched."""
+    if command == "check":
         from loadtest import checker
 
-        rest = list(args.rest)
         if not any(a.startswith(("--state", "--records")) for a in rest) and Path(DEFAULT_STATE_DIR).is_dir():
             rest = ["--state", str(Path(DEFAULT_STATE_DIR) / "state.json"), *rest]
         return checker.main(rest)
-    if args.command == "bench-locks":
+    if command == "bench-locks":
         from loadtest import bench_locks
 
-        return bench_locks.main(list(args.rest))
+        return bench_locks.main(rest)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and (code := delegated(argv[0], argv[1:])) is not None:
+        return code
+    args = build_parser().parse_args(argv)
+    console = Console(soft_wrap=True)
     from loadtest.up import UpError, post_fault, run
 
     try:
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(args.interval)
         return 0
     except (UpError, ServerError, ChaosError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         return 2 if args.command == "up" else 1
 
 
