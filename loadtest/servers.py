@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,39 @@ class ServerBinaryMissing(ServerError):
         self.binary = binary
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A free port *below* the kernel's ephemeral range.
+
+    Servers and nodes are stopped and started again on the same port. A port
+    from the ephemeral range could meanwhile be taken as the local end of some
+    outgoing connection, and the restart would fail with "address in use".
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(min(15000, low - 1000), low - 1)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+#: Ports this process gave out already, so two callers never get the same one before either binds it.
+_handed_out: set[int] = set()
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

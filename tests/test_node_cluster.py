@@ -181,7 +181,7 @@ def test_admin_routes_disabled_without_token(tmp_path: Path, sink: ProbeSink) ->
     cluster = start_cluster(tmp_path, "file", sink, admin_token="")
     try:
         leader = cluster.wait_for_leader()
-        r = httpx.post(f"{leader.url}/admin/jobs/probe-000/run", headers={"Authorization": "Bearer "})
+        r = httpx.post(f"{leader.url}/admin/jobs/probe-000/run", headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403
         assert "BATON_ADMIN_TOKEN" in r.json()["detail"]
     finally:
