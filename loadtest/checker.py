@@ -475,24 +475,24 @@ def read_jsonl(path: Path, what: str) -> tuple[list[tuple[int, dict[str, Any]]],
     return out, warnings
 
 
-def load_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Probe records of the collector's file, each checked here so an error can name its line."""
-    lines, warnings = read_jsonl(path, "records file")
+def _load_checked(path: Path, what: str, problem_of: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every line checked here, so an error can name its line."""
+    lines, warnings = read_jsonl(path, what)
     for number, obj in lines:
-        problem = probe_problem(obj)
+        problem = problem_of(obj)
         if problem is not None:
             raise InputError(f"{path}:{number}: {problem}")
     return [obj for _, obj in lines], warnings
+
+
+def load_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Probe records of the collector's file."""
+    return _load_checked(path, "records file", probe_problem)
 
 
 def load_chaos(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Fault entries of the chaos log, each checked here so an error can name its line."""
-    lines, warnings = read_jsonl(path, "chaos log")
-    for number, obj in lines:
-        problem = chaos_problem(obj)
-        if problem is not None:
-            raise InputError(f"{path}:{number}: {problem}")
-    return [obj for _, obj in lines], warnings
+    """Fault entries of the chaos log."""
+    return _load_checked(path, "chaos log", chaos_problem)
 
 
 def build_parser() -> argparse.ArgumentParser:

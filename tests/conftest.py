@@ -7,15 +7,20 @@ missing binary fails the test with the command that installs it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from loadtest.servers import Cluster, start_backend
-from lock_backends import LockBackend, from_url
+from lock_backends import BackendUnavailable, LockBackend, from_url
+
+T = TypeVar("T")
 
 BACKENDS = ["file", "redis", "postgres", "etcd"]
 SERVER_BACKENDS = ["redis", "postgres", "etcd"]
@@ -87,3 +92,19 @@ async def make_backend() -> AsyncIterator[Callable[[str], LockBackend]]:
     for backend in made:
         with contextlib.suppress(Exception):
             await backend.close()
+
+
+async def eventually(what: str, op: Callable[[], Awaitable[T | None]], within: float,
+                     every: float = 0.05) -> tuple[T, float]:
+    """Retry ``op`` until it returns something other than None; return it and the seconds it took."""
+    start = time.monotonic()
+    while True:
+        try:
+            result = await op()
+        except BackendUnavailable:
+            result = None
+        if result is not None:
+            return result, time.monotonic() - start
+        if time.monotonic() - start > within:
+            raise AssertionError(f"{what}: not within {within}s")
+        await asyncio.sleep(every)

@@ -9,31 +9,15 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from loadtest.servers import Cluster, Server, free_port, start_backend
 from lock_backends import BackendUnavailable, BackendURLError, Holder, LockBackend, from_url
-from tests.conftest import ServerPool, with_timeout
+from tests.conftest import ServerPool, eventually, with_timeout
 
 Factory = Callable[[str], LockBackend]
-T = TypeVar("T")
-
-
-async def eventually(what: str, op: Callable[[], Awaitable[T | None]], within: float) -> tuple[T, float]:
-    """Retry ``op`` until it returns something other than None; return it and the seconds it took."""
-    start = time.monotonic()
-    while True:
-        try:
-            result = await op()
-        except BackendUnavailable:
-            result = None
-        if result is not None:
-            return result, time.monotonic() - start
-        if time.monotonic() - start > within:
-            raise AssertionError(f"{what}: not within {within}s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

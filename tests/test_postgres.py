@@ -14,40 +14,22 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import psycopg
 import pytest
 
 from lock_backends import BackendUnavailable, BackendURLError, Holder, Lease, LockBackend, from_url
-from tests.conftest import OP_TIMEOUT, TTL, ServerPool, with_timeout
+from tests.conftest import OP_TIMEOUT, TTL, ServerPool, eventually, with_timeout
 
 Factory = Callable[[str], LockBackend]
-T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def pg_url(servers: ServerPool) -> str:
     return with_timeout(servers.get("postgres").url)
-
-
-async def eventually(what: str, op: Callable[[], Awaitable[T | None]], within: float,
-                     every: float = 0.05) -> tuple[T, float]:
-    """Retry ``op`` until it returns something other than None; return it and the seconds it took."""
-    start = time.monotonic()
-    while True:
-        try:
-            result = await op()
-        except BackendUnavailable:
-            result = None
-        if result is not None:
-            return result, time.monotonic() - start
-        if time.monotonic() - start > within:
-            raise AssertionError(f"{what}: not within {within}s")
-        await asyncio.sleep(every)
 
 
 async def sql(url: str, query: str, *params: object) -> list[tuple[object, ...]]:
