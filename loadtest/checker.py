@@ -556,6 +556,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
     records = args.records or (_state_path(state.get("collector_file"), args.state) if args.state else None)
     chaos = args.chaos_log or (_state_path(state.get("chaos_log"), args.state) if args.state else None)
+    if not args.chaos_log and chaos is not None and not chaos.exists():
+        chaos = None  # the cluster's log is written on its first fault: none yet means no faults
     inputs = {"records": records, "chaos": chaos, "jobs": pick(args.jobs, "probe_jobs", int),
               "interval": pick(args.interval, "probe_interval", float),
               "misfire_grace": pick(args.misfire_grace, "misfire_grace", float),

@@ -277,6 +277,19 @@ def test_state_file_and_chaos_log(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out)["schedule"]["jobs"] == JOBS + 1
 
 
+def test_state_file_before_any_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`up` names a chaos log that only the first fault creates: no log yet means no faults, not an error."""
+    records = write_jsonl(tmp_path / "probes.jsonl", run(range(10)))
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"probe_jobs": JOBS, "probe_interval": INTERVAL, "misfire_grace": 10,
+                                 "collector_file": records.name, "chaos_log": "chaos.jsonl"}))
+    assert main(["--state", str(state), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "pass"
+    # a chaos log asked for by flag must exist
+    assert main(["--state", str(state), "--chaos-log", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+
+
 def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_jsonl(tmp_path / "probes.jsonl", [*failover(), rec(0, 10, node="node-1", token=1, lag=0.3)])
     assert main(["--records", str(path), "--jobs", "3", "--interval", "1", "--misfire-grace", "10"]) == 1
