@@ -37,6 +37,8 @@ from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
 #: Claims kept in the runs index at most, whatever the retention says.
 MAX_RUNS_INDEXED = 10_000
+#: How long after the holder's key should have expired a waiter looks again.
+EXPIRY_SLACK = 0.02
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -186,32 +188,51 @@ class RedisBackend:
         return Holder.from_json(raw) if raw else None
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
-        """Wake on the lock's pub/sub channel; poll too, since an expiry publishes nothing."""
+        """Wake on the lock's pub/sub channel, or when the holder's key would expire.
+
+        An expiry publishes nothing, so the waiter reads the key's remaining TTL
+        and looks again only then: a follower costs the server a few commands
+        per wait, not a poll every fraction of a second, and still sees a
+        crashed holder's lease run out at once.
+        """
         k = self._keys(name)
         deadline = time.monotonic() + timeout
         pubsub = self._client.pubsub()
         try:
             async with self._op("wait_for_change"):
                 await pubsub.subscribe(k["events"])
-                before = await self._client.get(k["lock"])
+                before, expires_in = await self._lock_state(k["lock"])
         except BackendUnavailable:
             await _close_quietly(pubsub)
             await asyncio.sleep(max(0.0, min(timeout, self.options.op_timeout)))
             return
         try:
+            if before is None:
+                return  # freed between the failed acquire and the subscription: go and acquire
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=min(left, 0.25))
-                    if message is not None:
+                                                       timeout=min(left, expires_in + EXPIRY_SLACK))
+                    if message is not None or time.monotonic() >= deadline:
                         return
                     async with self._op("wait_for_change"):
-                        if await self._client.get(k["lock"]) != before:
-                            return
+                        now, expires_in = await self._lock_state(k["lock"])
+                    if now != before:
+                        return
                 except (BackendUnavailable, RedisError, OSError):
-                    await asyncio.sleep(min(max(left, 0.0), 0.25))
+                    await asyncio.sleep(min(max(left, 0.0), self.options.op_timeout))
+                    expires_in = 0.0
         finally:
             await _close_quietly(pubsub)
+
+    async def _lock_state(self, key: str) -> tuple[str | None, float]:
+        """The lock's value and seconds until it expires (0 when gone, infinite without an expiry)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.pttl(key)
+            value, pttl = await pipe.execute()
+        pttl = int(pttl)
+        return value, (float("inf") if pttl == -1 else max(0.0, pttl / 1000))
 
     async def claim(self, lease: Lease, key: str) -> bool:
         k = self._keys(lease.name)

@@ -301,8 +301,15 @@ class GatedScheduler:
         self.paused_jobs = paused
 
     async def _sync_settings_forever(self) -> None:
+        """Keep the leader's paused set current (a pause may arrive through any node).
+
+        Followers do not poll: they read the settings when they win and when
+        asked for their job list, so an idle follower costs the backend nothing here.
+        """
         while True:
             await asyncio.sleep(self.sync_period)
+            if not self.elector.is_leader:
+                continue
             try:
                 await self.refresh_settings()
             except (LockBackendError, TimeoutError) as exc:
