@@ -16,8 +16,11 @@ test:
 lint: $(PY)
 	$(VENV)/bin/ruff check .
 
+# Lock-operation latency per backend (a table), then the full benchmark report: bench/report.md,
+# bench/report.json and PNG plots (tens of minutes; `$(PY) -m loadtest bench --quick` takes a couple).
 bench: $(PY)
 	$(PY) -m loadtest.bench_locks
+	$(PY) -m loadtest bench
 
 $(PY):
 	bash scripts/install-test-deps.sh

@@ -1,8 +1,9 @@
-"""``python -m loadtest`` (or ``baton-loadtest``): up | chaos | check | bench-locks.
+"""``python -m loadtest`` (or ``baton-loadtest``): up | chaos | check | bench-locks | bench.
 
     python -m loadtest up --backend redis --nodes 3        # a local cluster with a live table
     python -m loadtest chaos --fault kill --rounds 3        # faults against it, from another terminal
     python -m loadtest check                                # what the collector saw: duplicates, misses, gaps
+    python -m loadtest bench --quick                        # benchmarks: report.md, report.json, plots in bench/
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench-locks", help="lock operation latency per backend", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+
+    report = sub.add_parser("bench", help="failover, fire lag, load, scale and peers: bench/report.md",
+                            add_help=False)
+    report.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -86,6 +91,10 @@ def delegated(command: str, rest: list[str]) -> int | None:
         from loadtest import bench_locks
 
         return bench_locks.main(rest)
+    if command == "bench":
+        from loadtest.bench import runner
+
+        return runner.main(rest)
     return None
 
 

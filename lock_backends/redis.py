@@ -37,6 +37,8 @@ from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
 #: Claims kept in the runs index at most, whatever the retention says.
 MAX_RUNS_INDEXED = 10_000
+#: Connections one backend instance opens at most; more concurrent operations queue for one.
+MAX_CONNECTIONS = 32
 #: How long after the holder's key should have expired a waiter looks again.
 EXPIRY_SLACK = 0.02
 
@@ -104,10 +106,14 @@ class RedisBackend:
         parts = urlsplit(url)
         self.address = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
         timeout = options.op_timeout
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url.split("?", 1)[0], socket_timeout=timeout, socket_connect_timeout=timeout,
+        # A blocking pool: under a burst of claims a caller waits (within the operation timeout)
+        # for a free connection, where the default pool fails outright past its cap.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url.split("?", 1)[0], max_connections=MAX_CONNECTIONS, timeout=timeout,
+            socket_timeout=timeout, socket_connect_timeout=timeout,
             retry_on_timeout=False, decode_responses=True, health_check_interval=0,
         )
+        self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._acquire = self._client.register_script(_ACQUIRE)
         self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)

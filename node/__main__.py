@@ -7,8 +7,10 @@ stderr naming the variable), 1 for anything else that stopped it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -31,6 +33,31 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
+class NodeServer(uvicorn.Server):
+    """uvicorn, except that a stop signal hands the lease over at once.
+
+    uvicorn notices SIGTERM on its next 0.1 s tick, then sleeps another 0.1 s while closing
+    connections, and only then runs the lifespan shutdown that releases the lease: about 0.2 s
+    of a graceful handoff spent waiting. Releasing first (the elector stops, the scheduler
+    pauses, followers are woken by the backend) leaves uvicorn's sequence as it was;
+    ``Node.stop`` later finds the elector already stopped.
+    """
+
+    def __init__(self, config: uvicorn.Config, node: Node) -> None:
+        super().__init__(config)
+        self.node = node
+        self._releasing: asyncio.Future[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        with contextlib.suppress(RuntimeError):  # no loop running: nothing to release yet
+            asyncio.get_running_loop().call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        if self._releasing is None and self.started:
+            self._releasing = asyncio.ensure_future(self.node.elector.stop())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = from_argv(argv)
@@ -42,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level, settings.log_format, node.context)
     config = uvicorn.Config(create_app(node), log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = NodeServer(config, node)
     asyncio.run(server.serve(sockets=[sock]))
     return 0 if server.started else 1
 

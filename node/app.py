@@ -73,6 +73,10 @@ class Node:
         self.scheduler.on_stopped_leading()
 
     async def start(self) -> None:
+        if self.settings.probe_jobs and self.settings.probe_url:
+            # built now, not by the first probe run: building a client blocks the loop for tens of ms
+            # (it loads the CA bundle), which would land right after winning and delay the first runs
+            self.http()
         await self.scheduler.start()
         self.elector.start()
 
@@ -164,6 +168,9 @@ def create_app(node: Node) -> FastAPI:
 
     @app.get("/jobs")
     async def jobs() -> list[dict[str, Any]]:
+        if not node.elector.is_leader:  # followers do not poll the shared pause list; read it now
+            with contextlib.suppress(LockBackendError, TimeoutError):
+                await node.scheduler.refresh_settings()
         return node.scheduler.describe_jobs()
 
     @app.get("/runs")

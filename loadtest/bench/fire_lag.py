@@ -1,0 +1,334 @@
+"""Section 2: fire lag, scheduled time to job body start, Baton's leader against plain APScheduler 3.
+
+Measured in-process, not through HTTP probes (those would time the
+collector): a ``node.app.Node`` (elector, gated scheduler, claims, run records,
+metrics, JSON logs to a file, as shipped) holding the lease alone, with N
+interval jobs whose body appends ``now - scheduled_at`` to a list; and a plain
+``AsyncIOScheduler`` with the same N jobs, the same triggers and job defaults,
+no Baton. Runs per second = N / interval, interval 1 s. The jobs' anchors are
+spread evenly over the interval, so the load is a steady rate, not one burst a
+second. Plain APScheduler 3 does not hand the fire time to the job; its body
+derives it from the job's grid (exact while the lag stays under the interval).
+
+The two run back to back in the same process, per rate: plain, Baton on each
+backend, plain again (both plain runs pooled). Ratio = Baton p99 / plain p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
+from loadtest.checker import percentile
+from loadtest.servers import Cluster, start_backend
+from node.app import Node
+from node.config import Settings
+from node.jobs import INTERVAL_EPOCH, JobRegistry, JobSpec, RunContext
+from node.logs import StructuredFormatter
+
+INTERVAL = 1.0
+RATES = (100, 1_000, 10_000)
+QUICK_RATES = (100, 1_000)
+TARGET_RATE = 1_000
+TARGET_RATIO = 1.5
+TARGET_BACKENDS = ("redis", "postgres")
+PLAIN = "apscheduler3 (single process)"
+#: Bounds on one measurement, so an overloaded backend shows up as a note, not as a hung benchmark.
+STOP_TIMEOUT = 15.0
+SLACK = 60.0
+
+
+def anchor(i: int, n: int) -> datetime:
+    """Job i of n fires at EPOCH + i/n of the interval: n jobs make a steady n runs per interval."""
+    return INTERVAL_EPOCH + timedelta(microseconds=round(INTERVAL * 1_000_000 * i / n))
+
+
+def trigger(i: int, n: int) -> IntervalTrigger:
+    return IntervalTrigger(seconds=INTERVAL, start_date=anchor(i, n), timezone=UTC)
+
+
+def fire_time(now: datetime, start: datetime) -> datetime:
+    """The latest grid instant of a job anchored at ``start`` at or before ``now``."""
+    step = timedelta(seconds=INTERVAL)
+    return start + ((now - start) // step) * step
+
+
+class Window:
+    """Collects lags only for fire times in [start, end): warm-up (start-up, catch-up) stays out."""
+
+    def __init__(self) -> None:
+        self.start: datetime | None = None
+        self.end: datetime | None = None
+        self.lags: list[float] = []
+        self.notes: list[str] = []
+
+    def add(self, scheduled_at: datetime, now: datetime) -> None:
+        if self.start is not None and self.start <= scheduled_at and (self.end is None or scheduled_at < self.end):
+            self.lags.append((now - scheduled_at).total_seconds())
+
+
+async def measure_plain(n: int, warmup: float, duration: float) -> list[float]:
+    window = Window()
+    anchors = [anchor(i, n) for i in range(n)]
+
+    async def body(i: int) -> None:
+        now = datetime.now(UTC)
+        window.add(fire_time(now, anchors[i]), now)
+
+    scheduler = AsyncIOScheduler(timezone=UTC, job_defaults={"max_instances": 1, "coalesce": True,
+                                                             "misfire_grace_time": 60})
+    for i in range(n):
+        scheduler.add_job(body, trigger(i, n), args=(i,), id=f"lag-{i:05d}")
+    scheduler.start()
+    try:
+        await run_window(window, warmup, duration)
+    finally:
+        scheduler.shutdown(wait=False)
+    return window.lags
+
+
+async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tuple[list[float], dict[str, Any]]:
+    window = Window()
+
+    async def body(run: RunContext) -> None:
+        window.add(run.scheduled_at, datetime.now(UTC))
+
+    registry = JobRegistry()
+    for i in range(n):
+        registry.add(JobSpec(f"lag-{i:05d}", body, lambda tz, i=i: trigger(i, n), False, "fire-lag probe"))
+    settings = Settings(node_id="bench-lag", lock_url=url, lock_name=f"bench-lag-{uuid.uuid4().hex[:8]}",
+                        lease_ttl=10, renew_deadline=7, retry_period=2, misfire_grace=60, demo_jobs=False,
+                        probe_jobs=0, claims="on")
+    node = Node(settings, registry)
+    retries = RetryCounter()
+    logging.getLogger("baton.scheduler").addHandler(retries)
+    await node.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not node.elector.is_leader:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bench node did not win the lease on {url} within 30 s")
+            await asyncio.sleep(0.02)
+        await run_window(window, warmup, duration)
+    finally:
+        try:
+            await asyncio.wait_for(node.stop(), timeout=STOP_TIMEOUT)
+        except TimeoutError:
+            window.notes.append(f"the node took over {STOP_TIMEOUT:g} s to stop")
+        logging.getLogger("baton.scheduler").removeHandler(retries)
+    return window.lags, {**op_costs(node), "claim_retries": sum(retries.reasons.values()),
+                         "retry_reasons": dict(sorted(retries.reasons.items(), key=lambda kv: -kv[1])[:3]),
+                         "notes": window.notes}
+
+
+class RetryCounter(logging.Handler):
+    """Counts claims the scheduler had to retry, by the backend's reason: the usual cause of a long tail."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "failed, retrying" in message:
+            reason = message.rsplit(": ", 1)[-1][:80]
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def op_costs(node: Node) -> dict[str, Any]:
+    """Mean claim and record latency from the node's own metrics: where a run's time goes."""
+    registry = node.metrics.registry
+    out: dict[str, Any] = {}
+    for op in ("claim", "record"):
+        labels = {"backend": node.metrics.backend, "op": op}
+        count = registry.get_sample_value("baton_lock_op_seconds_count", labels) or 0.0
+        total = registry.get_sample_value("baton_lock_op_seconds_sum", labels) or 0.0
+        out[f"{op}_mean_ms"] = round(total / count * 1000, 3) if count else None
+        out[f"{op}_ops"] = int(count)
+    return out
+
+
+async def run_window(window: Window, warmup: float, duration: float) -> None:
+    now = datetime.now(UTC)
+    window.start = now + timedelta(seconds=warmup)
+    window.end = window.start + timedelta(seconds=duration)
+    await asyncio.sleep(warmup + duration + 0.3)  # + the last fire times' runs
+
+
+def summary(lags: list[float], n: int, duration: float) -> dict[str, Any]:
+    expected = n * duration / INTERVAL
+    p50, p99 = percentile(lags, 50), percentile(lags, 99)
+    return {"runs": len(lags), "expected_runs": round(expected), "runs_per_s": round(len(lags) / duration, 1),
+            "p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "max_ms": round(max(lags) * 1000, 3) if lags else None,
+            # the machine did not keep up: runs were dropped (coalesced) or started later than the interval
+            "saturated": len(lags) < 0.9 * expected or (p50 is not None and p50 > INTERVAL / 2)}
+
+
+@contextlib.contextmanager
+def node_logging(path: Path) -> Iterator[None]:
+    """Logs as a node ships them (JSON, info, APScheduler at warning), to a file; restored afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("apscheduler").level)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(StructuredFormatter(lambda: {"node": "bench-lag"}))
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.getLogger("apscheduler").setLevel(saved[2])
+        handler.close()
+
+
+def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str, str]) -> dict[str, str]:
+    """A server per backend, stopped when ``stack`` closes; one that cannot start is noted in ``failed``."""
+    urls: dict[str, str] = {}
+    for kind in ctx.backends:
+        if kind == "file":
+            urls[kind] = f"file://{ctx.work / 'fire_lag' / 'locks'}"
+            continue
+        try:
+            server: Cluster = start_backend(kind, ctx.work / "fire_lag" / kind)
+        except Exception as exc:  # the other backends still get measured
+            failed[kind] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            continue
+        stack.callback(server.close)
+        urls[kind] = server.url
+    if not urls:
+        raise RuntimeError("no backend server started: " + "; ".join(f"{k}: {e}" for k, e in failed.items()))
+    return urls
+
+
+def run(ctx: BenchContext) -> SectionResult:
+    rates = QUICK_RATES if ctx.quick else RATES
+    duration = 2.0 if ctx.quick else 10.0
+    (ctx.work / "fire_lag").mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        urls = server_urls(ctx, stack, failed)
+        advance = ctx.step("fire lag", total=len(rates) * (2 + len(urls)))
+        stack.enter_context(node_logging(ctx.work / "fire_lag" / "node.log"))
+        for rate in rates:
+            n = round(rate * INTERVAL)
+            warmup = 1.0 + n / 1000  # start-up, and the catch-up on winning (one claim per job) drained
+            plain = asyncio.run(measure_plain(n, warmup, duration / 2))
+            advance()
+            row: dict[str, Any] = {}
+            for kind, url in urls.items():
+                try:
+                    lags, costs = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, duration),
+                                                               timeout=warmup + duration + STOP_TIMEOUT + SLACK))
+                except TimeoutError:
+                    lags, costs = [], {"notes": [f"no result within {warmup + duration + STOP_TIMEOUT + SLACK:g} s"]}
+                row[kind] = {**summary(lags, n, duration), **costs}
+                advance()
+            plain += asyncio.run(measure_plain(n, warmup, duration / 2))
+            advance()
+            row[PLAIN] = summary(plain, n, duration)
+            for kind in urls:
+                base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
+                row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
+            results[str(rate)] = row
+    return result(ctx, rates, duration, results, failed)
+
+
+def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: dict[str, dict[str, Any]],
+           failed: dict[str, str]) -> SectionResult:
+    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio | claim / record mean ms "
+             "| claim retries |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    for rate, row in results.items():
+        for system, r in row.items():
+            name, backend = (PLAIN, "-") if system == PLAIN else ("baton", system)
+            ratio = "1.00" if system == PLAIN else ms(r.get("ratio_p99"))
+            costs = "" if system == PLAIN else f"{ms(r.get('claim_mean_ms'))} / {ms(r.get('record_mean_ms'))}"
+            retried = "" if system == PLAIN else str(r.get("claim_retries", "n/a"))
+            if r.get("retry_reasons"):
+                top, count = next(iter(r["retry_reasons"].items()))
+                retried += f" ({count}: {top})"
+            runs = f"{r['runs']}" + (" (saturated)" if r["saturated"] else "")
+            lines.append(f"| {int(rate):,} | {name} | {backend} | {runs} | {ms(r['p50_ms'])} | {ms(r['p99_ms'])} "
+                         f"| {ms(r['max_ms'])} | {ratio} | {costs} | {retried} |")
+    targets = []
+    at = results.get(str(TARGET_RATE), {})
+    for kind in TARGET_BACKENDS:
+        ratio = at.get(kind, {}).get("ratio_p99")
+        met = None if ratio is None else ratio <= TARGET_RATIO
+        targets.append({"backend": kind, "ratio_p99": ratio, "met": met})
+    target_lines = [f"| {t['backend']} | {ms(t['ratio_p99'])} | <= {TARGET_RATIO} | "
+                    f"{'n/a (not run)' if t['met'] is None else 'met' if t['met'] else '**not met**'} |"
+                    for t in targets]
+    method = (f"In-process: one Baton node leading alone (claims, run records, metrics, JSON logs to a file) "
+              f"against a plain single-process AsyncIOScheduler, the same N interval jobs every {INTERVAL:g} s "
+              f"with anchors spread over the interval (N runs/s), same job defaults, back to back in one run "
+              f"(plain, Baton per backend, plain again: {duration:g} s of fire times each, pooled for plain). "
+              f"Lag: body start minus scheduled fire time. Ratio: Baton p99 / plain p99 at the same rate. "
+              f"Saturated: fewer than 90% of the fire times ran, or the median lag passed half the interval. "
+              f"Claim and record means come from the node's own `baton_lock_op_seconds` (start-up catch-up "
+              f"included); claim retries are claims the backend refused to serve (the scheduler retries them "
+              f"with a 50 ms+ back-off), with the most frequent reason.")
+    failures = [f"**{kind} failed:** {error}" for kind, error in failed.items()]
+    markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "",
+                          f"Target at {TARGET_RATE:,} runs/s:", "",
+                          "| backend | p99 ratio | target | met |", "| --- | ---: | --- | --- |", *target_lines])
+    verdict = [VerdictRow(PLAIN, "-", fire_lag_ratio=1.0)]
+    for kind in ctx.backends:
+        ratio = at.get(kind, {}).get("ratio_p99")
+        verdict.append(VerdictRow("baton", kind, fire_lag_ratio=ratio))
+    plots = [p for p in [plot(ctx.out / "fire_lag.png", results)] if p is not None]
+    data = {"interval_s": INTERVAL, "rates": list(rates), "window_s": duration, "results": results,
+            "targets": targets, "failed_backends": failed}
+    return SectionResult("fire_lag", "2. Fire lag", data, markdown, plots, verdict)
+
+
+def plot(path: Path, results: dict[str, dict[str, Any]]) -> Path | None:
+    """p50 and p99 lag per system and rate, log scale: the absolute numbers behind the ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return None
+    rates = list(results)
+    systems = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(rates) * max(1, len(systems)) / 2, 3.8))
+    width = 0.8 / len(systems)
+    for j, system in enumerate(systems):
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(rates))]
+        p99 = [results[r][system]["p99_ms"] or math.nan for r in rates]
+        p50 = [results[r][system]["p50_ms"] or math.nan for r in rates]
+        label = "plain APScheduler 3" if system == PLAIN else f"Baton, {system}"
+        ax.bar(xs, p99, width * 0.9, label=label, alpha=0.85)
+        ax.scatter(xs, p50, color="black", s=10, zorder=3, marker="_")
+    ax.set_xticks(range(len(rates)), [f"{int(r):,}/s" for r in rates])
+    ax.set_yscale("log")
+    ax.set_ylabel("fire lag p99 (bars), p50 (ticks), ms")
+    ax.set_title("Fire lag: scheduled time to body start")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,138 @@
+"""``python -m loadtest bench`` end to end in its smallest real form, and its answers to bad input.
+
+One quick run of the failover and fire-lag sections on a real Redis (about a
+minute and a half): the report must exist, lead with the verdict table, name
+Baton on Redis with measured numbers, and carry plain numbers in its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadtest", "bench", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def numbers(value: Any) -> list[Any]:
+    """Every leaf of a JSON value."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in numbers(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in numbers(v)]
+    return [value]
+
+
+@pytest.mark.timeout(300)
+def test_quick_failover_and_fire_lag_on_redis(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = bench("--quick", "--sections", "failover,fire_lag", "--backends", "redis", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+    md = (out / "report.md").read_text()
+    lines = md.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    header = lines[first_table]
+    for column in ("system", "backend", "duplicates", "misses", "failover p99 (x TTL)", "fire-lag ratio",
+                   "backend ops/s"):
+        assert column in header, header
+    table = []
+    for line in lines[first_table + 2:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip("|").split("|")])
+    baton = [row for row in table if row[:2] == ["baton", "redis"]]
+    assert len(baton) == 1, table
+    duplicates, misses, failover, ratio = baton[0][2:6]
+    assert duplicates == "0", baton  # claims hold under every fault
+    int(misses)
+    assert float(failover) > 0 and float(ratio) > 0, baton
+    assert ["apscheduler3 (single process)", "-"] in [row[:2] for row in table], table
+    assert "## 1. Failover gap" in md and "## 2. Fire lag" in md
+    for image in ("failover.png", "fire_lag.png"):
+        assert f"]({image})" in md
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["sections"]["failover"]["status"] == "ok" and doc["sections"]["fire_lag"]["status"] == "ok"
+    assert doc["machine"]["cores"] >= 1 and doc["date"]
+    row = next(r for r in doc["verdict"] if r["system"] == "baton" and r["backend"] == "redis")
+    for key in ("duplicates", "misses", "failover_p99_ttl", "fire_lag_ratio"):
+        assert isinstance(row[key], int | float) and not isinstance(row[key], bool), (key, row)
+    kill = doc["sections"]["failover"]["data"]["backends"]["redis"]["by_kind"]["kill"]
+    assert kill["failovers"] >= 1 and isinstance(kill["p99_s"], float)
+    lag = doc["sections"]["fire_lag"]["data"]["results"]["1000"]
+    assert isinstance(lag["redis"]["p99_ms"], float) and isinstance(lag["apscheduler3 (single process)"]["p99_ms"],
+                                                                    float)
+    assert all(v is None or isinstance(v, str | int | float | bool) for v in numbers(doc))
+    assert not (out / "out").exists(), "scratch space is removed after a clean run"
+
+
+def test_a_missing_section_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section module that is not there yet fails alone: one line in the report, exit 1, no traceback."""
+    from loadtest.bench import runner
+
+    monkeypatch.setattr(runner, "SECTIONS", (*runner.SECTIONS, "nosuch"))
+    code = runner.main(["--sections", "nosuch", "--out", str(tmp_path)])
+    assert code == 1
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[2].startswith("| system |")  # the verdict table is still first
+    assert "**Failed**" in md and "no module loadtest.bench.nosuch" in md
+    assert json.loads((tmp_path / "report.json").read_text())["sections"]["nosuch"]["status"] == "failed"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--sections", "failover,nosuch"], "unknown section(s) 'nosuch'"),
+    (["--backends", "mysql"], "unknown backend(s) 'mysql'"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--rounds", "many"], "invalid int value"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2_with_one_line(args: list[str], says: str, tmp_path: Path) -> None:
+    done = bench(*args, "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unwritable_out_dir_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = bench("--out", str(blocker / "bench"), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "is not writable" in done.stderr, done.stderr
+
+
+def test_verdict_rows_merge_per_system_and_backend() -> None:
+    """Sections fill different columns of one row; a later section's None never erases a number."""
+    from loadtest.bench.base import SectionResult, VerdictRow
+    from loadtest.bench.report import SectionOutcome, merge_verdict, verdict_markdown
+
+    def outcome(name: str, *rows: VerdictRow) -> SectionOutcome:
+        return SectionOutcome(name, SectionResult(name, name, {}, "", [], list(rows)), None, 1.0)
+
+    rows = merge_verdict([
+        outcome("failover", VerdictRow("baton", "redis", duplicates=0, misses=2, failover_p99_ttl=1.1)),
+        outcome("fire_lag", VerdictRow("apscheduler3 (single process)", "-", fire_lag_ratio=1.0),
+                VerdictRow("baton", "redis", fire_lag_ratio=2.5), VerdictRow("baton", "file", fire_lag_ratio=1.2)),
+        outcome("load", VerdictRow("baton", "redis", misses=None, backend_ops_s=1234.5)),
+        SectionOutcome("scale", None, "RuntimeError: boom", 0.0),
+    ])
+    assert [(r.system, r.backend) for r in rows] == [
+        ("baton", "file"), ("baton", "redis"), ("apscheduler3 (single process)", "-")]
+    redis = rows[1]
+    assert (redis.duplicates, redis.misses, redis.failover_p99_ttl, redis.fire_lag_ratio, redis.backend_ops_s) == (
+        0, 2, 1.1, 2.5, 1234.5)
+    table = verdict_markdown(rows).splitlines()
+    assert table[3] == "| baton | redis | 0 | 2 | 1.10 | 2.50 | 1,234 |"
+    assert table[2].endswith("| n/a | n/a | n/a | 1.20 | n/a |")
