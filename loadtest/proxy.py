@@ -120,6 +120,11 @@ class ProxyHub:
                     link.server.close()
                 for w in list(link.writers):
                     w.close()
+            # the loop is the hub's own: end every connection still pumping, so none is destroyed pending
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             self._call(shutdown(), timeout=5)
