@@ -8,8 +8,10 @@ and its ``resourcelock`` package.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -132,8 +134,21 @@ class LockBackend(Protocol):
         """
         ...
 
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        """``claim`` for several keys in one round trip where the store allows: the keys claimed.
+
+        Each key is claimed or refused on its own, as ``claim`` would; the
+        token is checked once for all of them. The scheduler claims a tick's
+        upcoming fire times this way, ahead of time (``node.claims``).
+        """
+        ...
+
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
         """Store the outcome of the run claimed under ``key``, beside its claim."""
+        ...
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        """``record`` for several runs (claim key to outcome) in one round trip where the store allows."""
         ...
 
     async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
@@ -151,3 +166,27 @@ class LockBackend(Protocol):
     async def close(self) -> None:
         """Close connections. Does not release leases: call ``release`` first."""
         ...
+
+
+async def claim_each(claim: Callable[[Lease, str], Awaitable[bool]], lease: Lease, keys: Sequence[str]) -> set[str]:
+    """``claim_many`` for a store with no batch operation: the single claims, concurrently.
+
+    The first failure is raised after the others have finished, so no claim is
+    left running unobserved; keys claimed before it stay claimed (the caller
+    falls back to claiming one at a time, and a second claim is refused).
+    """
+    outcomes = await asyncio.gather(*(claim(lease, key) for key in keys), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return {key for key, ok in zip(keys, outcomes, strict=True) if ok is True}
+
+
+async def record_each(record: Callable[[str, str, dict[str, Any]], Awaitable[None]], name: str,
+                      results: Mapping[str, dict[str, Any]]) -> None:
+    """``record_many`` for a store with no batch operation: the single records, concurrently."""
+    outcomes = await asyncio.gather(*(record(name, key, result) for key, result in results.items()),
+                                    return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome

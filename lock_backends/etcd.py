@@ -24,7 +24,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -34,7 +34,7 @@ from aetcd import rpc
 from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError, WatchTimeoutError
 from aetcd.utils import prefix_range_end
 
-from lock_backends.base import Holder, Lease, RunRecord, local_deadline
+from lock_backends.base import Holder, Lease, RunRecord, claim_each, local_deadline, record_each
 from lock_backends.errors import BackendUnavailable, LockBackendError
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
@@ -104,6 +104,10 @@ def _parse_endpoint(url: str, item: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise bad_url(url, f"etcd endpoint {item.strip()!r} has a bad port")
     return host, int(port)
+
+
+#: Claim keys per transaction: etcd refuses a transaction of more than 128 operations by default.
+_TXN_KEYS = 100
 
 
 class EtcdBackend:
@@ -412,6 +416,55 @@ class EtcdBackend:
                 grant = await client.lease(math.ceil(self.options.claim_retention + period))
                 self._retention = (int(grant.id), now)
             return self._retention[0]
+
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        """One transaction per chunk of keys; a chunk that meets a claimed key goes key by key."""
+        unique = list(dict.fromkeys(keys))
+        claimed: set[str] = set()
+        for i in range(0, len(unique), _TXN_KEYS):
+            chunk = unique[i:i + _TXN_KEYS]
+            mine, free = await self._claim_chunk(lease, chunk)
+            claimed |= mine
+            if free:
+                claimed |= await claim_each(self.claim, lease, free)
+        return claimed
+
+    async def _claim_chunk(self, lease: Lease, chunk: list[str]) -> tuple[set[str], list[str]]:
+        """All of ``chunk`` in one transaction: (keys claimed, keys still free to claim one by one)."""
+        lock = self._key(lease.name, "lock")
+        names = {key: self._key(lease.name, "claims", key) for key in chunk}
+        nonce = secrets.token_hex(8)
+        value = json.dumps({"token": lease.token, "node_id": lease.holder.node_id,
+                            "claimed_at": time.time(), "nonce": nonce}, separators=(",", ":")).encode()
+
+        async def txn(client: Any, retention: int) -> tuple[bool, list[Any]]:
+            tx = client.transactions
+            ok, responses = await client.transaction(
+                compare=[tx.create(lock) == lease.token, *(tx.create(n) == 0 for n in names.values())],
+                success=[tx.put(n, value, lease=retention) for n in names.values()],
+                failure=[tx.get(n) for n in names.values()])
+            return ok, ([] if ok else [_first_kv(r) for r in responses])
+
+        async def attempt(client: Any) -> tuple[set[str], list[str]]:
+            # Repeatable: keys an earlier attempt's put claimed carry our nonce.
+            try:
+                ok, kvs = await txn(client, await self._retention_lease(client))
+            except ClientError as exc:
+                if not _lease_not_found(exc):
+                    raise
+                self._retention = None
+                ok, kvs = await txn(client, await self._retention_lease(client))
+            if ok:
+                return set(chunk), []
+            mine = {key for key, kv in zip(chunk, kvs, strict=True)
+                    if kv is not None and json.loads(kv.value).get("nonce") == nonce}
+            free = [key for key, kv in zip(chunk, kvs, strict=True) if kv is None]
+            return mine, free
+
+        return await self._call("claim", attempt)
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        await record_each(self.record, name, results)
 
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
         claim_key = self._key(name, "claims", key)

@@ -26,7 +26,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
@@ -237,26 +237,35 @@ class FileBackend:
                     return
 
     async def claim(self, lease: Lease, key: str) -> bool:
-        def work() -> bool:
+        return bool(await self.claim_many(lease, [key]))
+
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        """All keys under one hold of the lease mutex, so the token is checked once."""
+
+        def work() -> set[str]:
             directory = self._dir(lease.name)
+            claimed: set[str] = set()
             with self._mutex(directory):
                 record = self._read(directory)
                 current = (record.get("token") == lease.token and record.get("nonce") == lease.handle
                            and float(record.get("expires", 0)) > time.monotonic())
                 if not current:
-                    return False
-                try:
-                    fd = os.open(directory / "claims" / quote(key, safe=""),
-                                 os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"token": lease.token, "node_id": lease.holder.node_id,
-                               "claimed_at": time.time(), "result": None}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    return claimed
+                body = {"token": lease.token, "node_id": lease.holder.node_id, "claimed_at": time.time(),
+                        "result": None}
+                for key in dict.fromkeys(keys):
+                    try:
+                        fd = os.open(directory / "claims" / quote(key, safe=""),
+                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        continue
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(body, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    claimed.add(key)
             self._maybe_prune(directory)
-            return True
+            return claimed
 
         return await self._run("claim", work)
 
@@ -273,14 +282,18 @@ class FileBackend:
                         os.unlink(entry.path)
 
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
+        await self.record_many(name, {key: result})
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
         def work() -> None:
-            path = self._dir(name) / "claims" / quote(key, safe="")
-            try:
-                data = json.loads(path.read_text())
-            except FileNotFoundError:
-                return
-            data["result"] = result
-            self._write_json(path, data)
+            for key, result in results.items():
+                path = self._dir(name) / "claims" / quote(key, safe="")
+                try:
+                    data = json.loads(path.read_text())
+                except FileNotFoundError:
+                    continue
+                data["result"] = result
+                self._write_json(path, data)
 
         await self._run("record", work)
 

@@ -34,7 +34,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -145,13 +145,19 @@ WITH current AS (
     FOR SHARE OF f
 )
 INSERT INTO baton_claims AS c (name, key, token, node_id, claimed_at, expires_at)
-SELECT %(name)s, %(claim_key)s, %(token)s, %(node_id)s, clock_timestamp(),
+SELECT %(name)s, k.key, %(token)s, %(node_id)s, clock_timestamp(),
        clock_timestamp() + make_interval(secs => %(retention)s)
-FROM current
+FROM current, unnest(%(claim_keys)s::text[]) AS k(key)
 ON CONFLICT (name, key) DO UPDATE SET token = EXCLUDED.token, node_id = EXCLUDED.node_id,
     claimed_at = EXCLUDED.claimed_at, result = NULL, expires_at = EXCLUDED.expires_at
     WHERE c.expires_at < clock_timestamp()
-RETURNING 1
+RETURNING c.key
+"""
+
+_RECORD = """
+UPDATE baton_claims c SET result = r.result
+FROM unnest(%(keys)s::text[], %(results)s::jsonb[]) AS r(key, result)
+WHERE c.name = %(name)s AND c.key = r.key
 """
 
 _RUNS = """
@@ -195,7 +201,8 @@ class PostgresBackend:
         self.options = options
         self.address = address
         self._conninfo = conninfo
-        self._shared: Conn | None = None  # leader, claim, runs, settings
+        # slot -> session: "claims" (claims only, so they never queue behind records), "shared" (the rest)
+        self._shared: dict[str, Conn] = {}
         self._listener: Conn | None = None  # LISTEN for wait_for_change
         self._listening: set[str] = set()
         self._locks: dict[str, Conn] = {}  # lock name -> its dedicated session
@@ -300,8 +307,8 @@ class PostgresBackend:
             task.add_done_callback(lambda _t: _finish(conn))
 
     def _forget(self, conn: Conn) -> None:
-        if self._shared is conn:
-            self._shared = None
+        for slot in [s for s, c in self._shared.items() if c is conn]:
+            del self._shared[slot]
         if self._listener is conn:
             self._listener = None
             self._listening.clear()
@@ -331,15 +338,15 @@ class PostgresBackend:
             raise
         return conn
 
-    async def _shared_call(self, fn: Callable[[Conn], Awaitable[T]], deadline: float) -> T:
-        """Run on the shared connection, reopening it once if the server had dropped it."""
+    async def _shared_call(self, fn: Callable[[Conn], Awaitable[T]], deadline: float, slot: str = "shared") -> T:
+        """Run on a shared connection, reopening it once if the server had dropped it."""
         for attempt in (0, 1):
             fresh = False
-            async with self._guard("shared", deadline):
-                if self._shared is None or self._shared.closed:
-                    self._shared = await self._connect(deadline)
+            async with self._guard(slot, deadline):
+                conn = self._shared.get(slot)
+                if conn is None or conn.closed:
+                    conn = self._shared[slot] = await self._connect(deadline)
                     fresh = True
-                conn = self._shared
             try:
                 return await self._run(conn, fn, deadline, abandon_on_cancel=False)
             except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -481,10 +488,21 @@ class PostgresBackend:
             self._notified[notify.channel] = self._notified.get(notify.channel, 0) + 1
 
     async def claim(self, lease: Lease, key: str) -> bool:
-        params = {**_key_params(lease.name), "token": lease.token, "claim_key": key,
+        return bool(await self.claim_many(lease, [key]))
+
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(keys))  # ON CONFLICT cannot touch one row twice in a statement
+        if not unique:
+            return set()
+        params = {**_key_params(lease.name), "token": lease.token, "claim_keys": unique,
                   "node_id": lease.holder.node_id, "retention": self.options.claim_retention}
+
+        async def insert(conn: Conn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(_CLAIM, params)
+            return await cur.fetchall()
+
         async with self._op("claim") as deadline:
-            row = await self._shared_call(lambda c: _fetchone(c, _CLAIM, params), deadline)
+            rows = await self._shared_call(insert, deadline, slot="claims")
         if time.monotonic() - self._last_purge > PURGE_INTERVAL:
             self._last_purge = time.monotonic()
             # after the claim, and never failing it: a purge that fails is retried next interval
@@ -493,14 +511,17 @@ class PostgresBackend:
                     await self._shared_call(
                         lambda c: c.execute("DELETE FROM baton_claims WHERE expires_at < clock_timestamp()"),
                         deadline)
-        return row is not None
+        return {row[0] for row in rows}
 
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
-        params = {"name": name, "key": key, "result": Jsonb(result)}
+        await self.record_many(name, {key: result})
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        if not results:
+            return
+        params = {"name": name, "keys": list(results), "results": [Jsonb(r) for r in results.values()]}
         async with self._op("record") as deadline:
-            await self._shared_call(lambda c: c.execute(
-                "UPDATE baton_claims SET result = %(result)s WHERE name = %(name)s AND key = %(key)s", params),
-                deadline)
+            await self._shared_call(lambda c: c.execute(_RECORD, params), deadline)
 
     async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
         params = {"name": name, "limit": max(limit, 0)}
@@ -534,7 +555,7 @@ class PostgresBackend:
 
     async def close(self) -> None:
         """Drop every session; the server frees their advisory locks, so call ``release`` first."""
-        conns = [c for c in (self._shared, self._listener, *self._locks.values()) if c is not None]
+        conns = [c for c in (*self._shared.values(), self._listener, *self._locks.values()) if c is not None]
         for conn in conns:
             self._abandon(conn)
         self._guards.clear()

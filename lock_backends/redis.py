@@ -22,7 +22,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,12 +85,37 @@ redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[8]) - 1)
 return 1
 """
 
+# KEYS: lock, fence, runs, then one claim key per run; ARGV: handle, token, claim, retention ms, now,
+# runs cutoff, runs cap, then the run keys in KEYS' order. Returns the positions (1-based) claimed.
+_CLAIM_MANY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return {}
+end
+local claimed = {}
+for i = 4, #KEYS do
+  if redis.call('SET', KEYS[i], ARGV[3], 'NX', 'PX', ARGV[4]) then
+    redis.call('ZADD', KEYS[3], ARGV[5], ARGV[i + 4])
+    claimed[#claimed + 1] = i - 3
+  end
+end
+if #claimed > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[7]) - 1)
+end
+return claimed
+"""
+
+# Splices the result into the claim's JSON as text: a cjson round trip would print the token
+# (a 16-digit integer) with 14 significant digits and corrupt it.
 _RECORD = """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
-local claim = cjson.decode(raw)
-claim['result'] = cjson.decode(ARGV[1])
-redis.call('SET', KEYS[1], cjson.encode(claim), 'KEEPTTL')
+for i = 1, #KEYS do
+  local raw = redis.call('GET', KEYS[i])
+  if raw then
+    local at = string.find(raw, ',"result":', 1, true)
+    local base = at and string.sub(raw, 1, at - 1) or string.sub(raw, 1, -2)
+    redis.call('SET', KEYS[i], base .. ',"result":' .. ARGV[i] .. '}', 'KEEPTTL')
+  end
+end
 return 1
 """
 
@@ -118,6 +143,7 @@ class RedisBackend:
         self._renew = self._client.register_script(_RENEW)
         self._release = self._client.register_script(_RELEASE)
         self._claim = self._client.register_script(_CLAIM)
+        self._claim_many = self._client.register_script(_CLAIM_MANY)
         self._record = self._client.register_script(_RECORD)
 
     @classmethod
@@ -252,9 +278,30 @@ class RedisBackend:
                       now - self.options.claim_retention, MAX_RUNS_INDEXED])
         return bool(ok)
 
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return set()
+        k = self._keys(lease.name)
+        now = time.time()
+        claim = json.dumps({"token": lease.token, "node_id": lease.holder.node_id, "claimed_at": now})
+        async with self._op("claim"):
+            positions = await self._claim_many(
+                keys=[k["lock"], k["fence"], k["runs"], *(k["claim"] + key for key in unique)],
+                args=[lease.handle, lease.token, claim, int(self.options.claim_retention * 1000), now,
+                      now - self.options.claim_retention, MAX_RUNS_INDEXED, *unique])
+        return {unique[int(i) - 1] for i in positions}
+
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
+        await self.record_many(name, {key: result})
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        if not results:
+            return
+        prefix = self._keys(name)["claim"]
         async with self._op("record"):
-            await self._record(keys=[self._keys(name)["claim"] + key], args=[json.dumps(result)])
+            await self._record(keys=[prefix + key for key in results],
+                               args=[json.dumps(result) for result in results.values()])
 
     async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
         k = self._keys(name)

@@ -45,6 +45,8 @@ ACCEPTED = {
     "probe_interval": "seconds, a positive number",
     "claims": "on or off (off disables fencing, claims and the deadline re-check alike: "
               "for the checker's negative control only)",
+    "claim_ahead": "seconds, 0 or more and below BATON_LEASE_TTL: the longest lead with which the leader "
+                   "claims fire times before they come (0 claims each at its fire time)",
     "demo_jobs": "true or false",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
@@ -76,6 +78,7 @@ class Settings(BaseSettings):
     probe_jobs: int = Field(0, ge=0, le=100_000)
     probe_interval: float = Field(1.0, gt=0)
     claims: Literal["on", "off"] = "on"
+    claim_ahead: float = Field(0.25, ge=0)
     demo_jobs: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
@@ -123,6 +126,8 @@ class Settings(BaseSettings):
         if not self.retry_period < self.renew_deadline:
             raise _timing("retry_period", f"{self.retry_period} must be below BATON_RENEW_DEADLINE "
                                           f"({self.renew_deadline})")
+        if not self.claim_ahead < self.lease_ttl:
+            raise _timing("claim_ahead", f"{self.claim_ahead} must be below BATON_LEASE_TTL ({self.lease_ttl})")
         try:
             backend = from_url(self.lock_url)
         except BackendURLError as exc:

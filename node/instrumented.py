@@ -7,6 +7,7 @@ operation, from the elector or the scheduler, is counted in one place.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lock_backends import BackendUnavailable, Holder, Lease, LockBackend, LockBackendError, RunRecord
@@ -31,7 +32,7 @@ class InstrumentedBackend:
             self.metrics.lock_op(op, "error", time.perf_counter() - t0)
             raise
         refused = result is None or result is False
-        if op in ("leader", "release", "record", "set_setting", "settings", "runs"):
+        if op in ("leader", "release", "record", "record_batch", "claim_batch", "set_setting", "settings", "runs"):
             refused = False
         self.metrics.lock_op(op, "refused" if refused else "ok", time.perf_counter() - t0)
         return result
@@ -54,8 +55,14 @@ class InstrumentedBackend:
     async def claim(self, lease: Lease, key: str) -> bool:
         return await self._timed("claim", self.inner.claim(lease, key))  # type: ignore[no-any-return]
 
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        return await self._timed("claim_batch", self.inner.claim_many(lease, keys))  # type: ignore[no-any-return]
+
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
         await self._timed("record", self.inner.record(name, key, result))
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        await self._timed("record_batch", self.inner.record_many(name, results))
 
     async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
         return await self._timed("runs", self.inner.runs(name, limit))  # type: ignore[no-any-return]

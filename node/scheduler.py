@@ -34,6 +34,7 @@ from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from lock_backends import BackendUnavailable, Lease, LockBackend, LockBackendError
+from node.claims import ClaimAhead, RunRecorder, UpcomingJobStore
 from node.election import Elector
 from node.jobs import JobRegistry, RunContext, claim_key, current_run, latest_fire_time, parse_claim_key
 from node.metrics import Metrics
@@ -76,7 +77,7 @@ class FireTimeExecutor(AsyncIOExecutor):
 class GatedScheduler:
     def __init__(self, *, jobs: JobRegistry, backend: LockBackend, elector: Elector, metrics: Metrics,
                  lock_name: str, node_id: str, timezone: tzinfo, misfire_grace: float,
-                 claims: bool = True, sync_period: float = 2.0) -> None:
+                 claims: bool = True, sync_period: float = 2.0, claim_ahead: float = 0.0) -> None:
         self.jobs = jobs
         self.backend = backend
         self.elector = elector
@@ -91,8 +92,14 @@ class GatedScheduler:
         self.inflight: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sync_task: asyncio.Task[None] | None = None
+        store = UpcomingJobStore()
+        self.ahead = ClaimAhead(backend, store, max_lead=claim_ahead if claims else 0.0,
+                                current_lease=elector.current_lease, skip=lambda job_id: job_id in self.paused_jobs,
+                                stale_after=misfire_grace + 1.0)
+        self.recorder = RunRecorder(backend, lock_name)
         self.scheduler = AsyncIOScheduler(
             timezone=timezone,
+            jobstores={"default": store},
             executors={"default": FireTimeExecutor(self._fire_scheduled)},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": int(max(1, misfire_grace))},
         )
@@ -108,12 +115,18 @@ class GatedScheduler:
         self.scheduler.start(paused=True)
         self._sync_task = asyncio.create_task(self._sync_settings_forever(), name="settings-sync")
 
+    async def drain(self) -> None:
+        """Before a planned handoff: stop claiming ahead and fire what was claimed ahead."""
+        await self.ahead.drain(self.ahead.lead + 0.5)
+
     async def shutdown(self, grace: float = 5.0) -> None:
         self.scheduler.pause()
+        self.ahead.forget()
         if self._sync_task is not None:
             self._sync_task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace)
+        await self.recorder.flush(grace)
         self.scheduler.shutdown(wait=False)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -136,6 +149,8 @@ class GatedScheduler:
             upcoming = job.trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
             job.modify(next_run_time=upcoming)
         self.scheduler.resume()
+        if self.claims:
+            self.ahead.start()
         self.metrics.is_leader.set(1)
         self.metrics.lease_token.set(lease.token)
         self.metrics.transitions.inc()
@@ -143,6 +158,7 @@ class GatedScheduler:
 
     def on_stopped_leading(self) -> None:
         self.scheduler.pause()
+        self.ahead.forget()
         self.metrics.is_leader.set(0)
         self.metrics.lease_token.set(0)
         self.metrics.transitions.inc()
@@ -169,6 +185,16 @@ class GatedScheduler:
         lease = self.elector.current_lease() if self.claims else self.elector.believed_lease()
         if lease is None:
             return self._count(job_id, "fenced", key, "no valid lease")
+        pre = self.ahead.take(key) if self.claims and not (catch_up or recovery or manual) else None
+        answer = None if pre is None else await pre.answer
+        if answer is not None and pre is not None:
+            # claimed ahead: what is left to check is the lease, locally, now at the fire time
+            now_lease = self.elector.current_lease()
+            if now_lease is None or now_lease.token != pre.token:
+                return self._count(job_id, "fenced", key, "lease lost after the claim ahead")
+            if not answer:
+                return self._count(job_id, "duplicate", key, "claim refused")
+            return await self._run(spec.id, spec.func, scheduled_at, now_lease, key, recovery)
         if self.claims:
             claimed, lease = await self._claim_while_leading(key, scheduled_at, lease)
             if lease is None:
@@ -231,10 +257,7 @@ class GatedScheduler:
                       "started_at": started.isoformat(), "duration_s": round(duration, 6)}
             if error:
                 result["error"] = error
-            try:
-                await self.backend.record(self.lock_name, key, result)
-            except LockBackendError as exc:
-                log.warning("could not record the outcome of %s: %s", key, exc)
+            await self.recorder.add(key, result)
         return outcome
 
     def _count(self, job_id: str, outcome: str, key: str, detail: str, **extra: Any) -> str:
@@ -310,10 +333,19 @@ class GatedScheduler:
             await asyncio.sleep(self.sync_period)
             if not self.elector.is_leader:
                 continue
+            self._report_unfired()
             try:
                 await self.refresh_settings()
             except (LockBackendError, TimeoutError) as exc:
                 log.debug("settings sync failed: %s", exc)
+
+    def _report_unfired(self) -> None:
+        """Record pre-claims APScheduler never fired, so no later leader mistakes them for a crash."""
+        for key, pre in self.ahead.drop_stale().items():
+            if pre.answer.done() and pre.answer.result():
+                log.info("claimed ahead, never fired", extra={"job": pre.job_id, "key": key, "detail":
+                         "paused, removed or rescheduled, or its previous run was still going"})
+                self.recorder.add(key, {"outcome": "not fired", "node_id": self.node_id, "token": pre.token})
 
     def describe_jobs(self) -> list[dict[str, Any]]:
         out = []

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lock_backends import BackendUnavailable, Holder, Lease, RunRecord
-from lock_backends.base import local_deadline
+from lock_backends.base import claim_each, local_deadline, record_each
 
 
 @dataclass
@@ -86,6 +87,12 @@ class MemoryBackend:
             return False
         self.store.claims[key] = RunRecord(key, lease.token, lease.holder.node_id, time.time())
         return True
+
+    async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
+        return await claim_each(self.claim, lease, keys)
+
+    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
+        await record_each(self.record, name, results)
 
     async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
         await self._gate()

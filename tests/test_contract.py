@@ -129,6 +129,30 @@ async def test_claim_is_fenced_and_idempotent(backend_url: str, make_backend: Fa
     assert await a.claim(new, "job-1@t4") is False
 
 
+async def test_claim_many_claims_each_key_on_its_own_and_is_fenced(backend_url: str, make_backend: Factory,
+                                                                    lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    assert await a.claim(old, "job@2") is True
+    # a batch meeting one claimed key still claims the others (and a key given twice once)
+    keys = [f"job@{i}" for i in range(150)] + ["job@7"]
+    assert await a.claim_many(old, keys) == {f"job@{i}" for i in range(150)} - {"job@2"}
+    assert await a.claim_many(old, ["job@3", "job@4"]) == set()
+    assert await a.claim_many(old, []) == set()
+    await a.record_many(lock_name, {"job@3": {"outcome": "ok"}, "job@4": {"outcome": "error", "error": "x"},
+                                    "never-claimed": {"outcome": "ok"}})
+    runs = await b.runs(lock_name, limit=200)
+    results = {r.key: r.result for r in runs}
+    assert results["job@3"] == {"outcome": "ok"} and results["job@4"] == {"outcome": "error", "error": "x"}
+    assert {r.token for r in runs} == {old.token}  # a record leaves the claim's token intact
+    assert results["job@5"] is None and "never-claimed" not in results
+    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
+    # the old token is refused for the whole batch; the new one claims what is still free
+    assert await a.claim_many(old, ["job@200", "job@201"]) == set()
+    assert await b.claim_many(new, ["job@200", "job@1"]) == {"job@200"}
+
+
 async def test_runs_and_settings_are_shared(backend_url: str, make_backend: Factory,
                                             lock_name: str) -> None:
     a, b = make_backend(backend_url), make_backend(backend_url)

@@ -151,7 +151,7 @@ def op_costs(node: Node) -> dict[str, Any]:
     """Mean claim and record latency from the node's own metrics: where a run's time goes."""
     registry = node.metrics.registry
     out: dict[str, Any] = {}
-    for op in ("claim", "record"):
+    for op in ("claim", "record", "claim_batch", "record_batch"):
         labels = {"backend": node.metrics.backend, "op": op}
         count = registry.get_sample_value("baton_lock_op_seconds_count", labels) or 0.0
         total = registry.get_sample_value("baton_lock_op_seconds_sum", labels) or 0.0
