@@ -12,6 +12,12 @@ So the lock is a lease, as on the server backends:
   once that the lease is free: no wait for the TTL after a crash.
 * The token is kept in ``lease.json`` after release, so it only grows.
 
+The trap: a process stopped (SIGSTOP, a frozen container) while inside the
+mutex holds every peer back until it runs again, since the kernel does not
+take an ``flock`` from a live process. The section is kept short (claim files
+are fsynced after it) so this is rare, but it is a liveness cost the server
+backends do not have; it never lets two nodes lead.
+
 Layout under the URL's directory, per lock name: ``<dir>/<name>/`` with the
 files above, ``claims/`` (one file per claim, created with ``O_EXCL``) and
 ``settings.json``. Everything is on one host: for several hosts use a server.
@@ -251,19 +257,31 @@ class FileBackend:
                            and float(record.get("expires", 0)) > time.monotonic())
                 if not current:
                     return claimed
-                body = {"token": lease.token, "node_id": lease.holder.node_id, "claimed_at": time.time(),
-                        "result": None}
-                for key in dict.fromkeys(keys):
-                    try:
-                        fd = os.open(directory / "claims" / quote(key, safe=""),
-                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    except FileExistsError:
-                        continue
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(body, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    claimed.add(key)
+                body = json.dumps({"token": lease.token, "node_id": lease.holder.node_id,
+                                   "claimed_at": time.time(), "result": None}).encode()
+                written: list[int] = []
+                try:
+                    for key in dict.fromkeys(keys):
+                        try:
+                            fd = os.open(directory / "claims" / quote(key, safe=""),
+                                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                        except FileExistsError:
+                            continue
+                        written.append(fd)
+                        os.write(fd, body)
+                        claimed.add(key)
+                except BaseException:
+                    for fd in written:
+                        os.close(fd)
+                    raise
+            # The file's existence is the claim, settled under the mutex; its fsync waits outside,
+            # so peers are not held back by the disk (nor by a process stopped while it waits).
+            try:
+                for fd in written:
+                    os.fsync(fd)
+            finally:
+                for fd in written:
+                    os.close(fd)
             self._maybe_prune(directory)
             return claimed
 

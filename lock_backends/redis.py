@@ -41,6 +41,8 @@ MAX_RUNS_INDEXED = 10_000
 MAX_CONNECTIONS = 32
 #: How long after the holder's key should have expired a waiter looks again.
 EXPIRY_SLACK = 0.02
+#: How long what a refused acquire saw (holder, expiry) may stand in for a fresh look when a wait starts.
+SEEN_FRESH = 0.05
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -53,7 +55,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('PUBLISH', KEYS[3], 'acquired')
   return token
 end
-return false
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 _RENEW = """
@@ -145,6 +147,12 @@ class RedisBackend:
         self._claim = self._client.register_script(_CLAIM)
         self._claim_many = self._client.register_script(_CLAIM_MANY)
         self._record = self._client.register_script(_RECORD)
+        # lock name -> (holder value, seconds to its expiry, monotonic time) from the last refused acquire
+        self._seen: dict[str, tuple[str, float, float]] = {}
+        # one subscription kept across waits, so a follower's wait costs no SUBSCRIBE/UNSUBSCRIBE
+        self._pubsub: Any = None
+        self._subscribed: set[str] = set()
+        self._waiting = False
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -194,9 +202,18 @@ class RedisBackend:
         async with self._op("acquire"):
             token = await self._acquire(keys=[k["lock"], k["fence"], k["events"]],
                                         args=[value, int(ttl * 1000)])
-        if token is None:
+        if isinstance(token, list):  # refused: the script says who holds it and for how long
+            held_by, pttl = token
+            self._seen[name] = (held_by, _seconds_left(pttl), time.monotonic())
             return None
         return Lease(name, holder, int(token), ttl, local_deadline(t_sent, ttl), handle=value)
+
+    def _fresh(self, name: str) -> tuple[str, float] | None:
+        """What a refused acquire saw just now: the election loop starts its wait right after."""
+        seen = self._seen.get(name)
+        if seen is None or time.monotonic() - seen[2] > SEEN_FRESH:
+            return None
+        return seen[0], max(0.0, seen[1] - (time.monotonic() - seen[2]))
 
     async def renew(self, lease: Lease) -> Lease | None:
         k = self._keys(lease.name)
@@ -223,22 +240,33 @@ class RedisBackend:
         """Wake on the lock's pub/sub channel, or when the holder's key would expire.
 
         An expiry publishes nothing, so the waiter reads the key's remaining TTL
-        and looks again only then: a follower costs the server a few commands
-        per wait, not a poll every fraction of a second, and still sees a
-        crashed holder's lease run out at once.
+        (or takes it from the acquire just refused) and looks again only then.
+        The subscription stays open between waits. A follower therefore costs
+        the server its acquire per retry period and little else, and still sees
+        a crashed holder's lease run out at once.
         """
         k = self._keys(name)
         deadline = time.monotonic() + timeout
-        pubsub = self._client.pubsub()
+        shared = not self._waiting  # a second waiter at once gets a subscription of its own
+        pubsub = (self._pubsub or self._client.pubsub()) if shared else self._client.pubsub()
+        if shared:
+            self._waiting, self._pubsub = True, pubsub
+        broken = False
         try:
-            async with self._op("wait_for_change"):
-                await pubsub.subscribe(k["events"])
-                before, expires_in = await self._lock_state(k["lock"])
-        except BackendUnavailable:
-            await _close_quietly(pubsub)
-            await asyncio.sleep(max(0.0, min(timeout, self.options.op_timeout)))
-            return
-        try:
+            try:
+                async with self._op("wait_for_change"):
+                    # what the refused acquire saw is still current only if the subscription was
+                    # already open when it looked: any change since then is waiting in it
+                    seen = self._fresh(name) if shared and k["events"] in self._subscribed else None
+                    if not shared or k["events"] not in self._subscribed:
+                        await pubsub.subscribe(k["events"])
+                        if shared:
+                            self._subscribed.add(k["events"])
+                    before, expires_in = seen if seen is not None else await self._lock_state(k["lock"])
+            except BackendUnavailable:
+                broken = True
+                await asyncio.sleep(max(0.0, min(timeout, self.options.op_timeout)))
+                return
             if before is None:
                 return  # freed between the failed acquire and the subscription: go and acquire
             while (left := deadline - time.monotonic()) > 0:
@@ -252,10 +280,20 @@ class RedisBackend:
                     if now != before:
                         return
                 except (BackendUnavailable, RedisError, OSError):
+                    broken = True
                     await asyncio.sleep(min(max(left, 0.0), self.options.op_timeout))
                     expires_in = 0.0
+        except BaseException:
+            broken = True  # cancelled mid-read: the connection's state is unknown
+            raise
         finally:
-            await _close_quietly(pubsub)
+            if shared:
+                self._waiting = False
+            if not shared or broken:
+                if shared:
+                    self._pubsub = None
+                    self._subscribed.clear()
+                await _close_quietly(pubsub)
 
     async def _lock_state(self, key: str) -> tuple[str | None, float]:
         """The lock's value and seconds until it expires (0 when gone, infinite without an expiry)."""
@@ -263,8 +301,7 @@ class RedisBackend:
             pipe.get(key)
             pipe.pttl(key)
             value, pttl = await pipe.execute()
-        pttl = int(pttl)
-        return value, (float("inf") if pttl == -1 else max(0.0, pttl / 1000))
+        return value, _seconds_left(pttl)
 
     async def claim(self, lease: Lease, key: str) -> bool:
         k = self._keys(lease.name)
@@ -330,12 +367,21 @@ class RedisBackend:
             return dict(await self._client.hgetall(self._keys(name)["settings"]))
 
     async def close(self) -> None:
+        if self._pubsub is not None:
+            await _close_quietly(self._pubsub)
+            self._pubsub = None
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.options.op_timeout):
                 await self._client.aclose()
 
     def __repr__(self) -> str:
         return f"RedisBackend({redact(self.url)!r})"
+
+
+def _seconds_left(pttl: Any) -> float:
+    """PTTL in seconds: infinite for a key without expiry (-1), zero for a missing one (-2)."""
+    pttl = int(pttl)
+    return float("inf") if pttl == -1 else max(0.0, pttl / 1000)
 
 
 async def _close_quietly(pubsub: Any) -> None:

@@ -54,6 +54,10 @@ class FireTimeExecutor(AsyncIOExecutor):
         super().__init__()
         self._fire = fire
 
+    def running(self) -> set[asyncio.Future[Any]]:
+        """Runs submitted and not finished, so a shutdown can let them end before closing what they use."""
+        return set(self._pending_futures)
+
     def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
         async def run() -> list[Any]:
             for run_time in run_times:
@@ -97,10 +101,11 @@ class GatedScheduler:
                                 current_lease=elector.current_lease, skip=lambda job_id: job_id in self.paused_jobs,
                                 stale_after=misfire_grace + 1.0)
         self.recorder = RunRecorder(backend, lock_name)
+        self.executor = FireTimeExecutor(self._fire_scheduled)
         self.scheduler = AsyncIOScheduler(
             timezone=timezone,
             jobstores={"default": store},
-            executors={"default": FireTimeExecutor(self._fire_scheduled)},
+            executors={"default": self.executor},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": int(max(1, misfire_grace))},
         )
         for spec in jobs:
@@ -124,8 +129,9 @@ class GatedScheduler:
         self.ahead.forget()
         if self._sync_task is not None:
             self._sync_task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace)
+        running = {*self._tasks, *self.executor.running()}  # catch-up, and APScheduler's runs
+        if running:
+            await asyncio.wait(running, timeout=grace)
         await self.recorder.flush(grace)
         self.scheduler.shutdown(wait=False)
 

@@ -8,17 +8,13 @@ negative control switches claims off and must make the checker fail.
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loadtest.chaos import Chaos, ChaosLog
-from loadtest.checker import check, load_chaos, load_records
-from loadtest.cluster import LocalCluster, Timing
-from loadtest.up import Collector
+from loadtest import scenario
+from loadtest.cluster import Timing
 
 ROUNDS = 3
 PROBE_JOBS = 3
@@ -32,31 +28,9 @@ CASES = [("file", f) for f in ("kill", "pause", "term")] + [
 
 def run_scenario(workdir: Path, backend: str, fault: str, *, claims: bool = True,
                  rounds: int = ROUNDS) -> dict[str, Any]:
-    records = workdir / "probes.jsonl"
-    collector = Collector(records, workdir / "collector.log")
-    cluster = LocalCluster(workdir / "cluster", backend=backend, nodes=3, timing=TIMING, probe_jobs=PROBE_JOBS,
-                           probe_interval=INTERVAL, probe_url=collector.url, claims=claims)
-    chaos_log = ChaosLog(workdir / "chaos.jsonl")
-    try:
-        cluster.start()
-        cluster.wait_for_leader(timeout=60)
-        time.sleep(2.5)
-        chaos = Chaos(cluster, chaos_log, seed=7)
-        for _ in range(rounds):
-            chaos.run(fault)
-            time.sleep(2.0)
-        cluster.wait_for_leader(timeout=60)
-        time.sleep(3.0)  # the last catch-up and in-flight probes land
-        end = datetime.now(UTC) - timedelta(seconds=2)
-    finally:
-        cluster.close()
-        collector.stop()
-    found, warnings = load_records(records)
-    chaos_events, _ = load_chaos(chaos_log.path)
-    result = check(found, jobs=PROBE_JOBS, interval=INTERVAL, start=None, end=end,
-                   misfire_grace=TIMING.misfire_grace, chaos=chaos_events)
-    result["warnings"] = warnings
-    return result
+    return scenario.run_scenario(workdir, scenario.Scenario(
+        backend, [fault], rounds, TIMING, probe_jobs=PROBE_JOBS, probe_interval=INTERVAL, claims=claims,
+        warmup=2.5, settle=2.0, drain=3.0, tail=2.0))
 
 
 def summary(result: dict[str, Any]) -> str:

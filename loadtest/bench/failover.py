@@ -20,16 +20,13 @@ import json
 import re
 import shutil
 import tempfile
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
-from loadtest.chaos import Chaos, ChaosLog
-from loadtest.checker import check, load_chaos, load_records
-from loadtest.cluster import LocalCluster, Timing
-from loadtest.up import Collector
+from loadtest.cluster import Timing
+from loadtest.scenario import Scenario, run_scenario
 
 TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, misfire_grace=10.0)
 PROBE_JOBS = 3
@@ -84,39 +81,18 @@ def fast_dir() -> Path | None:
 def run_backend(ctx: BenchContext, backend: str, faults: list[str], rounds: int) -> dict[str, Any]:
     """One cluster on ``backend`` through ``rounds`` rounds of each fault; the checker's verdict on it."""
     work = ctx.work / "failover" / backend
-    work.mkdir(parents=True, exist_ok=True)
-    fast = fast_dir()
-    records = (fast or work) / "probes.jsonl"
-    collector = Collector(records, work / "collector.log")
-    cluster = LocalCluster(work / "cluster", backend=backend, nodes=3, timing=TIMING, probe_jobs=PROBE_JOBS,
-                           probe_interval=PROBE_INTERVAL, probe_url=collector.url)
-    chaos_log = ChaosLog(work / "chaos.jsonl")
     # partition needs the per-node proxies, which the file backend (no network) has none of: chaos.applicable
     faults = [f for f in faults if f != "partition" or backend != "file"]
     advance = ctx.step(f"failover {backend}", total=rounds * len(faults))
+    fast = fast_dir()
     try:
-        cluster.start()
-        cluster.wait_for_leader(timeout=60)
-        time.sleep(1.0)  # probes flowing before the first fault
-        chaos = Chaos(cluster, chaos_log, seed=ctx.seed)
-        for _ in range(rounds):
-            for fault in faults:
-                chaos.run(fault)
-                advance()
-                time.sleep(SETTLE)
-        cluster.wait_for_leader(timeout=60)
-        time.sleep(2.0)  # the last catch-up and in-flight probes land
-        end = datetime.now(UTC) - timedelta(seconds=1)
+        result = run_scenario(work, Scenario(backend, faults, rounds, TIMING, probe_jobs=PROBE_JOBS,
+                                             probe_interval=PROBE_INTERVAL, seed=ctx.seed, warmup=1.0,
+                                             settle=SETTLE, drain=2.0, tail=1.0),
+                              records_dir=fast, on_fault=lambda _result: advance())
     finally:
-        cluster.close()
-        collector.stop()
         if fast is not None:
-            records = Path(shutil.move(records, work / "probes.jsonl"))
             shutil.rmtree(fast, ignore_errors=True)
-    found, _ = load_records(records)
-    events, _ = load_chaos(chaos_log.path)
-    result = check(found, jobs=PROBE_JOBS, interval=PROBE_INTERVAL, start=None, end=end,
-                   misfire_grace=TIMING.misfire_grace, chaos=events)
     skipped = max_instance_skips(work / "cluster", result["missed_fire_times"])
     samples: dict[str, list[float]] = {f: [] for f in faults}
     for entry in result["faults"]["list"]:
