@@ -112,7 +112,7 @@ class GatedScheduler:
             # args=(None,) only satisfies APScheduler's signature check: FireTimeExecutor calls
             # the gate with the fire time, never job.func directly
             self.scheduler.add_job(spec.func, trigger=spec.make_trigger(timezone), args=(None,), id=spec.id,
-                                   name=spec.id, replace_existing=True)
+                                   name=spec.id, replace_existing=True, max_instances=spec.max_instances)
 
     # -- lifecycle --------------------------------------------------------------------
 

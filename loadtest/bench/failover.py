@@ -66,8 +66,8 @@ def fast_dir() -> Path | None:
     """A tmpfs folder for the collector's file, if there is one.
 
     The collector fsyncs every batch; on a disk shared with other work an fsync can stall for a
-    few hundred ms, the probe run that waits on it outlives the 0.1 s interval, and APScheduler's
-    ``max_instances=1`` skips the next fire time: a miss caused by the harness, not by the cluster.
+    few hundred ms, probe runs that wait on it pile up past the interval, and APScheduler skips
+    fire times once ``max_instances`` are going: a miss caused by the harness, not by the cluster.
     """
     shm = Path("/dev/shm")
     if not shm.is_dir():
@@ -108,8 +108,8 @@ def run_backend(ctx: BenchContext, backend: str, faults: list[str], rounds: int)
 def max_instance_skips(cluster_dir: Path, missed: list[dict[str, Any]]) -> int:
     """How many of the listed misses a live leader's APScheduler logged as skipped.
 
-    APScheduler 3 skips a fire time when the job's previous run is still going (``max_instances=1``,
-    the node's default). With a 0.1 s probe whose body waits on the collector, a starved machine
+    APScheduler 3 skips a fire time when the job's allowed runs are all still going (``max_instances``,
+    4 for probes). With a 0.1 s probe whose body waits on the collector, a starved machine
     makes runs outlast the interval; the checker rightly counts the fire time as missed. Naming
     how many misses are such skips (from the nodes' logs, which the checker never reads) tells them
     apart from fire times lost in a handoff.
@@ -179,7 +179,7 @@ def run(ctx: BenchContext) -> SectionResult:
         checks.append(f"| {backend} | {res['records']} | {res['duplicates']} | {res['fenced_sink_duplicates']} "
                       f"| {res['missed']} | {inflight} | {res['handoffs']} | {res['verdict']} |")
     checks += ["", "Skipped in flight: fire times the leader's APScheduler skipped (its log says so) because the "
-               "job's previous run, waiting on the collector, outlasted the 0.1 s interval (`max_instances=1`); "
+               "job's earlier runs, waiting on the collector, were all still going (`max_instances`, 4 for probes); "
                "the checker counts them as misses, as it should, but they are load on a shared machine, not "
                "fire times lost in a handoff."]
     method = (f"3 nodes per backend, lease TTL {TIMING.ttl:g} s, renew deadline {TIMING.renew_deadline:g} s, retry "

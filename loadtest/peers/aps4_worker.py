@@ -17,7 +17,7 @@ Settings, as close to Baton's bench timing as APScheduler 4 allows:
   jobs before another may take them (extended every half lease while it lives);
 * ``cleanup_interval`` = TTL: how often each scheduler marks jobs whose lease
   expired as abandoned (which also frees the task's running-job slot);
-* one task per probe job with ``max_running_jobs=1`` (Baton's ``max_instances=1``),
+* one task per probe job with ``max_running_jobs`` as Baton's probes' ``max_instances``,
   ``misfire_grace_time`` = the harness's grace, coalesce ``latest``;
 * ``IntervalTrigger(start_time=...)`` on the next instant of Baton's epoch grid,
   so fire times are the checker's; ``ConflictPolicy.do_nothing``, so a worker
@@ -39,7 +39,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
-from loadtest.peers.probe import POST_ERRORS, fail, job_names, next_instant, parser, post_probe, ready, validate
+from loadtest.peers.probe import (
+    POST_ERRORS,
+    PROBE_MAX_INSTANCES,
+    fail,
+    job_names,
+    next_instant,
+    parser,
+    post_probe,
+    ready,
+    validate,
+)
 
 log = logging.getLogger("aps4-worker")
 
@@ -93,7 +103,8 @@ async def run(node: str, url: str, jobs: int, interval: float, ttl: float, grace
         # a second ahead: the instant must still be in the future once the schedule is stored
         start = next_instant(interval, datetime.now(UTC) + timedelta(seconds=1))
         for job in job_names(jobs):
-            await scheduler.configure_task(job, func=probe, max_running_jobs=1, misfire_grace_time=grace)
+            await scheduler.configure_task(job, func=probe, max_running_jobs=PROBE_MAX_INSTANCES,
+                                           misfire_grace_time=grace)
             await scheduler.add_schedule(job, IntervalTrigger(seconds=interval, start_time=start), id=job,
                                          coalesce=CoalescePolicy.latest, misfire_grace_time=grace,
                                          conflict_policy=ConflictPolicy.do_nothing)

@@ -19,6 +19,9 @@ from datetime import UTC, datetime, timedelta
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 #: The line a worker prints once it is set up, so the harness can stagger starts (schema creation races).
 READY = "PEER-READY"
+#: Probe runs of one job at once, as Baton's probe jobs allow (``node.jobs.PROBE_MAX_INSTANCES``):
+#: a slow collector then never makes a scheduler skip a fire time.
+PROBE_MAX_INSTANCES = 4
 
 
 def job_names(jobs: int) -> list[str]:
