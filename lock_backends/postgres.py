@@ -155,8 +155,8 @@ RETURNING c.key
 """
 
 _RECORD = """
-UPDATE baton_claims c SET result = r.result
-FROM unnest(%(keys)s::text[], %(results)s::jsonb[]) AS r(key, result)
+UPDATE baton_claims c SET result = r.value
+FROM jsonb_each(%(results)s::jsonb) AS r(key, value)
 WHERE c.name = %(name)s AND c.key = r.key
 """
 
@@ -519,7 +519,8 @@ class PostgresBackend:
     async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
         if not results:
             return
-        params = {"name": name, "keys": list(results), "results": [Jsonb(r) for r in results.values()]}
+        # one JSON object of key -> result: an array of jsonb would be escaped element by element in Python
+        params = {"name": name, "results": Jsonb(dict(results))}
         async with self._op("record") as deadline:
             await self._shared_call(lambda c: c.execute(_RECORD, params), deadline)
 

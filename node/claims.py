@@ -25,8 +25,11 @@ What is promised, and what it costs:
 * A graceful stop drains: pre-claiming stops and the node keeps leading until
   every pre-claimed fire time has fired, so a planned handoff loses nothing.
 
-``RunRecorder`` groups run records the same way, without a timer: a record
-goes out at once when none is in flight, else with the next batch.
+``RunRecorder`` groups run records: a batch goes out ``RECORD_LINGER`` after
+its first record, with whatever joined it meanwhile. A record only reports an
+outcome (nothing waits on it to decide a claim), so a few ms of delay are free,
+while a write per run cost the leader a round trip's CPU for every run and,
+at a thousand runs a second, showed up in the fire lag of the runs after it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ BATCH_SHARE = 0.25
 MAX_BATCHES_IN_FLIGHT = 4
 #: How long past its fire time a drain waits for a pre-claimed run to start.
 DRAIN_SLACK = 0.05
+#: A run record waits this long for others to share its write.
+RECORD_LINGER = 0.02
 
 
 class UpcomingJobStore(MemoryJobStore):
@@ -224,11 +229,12 @@ class ClaimAhead:
 
 
 class RunRecorder:
-    """Writes run records in batches: whatever queued while the previous write was in flight."""
+    """Writes run records in batches: whatever queued within ``linger`` of the first, or during a write."""
 
-    def __init__(self, backend: LockBackend, lock_name: str) -> None:
+    def __init__(self, backend: LockBackend, lock_name: str, linger: float = RECORD_LINGER) -> None:
         self.backend = backend
         self.lock_name = lock_name
+        self.linger = linger
         self._queue: dict[str, tuple[dict[str, Any], asyncio.Future[None]]] = {}
         self._writer: asyncio.Task[None] | None = None
 
@@ -242,6 +248,8 @@ class RunRecorder:
 
     async def _write(self) -> None:
         while self._queue:
+            if self.linger > 0:
+                await asyncio.sleep(self.linger)
             batch, self._queue = self._queue, {}
             try:
                 await self.backend.record_many(self.lock_name, {k: r for k, (r, _) in batch.items()})

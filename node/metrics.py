@@ -2,11 +2,28 @@
 
 One registry per node object (not the global default), so tests can run
 several nodes in one process; the process collector is added to it.
+
+A scrape renders every series in the event loop, so what is labelled per job
+is kept to what a person reads per job: runs by outcome, and the count and sum
+of body time. The fire-lag histogram is one per node (its alert and panel sum
+over jobs anyway); a histogram per job made a scrape of a node with 1,000 jobs
+stall the scheduler for about half a second, and with 10,000 jobs for six.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    Summary,
+    disable_created_metrics,
+)
+
+# ``_created`` timestamps would add a series beside every counter and histogram, per job; nobody queries them.
+disable_created_metrics()
 
 #: Every metric family a node exports (without the _total/_bucket suffixes).
 METRIC_NAMES = (
@@ -40,10 +57,11 @@ class Metrics:
                                  registry=r)
         self.job_runs = Counter("baton_job_runs_total", "Job fire times handled, by outcome",
                                 ["job", "outcome"], registry=r)
-        self.fire_lag = Histogram("baton_job_fire_lag_seconds", "Start of the job body minus its fire time",
-                                  ["job"], buckets=LAG_BUCKETS, registry=r)
-        self.duration = Histogram("baton_job_duration_seconds", "Wall time of the job body", ["job"],
-                                  buckets=LAG_BUCKETS, registry=r)
+        self.fire_lag = Histogram("baton_job_fire_lag_seconds",
+                                  "Start of a job body minus its fire time, over all jobs", buckets=LAG_BUCKETS,
+                                  registry=r)
+        self.duration = Summary("baton_job_duration_seconds", "Wall time of the job body (count and sum)",
+                                ["job"], registry=r)
         self.lock_ops = Counter("baton_lock_ops_total", "Lock backend operations by result",
                                 ["backend", "op", "result"], registry=r)
         self.lock_op_seconds = Histogram("baton_lock_op_seconds", "Lock backend operation latency",

@@ -241,7 +241,7 @@ class GatedScheduler:
     async def _run(self, job_id: str, func: Any, scheduled_at: datetime, lease: Lease, key: str,
                    recovery: bool) -> str:
         started = datetime.now(UTC)
-        self.metrics.fire_lag.labels(job_id).observe(max(0.0, (started - scheduled_at).total_seconds()))
+        self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
         ctx = RunContext(job_id, scheduled_at, lease.token, self.node_id, key, recovery)
         reset = current_run.set(ctx)
         self.inflight.add(key)
@@ -263,7 +263,7 @@ class GatedScheduler:
                       "started_at": started.isoformat(), "duration_s": round(duration, 6)}
             if error:
                 result["error"] = error
-            await self.recorder.add(key, result)
+            self.recorder.add(key, result)
         return outcome
 
     def _count(self, job_id: str, outcome: str, key: str, detail: str, **extra: Any) -> str:

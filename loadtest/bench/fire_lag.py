@@ -10,8 +10,16 @@ spread evenly over the interval, so the load is a steady rate, not one burst a
 second. Plain APScheduler 3 does not hand the fire time to the job; its body
 derives it from the job's grid (exact while the lag stays under the interval).
 
-The two run back to back in the same process, per rate: plain, Baton on each
-backend, plain again (both plain runs pooled). Ratio = Baton p99 / plain p99.
+Per rate, the measurements alternate in rounds (plain, Baton on each backend,
+plain again), each system's windows pooled over the rounds, so a slow spell of
+the machine lands on every system rather than on whichever ran then. Ratio =
+Baton p99 / plain p99.
+
+On a machine with two or more cores the backend servers run on the last core
+and the measuring process on the others, for plain and Baton alike: in a
+deployment the lock server is another host, and on a shared core the server's
+own work on Baton's claims (a PostgreSQL commit, a Lua script) would preempt
+the scheduler and be counted as Baton's lag.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,6 +53,9 @@ QUICK_RATES = (100, 1_000)
 TARGET_RATE = 1_000
 TARGET_RATIO = 1.5
 TARGET_BACKENDS = ("redis", "postgres")
+#: Alternating rounds per rate up to the target rate; past it one round (those rates only show saturation).
+ROUNDS = 3
+QUICK_ROUNDS = 1
 PLAIN = "apscheduler3 (single process)"
 #: Bounds on one measurement, so an overloaded backend shows up as a note, not as a hung benchmark.
 STOP_TIMEOUT = 15.0
@@ -196,15 +208,37 @@ def node_logging(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str, str]) -> dict[str, str]:
-    """A server per backend, stopped when ``stack`` closes; one that cannot start is noted in ``failed``."""
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(the servers' cores, the measuring process's cores), or None on a single core."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return None if len(cpus) < 2 else ({cpus[-1]}, set(cpus[:-1]))
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process (and what it starts meanwhile) on ``cpus``; the old affinity is restored after."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str, str],
+                cpus: set[int] | None = None) -> dict[str, str]:
+    """A server per backend on ``cpus``, stopped when ``stack`` closes; one that fails to start goes in ``failed``."""
     urls: dict[str, str] = {}
     for kind in ctx.backends:
         if kind == "file":
             urls[kind] = f"file://{ctx.work / 'fire_lag' / 'locks'}"
             continue
         try:
-            server: Cluster = start_backend(kind, ctx.work / "fire_lag" / kind)
+            with pinned(cpus):  # the server's processes inherit the affinity
+                server: Cluster = start_backend(kind, ctx.work / "fire_lag" / kind)
         except Exception as exc:  # the other backends still get measured
             failed[kind] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             continue
@@ -221,37 +255,70 @@ def run(ctx: BenchContext) -> SectionResult:
     (ctx.work / "fire_lag").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    split = cpu_split()
+    servers_cpus, own_cpus = split if split is not None else (None, None)
     with contextlib.ExitStack() as stack:
-        urls = server_urls(ctx, stack, failed)
-        advance = ctx.step("fire lag", total=len(rates) * (2 + len(urls)))
+        urls = server_urls(ctx, stack, failed, servers_cpus)
+        stack.enter_context(pinned(own_cpus))
+        plan = [(rate, rounds_for(rate, ctx.quick)) for rate in rates]
+        advance = ctx.step("fire lag", total=sum(rounds * (2 + len(urls)) for _, rounds in plan))
         stack.enter_context(node_logging(ctx.work / "fire_lag" / "node.log"))
-        for rate in rates:
+        for rate, rounds in plan:
             n = round(rate * INTERVAL)
             warmup = 1.0 + n / 1000  # start-up, and the catch-up on winning (one claim per job) drained
-            plain = asyncio.run(measure_plain(n, warmup, duration / 2))
-            advance()
-            row: dict[str, Any] = {}
-            for kind, url in urls.items():
-                try:
-                    lags, costs = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, duration),
-                                                               timeout=warmup + duration + STOP_TIMEOUT + SLACK))
-                except TimeoutError:
-                    lags, costs = [], {"notes": [f"no result within {warmup + duration + STOP_TIMEOUT + SLACK:g} s"]}
-                row[kind] = {**summary(lags, n, duration), **costs}
+            window = duration / rounds
+            plain: list[float] = []
+            lags: dict[str, list[float]] = {kind: [] for kind in urls}
+            costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
+            for _ in range(rounds):
+                plain += asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
-            plain += asyncio.run(measure_plain(n, warmup, duration / 2))
-            advance()
+                for kind, url in urls.items():
+                    limit = warmup + window + STOP_TIMEOUT + SLACK
+                    try:
+                        more, cost = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
+                    except TimeoutError:
+                        more, cost = [], {"notes": [f"no result within {limit:g} s"]}
+                    lags[kind] += more
+                    costs[kind] = merge_costs(costs[kind], cost)
+                    advance()
+                plain += asyncio.run(measure_plain(n, warmup, window / 2))
+                advance()
+            row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind]} for kind in urls}
             row[PLAIN] = summary(plain, n, duration)
             for kind in urls:
                 base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
                 row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
             results[str(rate)] = row
-    return result(ctx, rates, duration, results, failed)
+    return result(ctx, rates, duration, results, failed, split)
+
+
+def rounds_for(rate: int, quick: bool) -> int:
+    return QUICK_ROUNDS if quick or rate > TARGET_RATE else ROUNDS
+
+
+def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Pool one round's op costs into the rate's: means weighted by their op counts, retries and notes added."""
+    if not total:
+        return more
+    out = dict(total)
+    for op in ("claim", "record", "claim_batch", "record_batch"):
+        n1, n2 = total.get(f"{op}_ops", 0), more.get(f"{op}_ops", 0)
+        m1, m2 = total.get(f"{op}_mean_ms") or 0.0, more.get(f"{op}_mean_ms") or 0.0
+        out[f"{op}_ops"] = n1 + n2
+        out[f"{op}_mean_ms"] = round((m1 * n1 + m2 * n2) / (n1 + n2), 3) if n1 + n2 else None
+    out["claim_retries"] = total.get("claim_retries", 0) + more.get("claim_retries", 0)
+    reasons = dict(total.get("retry_reasons", {}))
+    for reason, count in more.get("retry_reasons", {}).items():
+        reasons[reason] = reasons.get(reason, 0) + count
+    out["retry_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    out["notes"] = [*total.get("notes", []), *more.get("notes", [])]
+    return out
 
 
 def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: dict[str, dict[str, Any]],
-           failed: dict[str, str]) -> SectionResult:
-    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio | claim / record mean ms "
+           failed: dict[str, str], split: tuple[set[int], set[int]] | None = None) -> SectionResult:
+    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio | claim / record batch mean ms "
              "| claim retries |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
 
     def ms(v: float | None) -> str:
@@ -261,7 +328,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
         for system, r in row.items():
             name, backend = (PLAIN, "-") if system == PLAIN else ("baton", system)
             ratio = "1.00" if system == PLAIN else ms(r.get("ratio_p99"))
-            costs = "" if system == PLAIN else f"{ms(r.get('claim_mean_ms'))} / {ms(r.get('record_mean_ms'))}"
+            costs = "" if system == PLAIN else (f"{ms(r.get('claim_batch_mean_ms'))} / "
+                                                f"{ms(r.get('record_batch_mean_ms'))}")
             retried = "" if system == PLAIN else str(r.get("claim_retries", "n/a"))
             if r.get("retry_reasons"):
                 top, count = next(iter(r["retry_reasons"].items()))
@@ -278,15 +346,20 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
     target_lines = [f"| {t['backend']} | {ms(t['ratio_p99'])} | <= {TARGET_RATIO} | "
                     f"{'n/a (not run)' if t['met'] is None else 'met' if t['met'] else '**not met**'} |"
                     for t in targets]
-    method = (f"In-process: one Baton node leading alone (claims, run records, metrics, JSON logs to a file) "
-              f"against a plain single-process AsyncIOScheduler, the same N interval jobs every {INTERVAL:g} s "
-              f"with anchors spread over the interval (N runs/s), same job defaults, back to back in one run "
-              f"(plain, Baton per backend, plain again: {duration:g} s of fire times each, pooled for plain). "
+    rounds = ", ".join(f"{rounds_for(r, ctx.quick)} at {r:,}/s" for r in rates)
+    cores = ("the backend servers on the last core, the measuring process on the others (the lock server "
+             "is another host in a deployment; on a shared core its work on Baton's claims would be counted "
+             "as Baton's lag)" if split is not None else "one core shared by the servers and the measurement")
+    method = (f"In-process: one Baton node leading alone (claims ahead, run records, metrics, JSON logs to a "
+              f"file) against a plain single-process AsyncIOScheduler, the same N interval jobs every "
+              f"{INTERVAL:g} s with anchors spread over the interval (N runs/s), same job defaults. Per rate the "
+              f"systems alternate in rounds ({rounds}: plain, Baton per backend, plain again), {duration:g} s of "
+              f"fire times per system pooled over the rounds; {cores}. "
               f"Lag: body start minus scheduled fire time. Ratio: Baton p99 / plain p99 at the same rate. "
               f"Saturated: fewer than 90% of the fire times ran, or the median lag passed half the interval. "
-              f"Claim and record means come from the node's own `baton_lock_op_seconds` (start-up catch-up "
-              f"included); claim retries are claims the backend refused to serve (the scheduler retries them "
-              f"with a 50 ms+ back-off), with the most frequent reason.")
+              f"Claim and record batch means come from the node's own `baton_lock_op_seconds` (ops "
+              f"`claim_batch`, `record_batch`); claim retries are fire-time claims the backend refused to serve "
+              f"(the scheduler retries them with a 50 ms+ back-off), with the most frequent reason.")
     failures = [f"**{kind} failed:** {error}" for kind, error in failed.items()]
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "",
                           f"Target at {TARGET_RATE:,} runs/s:", "",
@@ -297,7 +370,9 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
         verdict.append(VerdictRow("baton", kind, fire_lag_ratio=ratio))
     plots = [p for p in [plot(ctx.out / "fire_lag.png", results)] if p is not None]
     data = {"interval_s": INTERVAL, "rates": list(rates), "window_s": duration, "results": results,
-            "targets": targets, "failed_backends": failed}
+            "targets": targets, "failed_backends": failed,
+            "rounds": {str(r): rounds_for(r, ctx.quick) for r in rates},
+            "server_cpus": sorted(split[0]) if split else None, "bench_cpus": sorted(split[1]) if split else None}
     return SectionResult("fire_lag", "2. Fire lag", data, markdown, plots, verdict)
 
 
