@@ -143,8 +143,8 @@ class Chaos:
             try:
                 self._wait_new_leader(node, result, timeout=self.hold + self.cluster.timing.ttl * 3)
             except ServerError:
-                # Nobody could take over while the node was stopped: on the file backend, a process
-                # stopped inside the lease mutex holds every peer back until it runs again.
+                # Nobody could take over while the node was stopped (a backend whose lock a stopped
+                # process can keep, as the file backend's mutex once did): record it, do not abort.
                 stalled = True
             self._sleep_until(self.hold, since=result.started_at)
         finally:

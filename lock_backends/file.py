@@ -2,25 +2,38 @@
 
 A bare ``flock`` held for the whole leadership would never expire: a holder
 stopped with SIGSTOP would keep it forever and its peers would wait forever.
-So the lock is a lease, as on the server backends:
+So the lock is a lease, as on the server backends, kept without any mutex:
 
-* ``lease.json`` holds the current token, holder and expiry. The expiry is a
-  ``CLOCK_MONOTONIC`` instant, which all processes on one Linux host share.
-  It is rewritten by atomic rename, under ``mutex`` (a short ``flock``).
+* The lease is a log of versions, ``lease.<version>``, each a whole record
+  (token, holder, expiry). The newest version is the lease. A change is a
+  compare-and-swap: read version v, write the new record to a temporary file,
+  and ``link`` it to ``lease.<v+1>``, which fails if that name exists, so of
+  two writers that read v only one wins. The expiry is a ``CLOCK_MONOTONIC``
+  instant, which all processes on one Linux host share.
+* No process ever holds a lock the others need: a process stopped (SIGSTOP,
+  a frozen container) in the middle of a change holds nobody back, and when
+  it runs again its ``link`` fails if anyone moved the lease meanwhile. Old
+  versions are pruned; a write that lands on a pruned name is caught by
+  looking, after the link, for a newer version.
 * The holder keeps an exclusive ``flock`` on ``holder-<token>`` for as long as
   it leads. When its process dies the kernel drops that lock, and peers see at
   once that the lease is free: no wait for the TTL after a crash.
-* The token is kept in ``lease.json`` after release, so it only grows.
+* Tokens only grow: a release writes a version that keeps the token.
 
-The trap: a process stopped (SIGSTOP, a frozen container) while inside the
-mutex holds every peer back until it runs again, since the kernel does not
-take an ``flock`` from a live process. The section is kept short (claim files
-are fsynced after it) so this is rare, but it is a liveness cost the server
-backends do not have; it never lets two nodes lead.
+A claim is a file created with ``O_EXCL``, so a fire time is claimed once,
+whoever asks. The token check before it is not atomic with the create: a
+holder stopped between the two may, when it runs again, create a claim under
+a lease it lost. That ends as an atomic claim followed by a stop before the
+body does on the server backends: the fire time runs once, late, under the
+old token (which a fenced sink refuses). It is always a fire time from before
+the new leader's term (claims reach no further than the claimer's local
+lease deadline, which passed before anyone else could win), and a claim made
+ahead is never run under a lease that lapsed.
 
 Layout under the URL's directory, per lock name: ``<dir>/<name>/`` with the
-files above, ``claims/`` (one file per claim, created with ``O_EXCL``) and
-``settings.json``. Everything is on one host: for several hosts use a server.
+files above, ``claims/`` (one file per claim) and ``settings.json`` (changed
+under a short ``flock``, ``mutex``: pausing a job is rare and not on the
+failover path). Everything is on one host: for several hosts use a server.
 """
 
 from __future__ import annotations
@@ -45,6 +58,9 @@ T = TypeVar("T")
 
 #: Claims are pruned by age at most this often (seconds).
 PRUNE_EVERY = 60.0
+#: Lease versions kept behind the newest.
+KEEP_VERSIONS = 8
+LEASE_PREFIX = "lease."
 
 
 class FileBackend:
@@ -86,12 +102,12 @@ class FileBackend:
                                      backend=self.kind, address=self.address) from None
         except BackendUnavailable:
             raise
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a file that is not the JSON this backend writes
             raise LockBackendError(f"{what} failed: {exc}", backend=self.kind, address=self.address) from None
 
     @contextlib.contextmanager
     def _mutex(self, directory: Path) -> Iterator[None]:
-        """A short exclusive section. Never blocks past the operation timeout."""
+        """A short exclusive section, for settings only. Never blocks past the operation timeout."""
         fd = os.open(directory / "mutex", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             give_up = time.monotonic() + self.options.op_timeout
@@ -101,7 +117,7 @@ class FileBackend:
                     break
                 except BlockingIOError:
                     if time.monotonic() > give_up:
-                        raise BackendUnavailable("mutex busy (a peer is stuck inside it?)",
+                        raise BackendUnavailable("settings mutex busy (a peer is stuck inside it?)",
                                                  backend=self.kind, address=str(directory)) from None
                     time.sleep(0.001)
             yield
@@ -109,11 +125,57 @@ class FileBackend:
             os.close(fd)  # also drops the flock
 
     @staticmethod
-    def _read(directory: Path) -> dict[str, Any]:
+    def _versions(directory: Path) -> list[int]:
+        return [int(entry[len(LEASE_PREFIX):]) for entry in os.listdir(directory)
+                if entry.startswith(LEASE_PREFIX) and entry[len(LEASE_PREFIX):].isdigit()]
+
+    def _latest(self, directory: Path) -> tuple[int, dict[str, Any]]:
+        """The newest lease version and its record; (0, {}) before the first acquire."""
+        for _ in range(16):
+            versions = self._versions(directory)
+            if not versions:
+                return 0, self._legacy(directory)
+            newest = max(versions)
+            try:
+                return newest, dict(json.loads((directory / f"{LEASE_PREFIX}{newest}").read_text()))
+            except FileNotFoundError:
+                continue  # pruned while we looked: a newer version exists, look again
+        raise BackendUnavailable("the lease changes faster than it can be read", backend=self.kind,
+                                 address=str(directory))
+
+    @staticmethod
+    def _legacy(directory: Path) -> dict[str, Any]:
+        """A directory from before the lease log (one ``lease.json``): its token, so tokens keep growing."""
         try:
-            return dict(json.loads((directory / "lease.json").read_text()))
-        except FileNotFoundError:
+            token = int(json.loads((directory / "lease.json").read_text()).get("token", 0))
+        except (FileNotFoundError, ValueError, AttributeError):
             return {}
+        return {"token": token, "nonce": "", "expires": 0}
+
+    def _swap(self, directory: Path, version: int, record: dict[str, Any]) -> bool:
+        """Make ``record`` the lease if ``version`` still is the newest; False if anyone got there first."""
+        new = version + 1
+        tmp = directory / f".{LEASE_PREFIX}{new}.{secrets.token_hex(4)}"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, directory / f"{LEASE_PREFIX}{new}")
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        versions = self._versions(directory)
+        if max(versions) != new:
+            # The name was free only because it had been pruned: the lease moved on while this
+            # process was stopped. The file is old news to every reader (they take the newest).
+            return False
+        for old in versions:
+            if old <= new - KEEP_VERSIONS:
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / f"{LEASE_PREFIX}{old}")
+        return True
 
     @staticmethod
     def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -155,28 +217,35 @@ class FileBackend:
 
         def work() -> Lease | None:
             directory = self._dir(name)
-            with self._mutex(directory):
-                record = self._read(directory)
-                if record and self._live(directory, record):
-                    return None  # held, by a peer or (re-entrant ask) by this very instance
-                self._drop_held(name)  # a lease of ours that expired unnoticed
-                token = int(record.get("token", 0)) + 1
-                fd = os.open(directory / f"holder-{token}", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    return None
-                nonce = secrets.token_hex(8)
-                self._write_json(directory / "lease.json", {
+            version, record = self._latest(directory)
+            if record and self._live(directory, record):
+                return None  # held, by a peer or (re-entrant ask) by this very instance
+            self._drop_held(name)  # a lease of ours that expired unnoticed
+            token = int(record.get("token", 0)) + 1
+            fd = os.open(directory / f"holder-{token}", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a peer is acquiring the same token right now
+                os.close(fd)
+                return None
+            nonce = secrets.token_hex(8)
+            won = False
+            try:
+                won = self._swap(directory, version, {
                     "token": token, "node_id": holder.node_id, "url": holder.url, "nonce": nonce,
                     "expires": time.monotonic() + ttl, "pid": os.getpid()})
-                self._held[name] = (token, fd)
-                for stale in directory.glob("holder-*"):
-                    if stale.name != f"holder-{token}":
-                        with contextlib.suppress(OSError):
-                            stale.unlink()
-                return Lease(name, holder, token, ttl, local_deadline(t_sent, ttl), handle=nonce)
+            finally:
+                if not won:
+                    os.close(fd)
+            if not won:
+                return None
+            self._held[name] = (token, fd)
+            for stale in directory.glob("holder-*"):
+                suffix = stale.name.removeprefix("holder-")
+                if suffix.isdigit() and int(suffix) < token:
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+            return Lease(name, holder, token, ttl, local_deadline(t_sent, ttl), handle=nonce)
 
         return await self._run("acquire", work)
 
@@ -185,15 +254,13 @@ class FileBackend:
 
         def work() -> Lease | None:
             directory = self._dir(lease.name)
-            with self._mutex(directory):
-                record = self._read(directory)
-                ours = record.get("token") == lease.token and record.get("nonce") == lease.handle
-                if not ours or float(record.get("expires", 0)) <= time.monotonic():
-                    if self._held.get(lease.name, (None,))[0] == lease.token:
-                        self._drop_held(lease.name)
-                    return None
-                record["expires"] = time.monotonic() + lease.ttl
-                self._write_json(directory / "lease.json", record)
+            version, record = self._latest(directory)
+            ours = record.get("token") == lease.token and record.get("nonce") == lease.handle
+            if not ours or float(record.get("expires", 0)) <= time.monotonic() or not self._swap(
+                    directory, version, {**record, "expires": time.monotonic() + lease.ttl}):
+                if self._held.get(lease.name, (None,))[0] == lease.token:
+                    self._drop_held(lease.name)
+                return None
             return Lease(lease.name, lease.holder, lease.token, lease.ttl,
                          local_deadline(t_sent, lease.ttl), handle=lease.handle)
 
@@ -202,11 +269,14 @@ class FileBackend:
     async def release(self, lease: Lease) -> None:
         def work() -> None:
             directory = self._dir(lease.name)
-            with self._mutex(directory):
-                record = self._read(directory)
-                if record.get("token") == lease.token and record.get("nonce") == lease.handle:
-                    record.update(expires=0, nonce="")
-                    self._write_json(directory / "lease.json", record)
+            try:
+                for _ in range(3):  # only a racing pruner or a stale writer can beat the holder here
+                    version, record = self._latest(directory)
+                    if record.get("token") != lease.token or record.get("nonce") != lease.handle:
+                        break
+                    if self._swap(directory, version, {**record, "expires": 0, "nonce": ""}):
+                        break
+            finally:
                 if self._held.get(lease.name, (None,))[0] == lease.token:
                     self._drop_held(lease.name)
 
@@ -215,7 +285,7 @@ class FileBackend:
     async def leader(self, name: str) -> Holder | None:
         def work() -> Holder | None:
             directory = self._dir(name)
-            record = self._read(directory)
+            _, record = self._latest(directory)
             if record and self._live(directory, record):
                 return Holder(str(record["node_id"]), str(record.get("url", "")))
             return None
@@ -227,7 +297,7 @@ class FileBackend:
         directory = self._dir(name)
 
         def snapshot() -> tuple[Any, bool]:
-            record = self._read(directory)
+            _, record = self._latest(directory)
             return record.get("token"), bool(record) and self._live(directory, record)
 
         deadline = time.monotonic() + timeout
@@ -246,36 +316,34 @@ class FileBackend:
         return bool(await self.claim_many(lease, [key]))
 
     async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
-        """All keys under one hold of the lease mutex, so the token is checked once."""
+        """The token checked once, then one ``O_EXCL`` file per key (see the module's note on the order)."""
 
         def work() -> set[str]:
             directory = self._dir(lease.name)
             claimed: set[str] = set()
-            with self._mutex(directory):
-                record = self._read(directory)
-                current = (record.get("token") == lease.token and record.get("nonce") == lease.handle
-                           and float(record.get("expires", 0)) > time.monotonic())
-                if not current:
-                    return claimed
-                body = json.dumps({"token": lease.token, "node_id": lease.holder.node_id,
-                                   "claimed_at": time.time(), "result": None}).encode()
-                written: list[int] = []
-                try:
-                    for key in dict.fromkeys(keys):
-                        try:
-                            fd = os.open(directory / "claims" / quote(key, safe=""),
-                                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                        except FileExistsError:
-                            continue
-                        written.append(fd)
-                        os.write(fd, body)
-                        claimed.add(key)
-                except BaseException:
-                    for fd in written:
-                        os.close(fd)
-                    raise
-            # The file's existence is the claim, settled under the mutex; its fsync waits outside,
-            # so peers are not held back by the disk (nor by a process stopped while it waits).
+            _, record = self._latest(directory)
+            current = (record.get("token") == lease.token and record.get("nonce") == lease.handle
+                       and float(record.get("expires", 0)) > time.monotonic())
+            if not current:
+                return claimed
+            body = json.dumps({"token": lease.token, "node_id": lease.holder.node_id,
+                               "claimed_at": time.time(), "result": None}).encode()
+            written: list[int] = []
+            try:
+                for key in dict.fromkeys(keys):
+                    try:
+                        fd = os.open(directory / "claims" / quote(key, safe=""),
+                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    except FileExistsError:
+                        continue
+                    written.append(fd)
+                    os.write(fd, body)
+                    claimed.add(key)
+            except BaseException:
+                for fd in written:
+                    os.close(fd)
+                raise
+            # the file's existence is the claim; its content is made durable before the answer
             try:
                 for fd in written:
                     os.fsync(fd)

@@ -1,4 +1,4 @@
-"""PostgreSQL backend: session advisory locks, a fence table, LISTEN/NOTIFY.
+"""PostgreSQL backend: session advisory locks, a fence table, followers waiting in the lock queue.
 
 The lock is ``pg_try_advisory_lock(key)`` taken on a connection dedicated to
 one lock name, so the lock lives exactly as long as that server session. The
@@ -6,6 +6,14 @@ fencing token is a row in ``baton_fence`` bumped in the same statement that
 takes the lock, together with the holder's backend pid: "who leads" is then
 "the fence row whose pid is granted the advisory lock right now", which no
 crash can leave stale.
+
+A follower waits for a change inside the server, on its own lock session:
+``pg_advisory_xact_lock_shared(key)`` queues behind the holder's exclusive
+lock and is granted the moment that lock goes, by release or by the end of
+the holder's session (a crash, or the idle timeout below), and, taken in a
+statement of its own, lets go again as the statement ends. So a waiting
+follower costs the server one statement per wait and sees a crash at once,
+with no polling (an earlier version polled twice a second beside LISTEN).
 
 The trap: a paused (SIGSTOP) or cut-off holder keeps its session, and with it
 the lock, for as long as the server sees a healthy TCP peer, which for a
@@ -28,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -39,7 +46,6 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
@@ -52,10 +58,9 @@ T = TypeVar("T")
 
 #: libpq parameters a URL may carry besides the common options.
 LIBPQ_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name")
-#: How often ``wait_for_change`` re-reads the holder: a crashed holder's session end sends no NOTIFY.
-#: The trade-off: a crash is seen within this (well under a second), while a waiting follower costs
-#: the server two one-row reads a second. A release is seen at once either way, through NOTIFY.
-POLL_INTERVAL = 0.5
+#: A wait that returns sooner than this (nobody holds the lock) is padded to it, so that a
+#: follower whose acquire keeps failing for another reason cannot spin against the server.
+MIN_WAIT = 0.05
 #: Expired claims are deleted at most this often per backend instance.
 PURGE_INTERVAL = 300.0
 #: Key of the transaction lock that serializes schema creation (two-int form: its own key space).
@@ -111,7 +116,7 @@ WITH mine AS (
         url = EXCLUDED.url, holder_pid = EXCLUDED.holder_pid, acquired_at = EXCLUDED.acquired_at
     RETURNING f.token
 )
-SELECT token, pg_backend_pid(), pg_notify(%(channel)s, 'acquired')::text,
+SELECT token, pg_backend_pid(),
     set_config('idle_session_timeout', %(idle_session_timeout)s, false),
     set_config('tcp_keepalives_idle', %(tcp_keepalives_idle)s, false),
     set_config('tcp_keepalives_interval', %(tcp_keepalives_interval)s, false),
@@ -127,15 +132,17 @@ _STILL_MINE = f"""
 
 _RENEW = f"SELECT {_STILL_MINE}"
 
-_RELEASE = f"""
-SELECT pg_advisory_unlock(%(key)s), pg_notify(%(channel)s, 'released')::text WHERE {_STILL_MINE}
-"""
+_RELEASE = f"SELECT pg_advisory_unlock(%(key)s) WHERE {_STILL_MINE}"
+
+# Granted when the holder's exclusive lock goes; a statement's transaction lock ends with it. The
+# timeout is local to the statement's transaction, set before the lock is asked for (FROM first).
+_WAIT = """SELECT pg_advisory_xact_lock_shared(%(key)s)
+FROM (SELECT set_config('lock_timeout', %(lock_timeout)s, true)) AS settings"""
 
 _HOLDER_LOCKED = f"EXISTS (SELECT 1 FROM pg_locks l WHERE {_GRANTED} AND l.pid = f.holder_pid)"
 
 _LEADER = f"SELECT f.node_id, f.url FROM baton_fence f WHERE f.name = %(name)s AND {_HOLDER_LOCKED}"
 
-_STATE = f"SELECT f.token, {_HOLDER_LOCKED} FROM baton_fence f WHERE f.name = %(name)s"
 
 # FOR SHARE makes a claim racing an acquire wait for the fence bump and re-check the new token.
 _CLAIM = f"""
@@ -175,8 +182,7 @@ def lock_key(name: str) -> int:
 def _key_params(name: str) -> dict[str, Any]:
     key = lock_key(name)
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    return {"name": name, "key": key, "hi": unsigned >> 32, "lo": unsigned & 0xFFFF_FFFF,
-            "channel": f"baton_{unsigned:016x}"}
+    return {"name": name, "key": key, "hi": unsigned >> 32, "lo": unsigned & 0xFFFF_FFFF}
 
 
 def _session_settings(ttl: float) -> dict[str, str]:
@@ -203,11 +209,8 @@ class PostgresBackend:
         self._conninfo = conninfo
         # slot -> session: "claims" (claims only, so they never queue behind records), "shared" (the rest)
         self._shared: dict[str, Conn] = {}
-        self._listener: Conn | None = None  # LISTEN for wait_for_change
-        self._listening: set[str] = set()
         self._locks: dict[str, Conn] = {}  # lock name -> its dedicated session
         self._guards: dict[str, asyncio.Lock] = {}
-        self._notified: dict[str, int] = {}  # channel -> notifications seen so far
         self._schema_ready = False
         self._last_purge = 0.0
 
@@ -309,9 +312,6 @@ class PostgresBackend:
     def _forget(self, conn: Conn) -> None:
         for slot in [s for s, c in self._shared.items() if c is conn]:
             del self._shared[slot]
-        if self._listener is conn:
-            self._listener = None
-            self._listening.clear()
         for name in [n for n, c in self._locks.items() if c is conn]:
             del self._locks[name]
 
@@ -404,6 +404,9 @@ class PostgresBackend:
                 self._abandon(conn)  # the session ended, and the lock with it
                 return None
         if row is None or not row[0]:
+            # whatever this session still holds is no lease: drop it, so that no lock outlives the lease
+            # (and a wait on this session, which would be granted its own lock at once, cannot spin)
+            self._abandon(conn)
             return None
         return Lease(lease.name, lease.holder, lease.token, lease.ttl,
                      local_deadline(t_sent, lease.ttl), handle=lease.handle)
@@ -428,64 +431,23 @@ class PostgresBackend:
         return Holder(node_id=row[0], url=row[1]) if row else None
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
-        """LISTEN for a release, and poll too: a crashed holder's session end notifies nobody."""
-        end = time.monotonic() + max(0.0, timeout)
-        params = _key_params(name)
-        channel = params["channel"]
+        """Wait in the lock's queue, on this node's lock session, until the holder's lock goes."""
+        started = time.monotonic()
+        params = {**_key_params(name), "lock_timeout": str(max(1, int(timeout * 1000)))}
 
-        async def state(conn: Conn) -> tuple[Any, ...] | None:
-            return await _fetchone(conn, _STATE, params)
+        async def wait(conn: Conn) -> None:
+            with contextlib.suppress(psycopg.errors.LockNotAvailable):  # the timeout: nothing changed
+                await conn.execute(_WAIT, params)
 
-        before: object = _UNKNOWN
-        seen = 0
-        listener: Conn | None = None
-        with contextlib.suppress(LockBackendError):
-            async with self._op("wait_for_change") as deadline:
-                listener = await self._listen(channel, deadline)
-                await self._run(listener, functools.partial(self._drain, wait=0.0), deadline)
-                seen = self._notified.get(channel, 0)
-                before = await self._run(listener, state, deadline)
-        while (left := end - time.monotonic()) > 0:
-            step = min(POLL_INTERVAL, left)
-            try:
-                async with self._op("wait_for_change", extra=step) as deadline:
-                    if listener is not None and listener is self._listener:
-                        await self._run(listener, functools.partial(self._drain, wait=step), deadline)
-                        if self._notified.get(channel, 0) != seen or time.monotonic() >= end:
-                            return
-                        now = await self._run(listener, state, deadline)
-                    else:  # no listener: plain polling on the shared connection
-                        listener = None
-                        await asyncio.sleep(step)
-                        if time.monotonic() >= end:
-                            return
-                        now = await self._shared_call(state, deadline)
-            except LockBackendError:
-                await asyncio.sleep(max(0.0, min(step, end - time.monotonic())))
-                continue
-            if before is _UNKNOWN:
-                before = now
-            elif now != before:
-                return
-
-    async def _listen(self, channel: str, deadline: float) -> Conn:
-        async with self._guard("listener", deadline):
-            if self._listener is None or self._listener.closed:
-                if self._listener is not None:
-                    self._abandon(self._listener)
-                self._listener = await self._connect(deadline)
-                self._listening.clear()
-            conn = self._listener
-            if channel not in self._listening:
-                await self._run(conn, lambda c: c.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel))),
-                                deadline)
-                self._listening.add(channel)
-        return conn
-
-    async def _drain(self, conn: Conn, wait: float) -> None:
-        """Count notifications per channel, so concurrent waiters sharing the listener all see them."""
-        async for notify in conn.notifies(timeout=wait, stop_after=1):
-            self._notified[notify.channel] = self._notified.get(notify.channel, 0) + 1
+        try:
+            async with (self._op("wait_for_change", extra=timeout) as deadline,
+                        self._guard(f"lock:{name}", deadline)):
+                conn, _ = await self._lock_conn(name, deadline)
+                await self._run(conn, wait, deadline)
+        except LockBackendError:  # an unreachable server is waited out, not raised: the loop retries
+            await asyncio.sleep(max(0.0, started + timeout - time.monotonic()))
+            return
+        await asyncio.sleep(max(0.0, started + MIN_WAIT - time.monotonic()))
 
     async def claim(self, lease: Lease, key: str) -> bool:
         return bool(await self.claim_many(lease, [key]))
@@ -556,7 +518,7 @@ class PostgresBackend:
 
     async def close(self) -> None:
         """Drop every session; the server frees their advisory locks, so call ``release`` first."""
-        conns = [c for c in (*self._shared.values(), self._listener, *self._locks.values()) if c is not None]
+        conns = [*self._shared.values(), *self._locks.values()]
         for conn in conns:
             self._abandon(conn)
         self._guards.clear()

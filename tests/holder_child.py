@@ -1,7 +1,8 @@
 """A lock holder in its own process, for tests that SIGSTOP or kill it.
 
-Usage: python -m tests.holder_child URL NAME TTL
-Prints ``token N`` once it holds the lock, keeps renewing every TTL/4, and
+Usage: python -m tests.holder_child URL NAME TTL [busy]
+Prints ``token N`` once it holds the lock, keeps renewing every TTL/4 (with
+``busy``: back to back, so a SIGSTOP lands in the middle of a lease change), and
 answers ``claim KEY`` lines on stdin with ``claim True|False`` (using the
 lease it last held, so a stale token is what gets tested after a pause).
 """
@@ -15,7 +16,7 @@ import sys
 from lock_backends import Holder, LockBackendError, from_url
 
 
-async def main(url: str, name: str, ttl: float) -> None:
+async def main(url: str, name: str, ttl: float, busy: bool = False) -> None:
     backend = from_url(url)
     lease = None
     while lease is None:
@@ -27,7 +28,7 @@ async def main(url: str, name: str, ttl: float) -> None:
     async def renew_forever() -> None:
         nonlocal lease
         while True:
-            await asyncio.sleep(ttl / 4)
+            await asyncio.sleep(0 if busy else ttl / 4)
             with contextlib.suppress(LockBackendError):
                 renewed = await backend.renew(lease)
                 if renewed is not None:
@@ -49,4 +50,4 @@ async def main(url: str, name: str, ttl: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:5] == ["busy"]))

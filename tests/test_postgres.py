@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from lock_backends import BackendUnavailable, BackendURLError, Holder, Lease, LockBackend, from_url
+from lock_backends.postgres import lock_key
 from tests.conftest import OP_TIMEOUT, TTL, ServerPool, eventually, with_timeout
 
 Factory = Callable[[str], LockBackend]
@@ -84,15 +85,45 @@ async def test_holder_session_death_is_seen_at_once(pg_url: str, make_backend: F
     await asyncio.sleep(0.3)
     killed_at = time.monotonic()
     assert await sql(pg_url, "SELECT pg_terminate_backend(%s)", session_pid(lease)) == [(True,)]
-    # no NOTIFY comes from a dead session: the waiter's poll must notice
+    # the waiter is queued behind the lock inside the server, and let go as the session ends
     await asyncio.wait_for(waiter, 10)
-    assert time.monotonic() - killed_at < 1.5
+    assert time.monotonic() - killed_at < 1.0
     # the fence row still names a, with a's token, but its session no longer holds the lock
     assert await b.leader(lock_name) is None
     assert await a.claim(lease, "after") is False
     assert await a.renew(lease) is None
     new = await b.acquire(lock_name, Holder("b"), TTL)
     assert new is not None and new.token > lease.token
+
+
+async def test_waiting_followers_wake_on_release_and_leave_no_lock_behind(pg_url: str, make_backend: Factory,
+                                                                          lock_name: str) -> None:
+    a, b, c = make_backend(pg_url), make_backend(pg_url), make_backend(pg_url)
+    lease = await a.acquire(lock_name, Holder("a"), 30.0)
+    assert lease is not None
+    waiters = [asyncio.create_task(x.wait_for_change(lock_name, 20.0)) for x in (b, c)]
+    await asyncio.sleep(0.3)
+    assert not any(w.done() for w in waiters), "a wait returned while the holder lived"
+    released_at = time.monotonic()
+    await a.release(lease)
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert time.monotonic() - released_at < 1.0
+    # the waits' shared locks ended with their statements: a follower can take the lock
+    new, _ = await eventually("b acquires", lambda: b.acquire(lock_name, Holder("b"), TTL), within=3.0)
+    assert new.token > lease.token
+    assert await sql(pg_url, f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock'"
+                             f" AND objid::bigint = {lock_key(lock_name) & 0xFFFF_FFFF}") == [(0,)]
+
+
+async def test_a_wait_ends_at_its_timeout_while_the_holder_lives(pg_url: str, make_backend: Factory,
+                                                                lock_name: str) -> None:
+    a, b = make_backend(pg_url), make_backend(pg_url)
+    assert await a.acquire(lock_name, Holder("a"), 30.0) is not None
+    started = time.monotonic()
+    await b.wait_for_change(lock_name, 0.5)
+    assert 0.45 <= time.monotonic() - started < 3.0
+    assert await b.leader(lock_name) == Holder("a")
+    assert await b.acquire(lock_name, Holder("b"), TTL) is None
 
 
 async def test_server_backend_hang_is_bounded_and_drops_the_session(pg_url: str, make_backend: Factory,
