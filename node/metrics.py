@@ -3,11 +3,12 @@
 One registry per node object (not the global default), so tests can run
 several nodes in one process; the process collector is added to it.
 
-A scrape renders every series in the event loop, so what is labelled per job
-is kept to what a person reads per job: runs by outcome, and the count and sum
-of body time. The fire-lag histogram is one per node (its alert and panel sum
-over jobs anyway); a histogram per job made a scrape of a node with 1,000 jobs
-stall the scheduler for about half a second, and with 10,000 jobs for six.
+A scrape renders every series, and even in a thread it holds the interpreter
+lock the scheduler needs, so what is labelled per job is kept to what a person
+reads per job: runs by outcome, and the count and sum of body time. The
+fire-lag histogram is one per node (its alert and panel sum over jobs anyway);
+a histogram per job made a scrape of a node with 1,000 jobs stall the
+scheduler for about half a second, and with 10,000 jobs for six.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ class GatedScheduler:
                     return "already-claimed"  # the normal case after a failover
                 outcome = "duplicate" if self.elector.current_lease() is not None else "fenced"
                 return self._count(job_id, outcome, key, "claim refused")
-        return await self._run(spec.id, spec.func, scheduled_at, lease, key, recovery)
+        return await self._run(spec.id, spec.func, scheduled_at, lease, key, recovery, wait_record=manual)
 
     async def _claim_while_leading(self, key: str, scheduled_at: datetime,
                                    lease: Lease) -> tuple[bool | None, Lease | None]:
@@ -239,7 +239,9 @@ class GatedScheduler:
                 return None, lease
 
     async def _run(self, job_id: str, func: Any, scheduled_at: datetime, lease: Lease, key: str,
-                   recovery: bool) -> str:
+                   recovery: bool, wait_record: bool = False) -> str:
+        """Run the body and queue its record; a scheduled run does not wait for the write, a manual one does
+        (whoever asked for it may read the runs next)."""
         started = datetime.now(UTC)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
         ctx = RunContext(job_id, scheduled_at, lease.token, self.node_id, key, recovery)
@@ -263,7 +265,9 @@ class GatedScheduler:
                       "started_at": started.isoformat(), "duration_s": round(duration, 6)}
             if error:
                 result["error"] = error
-            self.recorder.add(key, result)
+            stored = self.recorder.add(key, result)
+            if wait_record:
+                await stored
         return outcome
 
     def _count(self, job_id: str, outcome: str, key: str, detail: str, **extra: Any) -> str:
