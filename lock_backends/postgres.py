@@ -65,8 +65,6 @@ MIN_WAIT = 0.05
 PURGE_INTERVAL = 300.0
 #: Key of the transaction lock that serializes schema creation (two-int form: its own key space).
 _SCHEMA_LOCK = (0x6261746F, 1)
-#: "Not read yet", distinct from None ("no fence row").
-_UNKNOWN = object()
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS baton_fence (
@@ -142,7 +140,6 @@ FROM (SELECT set_config('lock_timeout', %(lock_timeout)s, true)) AS settings"""
 _HOLDER_LOCKED = f"EXISTS (SELECT 1 FROM pg_locks l WHERE {_GRANTED} AND l.pid = f.holder_pid)"
 
 _LEADER = f"SELECT f.node_id, f.url FROM baton_fence f WHERE f.name = %(name)s AND {_HOLDER_LOCKED}"
-
 
 # FOR SHARE makes a claim racing an acquire wait for the fence bump and re-check the new token.
 _CLAIM = f"""
