@@ -155,11 +155,7 @@ class FileBackend:
     def _swap(self, directory: Path, version: int, record: dict[str, Any]) -> bool:
         """Make ``record`` the lease if ``version`` still is the newest; False if anyone got there first."""
         new = version + 1
-        tmp = directory / f".{LEASE_PREFIX}{new}.{secrets.token_hex(4)}"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = self._durable_tmp(directory / f"{LEASE_PREFIX}{new}", record)
         try:
             os.link(tmp, directory / f"{LEASE_PREFIX}{new}")
         except FileExistsError:
@@ -178,13 +174,18 @@ class FileBackend:
         return True
 
     @staticmethod
-    def _write_json(path: Path, data: dict[str, Any]) -> None:
+    def _durable_tmp(path: Path, data: dict[str, Any]) -> Path:
+        """``data`` as JSON in a hidden file beside ``path``, on disk, ready to be renamed or linked there."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return tmp
+
+    @classmethod
+    def _write_json(cls, path: Path, data: dict[str, Any]) -> None:
+        os.replace(cls._durable_tmp(path, data), path)
 
     @staticmethod
     def _holder_alive(directory: Path, token: int) -> bool:

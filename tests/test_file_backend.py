@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from lock_backends import Holder
+from lock_backends import Holder, Lease
 from lock_backends.file import KEEP_VERSIONS, FileBackend
-from tests.conftest import TTL
+from tests.conftest import TTL, eventually
 from tests.test_sigstop import read_line
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -29,13 +30,17 @@ def backend(path: Path) -> FileBackend:
     return FileBackend.from_url(f"file://{path}?timeout=2")
 
 
-async def acquire_within(b: FileBackend, name: str, holder: str, within: float) -> tuple[int, float]:
-    """Acquire, retrying; (token, seconds it took). Fails the test past ``within``."""
-    started = time.monotonic()
-    while (lease := await b.acquire(name, Holder(holder), TTL)) is None:
-        assert time.monotonic() - started < within, f"{holder} could not acquire within {within:g}s"
-        await asyncio.sleep(0.02)
-    return lease.token, time.monotonic() - started
+async def holder_then_successor(tmp_path: Path, name: str) -> tuple[FileBackend, FileBackend, Lease, Lease,
+                                                                     int, dict[str, Any]]:
+    """a takes a short lease and reads its version; the lease lapses; b wins. What a stopped a saw, too."""
+    a, b = backend(tmp_path), backend(tmp_path)
+    lease = await a.acquire(name, Holder("a"), 0.3)
+    assert lease is not None
+    version, record = a._latest(tmp_path / name)
+    await asyncio.sleep(0.4)
+    won = await b.acquire(name, Holder("b"), TTL)
+    assert won is not None and won.token == lease.token + 1
+    return a, b, lease, won, version, record
 
 
 async def test_a_holder_stopped_mid_change_holds_nobody_back(tmp_path: Path) -> None:
@@ -53,8 +58,10 @@ async def test_a_holder_stopped_mid_change_holds_nobody_back(tmp_path: Path) -> 
                 assert first.startswith("token "), first
                 await asyncio.sleep(0.2 + 0.05 * round_)  # renewing back to back by now
                 os.kill(proc.pid, signal.SIGSTOP)
-                token, waited = await acquire_within(contender, name, "contender", TTL * 1.5 + 1.0)
-                assert token > int(first.split()[1])
+                lease, waited = await eventually(f"round {round_}: the contender acquires",
+                                                 lambda n=name: contender.acquire(n, Holder("contender"), TTL),
+                                                 within=TTL * 1.5 + 1.0, every=0.02)
+                assert lease.token > int(first.split()[1])
                 waits.append(waited)
                 os.kill(proc.pid, signal.SIGCONT)
                 await asyncio.sleep(0.2)  # the woken holder renews against a lease it lost
@@ -70,15 +77,9 @@ async def test_a_holder_stopped_mid_change_holds_nobody_back(tmp_path: Path) -> 
 
 
 async def test_a_writer_that_read_an_old_version_loses_the_swap(tmp_path: Path) -> None:
-    a, b = backend(tmp_path), backend(tmp_path)
+    a, b, lease, won, version, record = await holder_then_successor(tmp_path, "cas")
+    directory = tmp_path / "cas"
     try:
-        lease = await a.acquire("cas", Holder("a"), 0.3)
-        assert lease is not None
-        directory = tmp_path / "cas"
-        version, record = a._latest(directory)
-        await asyncio.sleep(0.4)  # a's lease expires; b wins
-        won = await b.acquire("cas", Holder("b"), TTL)
-        assert won is not None and won.token == lease.token + 1
         # a wakes with what it read before and tries to renew on top of it
         assert a._swap(directory, version, {**record, "expires": time.monotonic() + TTL}) is False
         assert await a.leader("cas") == Holder("b")
@@ -90,15 +91,9 @@ async def test_a_writer_that_read_an_old_version_loses_the_swap(tmp_path: Path) 
 
 
 async def test_a_write_that_lands_on_a_pruned_version_is_not_taken_for_the_lease(tmp_path: Path) -> None:
-    a, b = backend(tmp_path), backend(tmp_path)
+    a, b, _, won, version, record = await holder_then_successor(tmp_path, "pruned")
+    directory = tmp_path / "pruned"
     try:
-        lease = await a.acquire("pruned", Holder("a"), 0.3)
-        assert lease is not None
-        directory = tmp_path / "pruned"
-        version, record = a._latest(directory)
-        await asyncio.sleep(0.4)
-        won = await b.acquire("pruned", Holder("b"), TTL)
-        assert won is not None
         for _ in range(KEEP_VERSIONS + 2):  # b renews until a's next version name has been pruned
             renewed = await b.renew(won)
             assert renewed is not None
