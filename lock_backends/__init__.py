@@ -7,18 +7,26 @@
 
 from lock_backends.base import (
     DRIFT,
+    BusyRun,
+    ClaimStore,
     Holder,
     Lease,
+    LeaseStore,
     LockBackend,
+    RunQuery,
     RunRecord,
+    RunStore,
+    SettingStore,
+    Window,
 )
 from lock_backends.errors import (
-    ACCEPTED_URL_FORMS,
     BackendUnavailable,
     BackendURLError,
+    CorruptValue,
     LockBackendError,
 )
-from lock_backends.url import BackendOptions, from_url, redact
+from lock_backends.registry import ACCEPTED_URL_FORMS
+from lock_backends.url import BackendOptions, from_url, kind_of, redact
 
 __all__ = [
     "ACCEPTED_URL_FORMS",
@@ -26,11 +34,20 @@ __all__ = [
     "BackendOptions",
     "BackendURLError",
     "BackendUnavailable",
+    "BusyRun",
+    "ClaimStore",
+    "CorruptValue",
     "Holder",
     "Lease",
+    "LeaseStore",
     "LockBackend",
     "LockBackendError",
+    "RunQuery",
     "RunRecord",
+    "RunStore",
+    "SettingStore",
+    "Window",
     "from_url",
+    "kind_of",
     "redact",
 ]

@@ -30,9 +30,14 @@ class BackendURLError(LockBackendError, ValueError):
     """A lock URL is malformed or names a scheme no backend handles."""
 
 
-ACCEPTED_URL_FORMS = (
-    "redis://[:password@]host[:port][/db]",
-    "postgresql://[user[:password]@]host[:port]/dbname",
-    "etcd://host:port[,host:port...]",
-    "file:///absolute/path/to/lock-directory",
-)
+class CorruptValue(LockBackendError):
+    """A value in the store does not decode as what Baton wrote there (garbage, or another program's).
+
+    ``key`` names the store's key (or file) so a person can look at it and repair
+    it. Callers never read such a value as "absent": a lease record that does not
+    parse is not "no lease, token 0", so a token can never go backwards.
+    """
+
+    def __init__(self, message: str, *, key: str, backend: str = "", address: str = "") -> None:
+        self.key = key
+        super().__init__(f"{message} (key {key!r})", backend=backend, address=address)

@@ -14,23 +14,18 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 from lock_backends.base import DEFAULT_CLAIM_RETENTION, DEFAULT_OP_TIMEOUT
-from lock_backends.errors import ACCEPTED_URL_FORMS, BackendURLError
+from lock_backends.errors import BackendURLError
+from lock_backends.registry import ACCEPTED_URL_FORMS, BY_SCHEME, BackendKind
 
 if TYPE_CHECKING:
     from lock_backends.base import LockBackend
 
-#: scheme -> (module, class name). Modules are imported only when used, so a
-#: deployment on one backend does not need the others' client libraries.
-SCHEMES: dict[str, tuple[str, str]] = {
-    "redis": ("lock_backends.redis", "RedisBackend"),
-    "rediss": ("lock_backends.redis", "RedisBackend"),
-    "postgresql": ("lock_backends.postgres", "PostgresBackend"),
-    "postgres": ("lock_backends.postgres", "PostgresBackend"),
-    "etcd": ("lock_backends.etcd", "EtcdBackend"),
-    "file": ("lock_backends.file", "FileBackend"),
+#: Options every backend takes, with the range of seconds each accepts.
+OPTION_BOUNDS: dict[str, tuple[float, float]] = {
+    "timeout": (0.01, 60.0),
+    "claim_retention": (0.5, 366 * 24 * 3600.0),
 }
-
-COMMON_OPTIONS = ("timeout", "claim_retention")
+COMMON_OPTIONS = tuple(OPTION_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -66,14 +61,14 @@ def parse_options(url: str, extra: tuple[str, ...] = ()) -> tuple[BackendOptions
     if unknown:
         raise _bad(url, f"unknown option(s) {', '.join(unknown)}; known: {', '.join(allowed)}")
     values: dict[str, float] = {}
-    for name in COMMON_OPTIONS:
+    for name, (low, high) in OPTION_BOUNDS.items():
         if name in query:
             try:
                 values[name] = float(query.pop(name))
             except ValueError:
                 raise _bad(url, f"option {name} must be a number of seconds") from None
-            if values[name] <= 0:
-                raise _bad(url, f"option {name} must be positive")
+            if not low <= values[name] <= high:  # also refuses nan and inf
+                raise _bad(url, f"option {name} must be between {low:g} and {high:g} seconds")
     opts = BackendOptions(
         op_timeout=values.get("timeout", DEFAULT_OP_TIMEOUT),
         claim_retention=values.get("claim_retention", DEFAULT_CLAIM_RETENTION),
@@ -85,17 +80,22 @@ def from_url(url: str) -> LockBackend:
     """Build the backend a URL names. Connects lazily, on the first operation."""
     if not isinstance(url, str) or "://" not in url:
         raise _bad(str(url), "expected scheme://...")
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise _bad(url, str(exc)) from None
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise _bad(url, f"unknown scheme {scheme!r}")
-    module_name, class_name = SCHEMES[scheme]
-    cls = getattr(importlib.import_module(module_name), class_name)
+    kind = kind_of(url)
+    cls = getattr(importlib.import_module(kind.module), kind.cls)
     backend: LockBackend = cls.from_url(url)
     return backend
+
+
+def kind_of(url: str) -> BackendKind:
+    """The backend a URL names, by its scheme, without building it."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:
+        raise _bad(url, str(exc)) from None
+    kind = BY_SCHEME.get(scheme)
+    if kind is None:
+        raise _bad(url, f"unknown scheme {scheme!r}")
+    return kind
 
 
 def bad_url(url: str, why: str) -> BackendURLError:

@@ -23,6 +23,8 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from node.outcomes import RunKind
+
 log = logging.getLogger("baton.jobs")
 
 #: Interval triggers count from here, on every node alike.
@@ -38,7 +40,11 @@ class RunContext:
     token: int
     node_id: str
     key: str
-    recovery: bool = False
+    kind: RunKind = RunKind.SCHEDULED
+
+    @property
+    def recovery(self) -> bool:
+        return self.kind is RunKind.RECOVERY
 
 
 #: The run being executed, for code deep inside a job body.

@@ -19,11 +19,14 @@ import pytest
 
 from loadtest.servers import Cluster, start_backend
 from lock_backends import BackendUnavailable, LockBackend, from_url
+from lock_backends.memory import drop_store
+from lock_backends.registry import NAMES, SERVERS
 
 T = TypeVar("T")
 
-BACKENDS = ["file", "redis", "postgres", "etcd"]
-SERVER_BACKENDS = ["redis", "postgres", "etcd"]
+#: Every backend, the in-memory reference included: the contract holds for all of them.
+BACKENDS = list(NAMES)
+SERVER_BACKENDS = list(SERVERS)
 
 #: Per-operation timeout used in tests; well below the test TTLs.
 OP_TIMEOUT = 0.5
@@ -62,6 +65,10 @@ def backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: P
     kind = request.param
     if kind == "file":
         return with_timeout(f"file://{tmp_path / 'baton.lock'}")
+    if kind == "memory":
+        name = f"contract-{uuid.uuid4().hex[:10]}"
+        request.addfinalizer(lambda: drop_store(name))
+        return with_timeout(f"memory://{name}")
     return with_timeout(servers.get(kind).url)
 
 

@@ -1,4 +1,5 @@
-"""One contract, four backends: every LockBackend behaves the same against a real server."""
+"""One contract, every backend: each LockBackend behaves the same, against a real server (or the
+in-memory reference the simulator runs on)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from collections.abc import Callable
 import pytest
 
 from loadtest.servers import Cluster
-from lock_backends import BackendUnavailable, Holder, Lease, LockBackend
+from lock_backends import BackendUnavailable, BusyRun, Holder, Lease, LockBackend, RunQuery, RunRecord, Window
 from tests.conftest import OP_TIMEOUT, TTL, with_timeout
 
 Factory = Callable[[str], LockBackend]
+
+US = 1_000_000
 
 
 async def wait_for_acquire(backend: LockBackend, name: str, holder: Holder, ttl: float,
@@ -27,6 +30,18 @@ async def wait_for_acquire(backend: LockBackend, name: str, holder: Holder, ttl:
         if time.monotonic() - start > within:
             raise AssertionError(f"no acquire within {within}s")
         await asyncio.sleep(0.05)
+
+
+def now_us() -> int:
+    return int(time.time() * US)
+
+
+def record(key: str, lease: Lease, outcome: str = "ok", at: float | None = None, **extra: object) -> RunRecord:
+    return RunRecord(key, lease.token, lease.holder.node_id, time.time() if at is None else at,
+                     {"outcome": outcome, **extra})
+
+
+# -- the lease ----------------------------------------------------------------------------------
 
 
 async def test_acquire_names_holder_and_refuses_others(backend_url: str, make_backend: Factory,
@@ -108,71 +123,6 @@ async def test_stale_release_leaves_new_holder_alone(backend_url: str, make_back
     assert await b.renew(new) is not None
 
 
-async def test_claim_is_fenced_and_idempotent(backend_url: str, make_backend: Factory,
-                                              lock_name: str) -> None:
-    a, b = make_backend(backend_url), make_backend(backend_url)
-    old = await a.acquire(lock_name, Holder("a"), TTL)
-    assert old is not None
-    assert await a.claim(old, "job-1@t1") is True
-    assert await a.claim(old, "job-1@t1") is False
-    assert await b.claim(old, "job-1@t1") is False
-    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
-    # the old holder wakes up with its old token: refused, for new and old keys alike
-    assert await a.claim(old, "job-1@t2") is False
-    assert await b.claim(new, "job-1@t1") is False
-    assert await b.claim(new, "job-1@t2") is True
-    # after a handoff through release, the next holder claims new keys
-    await b.release(new)
-    third = await a.acquire(lock_name, Holder("a"), TTL)
-    assert third is not None and third.token > new.token
-    assert await a.claim(third, "job-1@t3") is True
-    assert await a.claim(new, "job-1@t4") is False
-
-
-async def test_claim_many_claims_each_key_on_its_own_and_is_fenced(backend_url: str, make_backend: Factory,
-                                                                    lock_name: str) -> None:
-    a, b = make_backend(backend_url), make_backend(backend_url)
-    old = await a.acquire(lock_name, Holder("a"), TTL)
-    assert old is not None
-    assert await a.claim(old, "job@2") is True
-    # a batch meeting one claimed key still claims the others (and a key given twice once)
-    keys = [f"job@{i}" for i in range(150)] + ["job@7"]
-    assert await a.claim_many(old, keys) == {f"job@{i}" for i in range(150)} - {"job@2"}
-    assert await a.claim_many(old, ["job@3", "job@4"]) == set()
-    assert await a.claim_many(old, []) == set()
-    await a.record_many(lock_name, {"job@3": {"outcome": "ok"}, "job@4": {"outcome": "error", "error": "x"},
-                                    "never-claimed": {"outcome": "ok"}})
-    runs = await b.runs(lock_name, limit=200)
-    results = {r.key: r.result for r in runs}
-    assert results["job@3"] == {"outcome": "ok"} and results["job@4"] == {"outcome": "error", "error": "x"}
-    assert {r.token for r in runs} == {old.token}  # a record leaves the claim's token intact
-    assert results["job@5"] is None and "never-claimed" not in results
-    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
-    # the old token is refused for the whole batch; the new one claims what is still free
-    assert await a.claim_many(old, ["job@200", "job@201"]) == set()
-    assert await b.claim_many(new, ["job@200", "job@1"]) == {"job@200"}
-
-
-async def test_runs_and_settings_are_shared(backend_url: str, make_backend: Factory,
-                                            lock_name: str) -> None:
-    a, b = make_backend(backend_url), make_backend(backend_url)
-    lease = await a.acquire(lock_name, Holder("a"), TTL)
-    assert lease is not None
-    for i in range(3):
-        assert await a.claim(lease, f"job@{i}")
-        await asyncio.sleep(0.01)
-    await a.record(lock_name, "job@1", {"outcome": "ok", "duration_s": 0.5})
-    runs = await b.runs(lock_name, limit=10)
-    assert [r.key for r in runs] == ["job@2", "job@1", "job@0"]
-    assert runs[1].result == {"outcome": "ok", "duration_s": 0.5}
-    assert runs[0].result is None and runs[0].token == lease.token and runs[0].node_id == "a"
-    assert [r.key for r in await b.runs(lock_name, limit=2)] == ["job@2", "job@1"]
-    await a.set_setting(lock_name, "paused:job", "1")
-    assert await b.settings(lock_name) == {"paused:job": "1"}
-    await b.set_setting(lock_name, "paused:job", None)
-    assert await a.settings(lock_name) == {}
-
-
 async def test_wait_for_change_returns_soon_after_release(backend_url: str, make_backend: Factory,
                                                           lock_name: str) -> None:
     a, b = make_backend(backend_url), make_backend(backend_url)
@@ -189,6 +139,249 @@ async def test_wait_for_change_returns_soon_after_release(backend_url: str, make
     await asyncio.wait_for(waiter, 10.0)
     assert time.monotonic() - released_at < 1.0
     assert await b.acquire(lock_name, Holder("b"), TTL) is not None
+
+
+async def test_server_time_is_the_stores_wall_clock(backend_url: str, make_backend: Factory) -> None:
+    backend = make_backend(backend_url)
+    before = time.time()
+    told = await backend.server_time()
+    after = time.time()
+    if told is None:  # a store with no clock says so; every one that has a clock must tell it
+        assert backend.kind == "etcd", f"{backend.kind} has a clock and must report it"
+        return
+    # the same host's clock: within the round trip, and a little for the store's own resolution
+    assert before - 0.05 <= told <= after + 0.05, (before, told, after)
+
+
+# -- single-key claims ----------------------------------------------------------------------------
+
+
+async def test_claim_is_fenced_and_idempotent_per_lease(backend_url: str, make_backend: Factory,
+                                                        lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    assert await a.claim(old, "job-1@t1") is True
+    # the same token asking again (its answer was lost, say) is told yes again, from any instance
+    assert await a.claim(old, "job-1@t1") is True
+    assert await b.claim(old, "job-1@t1") is True
+    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
+    # the old holder wakes up with its old token: refused, for new and old keys alike
+    assert await a.claim(old, "job-1@t2") is False
+    assert await a.claim(old, "job-1@t1") is False
+    # another token's claim stays another token's
+    assert await b.claim(new, "job-1@t1") is False
+    assert await b.claim(new, "job-1@t2") is True
+    # after a handoff through release, the next holder claims new keys
+    await b.release(new)
+    third = await a.acquire(lock_name, Holder("a"), TTL)
+    assert third is not None and third.token > new.token
+    assert await a.claim(third, "job-1@t3") is True
+    assert await a.claim(new, "job-1@t4") is False
+
+
+async def test_a_claim_whose_answer_was_lost_is_granted_on_retry_and_runs_once(
+        backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    """Write, lose the answer, retry: the retry is granted, and the run is recorded once."""
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    lost = asyncio.create_task(a.claim_many(lease, ["job@1", "job@2"]))
+    await lost  # applied on the store; the caller never reads the answer
+    assert await a.claim_many(lease, ["job@1", "job@2", "job@3"]) == {"job@1", "job@2", "job@3"}
+    await a.record_many(lock_name, [record("job@1", lease)])
+    runs = await b.runs(lock_name, RunQuery(limit=10))
+    assert [r.key for r in runs].count("job@1") == 1
+
+
+async def test_claim_many_claims_each_key_on_its_own_and_is_fenced(backend_url: str, make_backend: Factory,
+                                                                    lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    assert await a.claim(old, "job@2") is True
+    # a batch meeting one of its own keys claims them all again (and a key given twice once)
+    keys = [f"job@{i}" for i in range(150)] + ["job@7"]
+    assert await a.claim_many(old, keys) == {f"job@{i}" for i in range(150)}
+    assert await a.claim_many(old, []) == set()
+    await a.record_many(lock_name, [record("job@3", old), record("job@4", old, "error", error="x"),
+                                    record("never-claimed", old)])
+    runs = await b.runs(lock_name, RunQuery(limit=200))
+    results = {r.key: r.result for r in runs}
+    assert results["job@3"] == {"outcome": "ok"}
+    assert results["job@4"] == {"outcome": "error", "error": "x"}
+    assert {r.token for r in runs} == {old.token}  # a record leaves the claim's token intact
+    assert results["job@5"] is None and results["never-claimed"] == {"outcome": "ok"}
+    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
+    # the old token is refused for the whole batch; the new one claims what is still free
+    assert await a.claim_many(old, ["job@200", "job@201"]) == set()
+    assert await b.claim_many(new, ["job@200", "job@1"]) == {"job@200"}
+
+
+# -- claim windows ------------------------------------------------------------------------------
+
+
+async def test_claim_window_grows_under_one_token_and_is_idempotent(backend_url: str, make_backend: Factory,
+                                                                    lock_name: str) -> None:
+    a = make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    start = now_us()
+    first = await a.claim_window(lease, start + US, start)
+    assert first is not None and first.owned_by(lease.token)
+    assert (first.since_us, first.until_us) == (start, start + US)  # the lock's very first window
+    grown = await a.claim_window(lease, start + 2 * US, start + 5)
+    assert grown == Window(lease.token, start, start + 2 * US)
+    # asking again for what is granted (a retry after a lost answer) answers the same window
+    assert await a.claim_window(lease, start + 2 * US, start + 9) == grown
+    # a smaller ask never shrinks it
+    assert await a.claim_window(lease, start + US, start + 9) == grown
+
+
+async def test_claim_window_is_fenced_and_windows_of_tokens_never_overlap(
+        backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    start = now_us()
+    mine = await a.claim_window(old, start + US // 2, start)
+    assert mine is not None
+    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
+    # the old holder wakes up and tries to claim further: refused, nothing changes
+    assert await a.claim_window(old, start + 60 * US, start) is None
+    theirs = await b.claim_window(new, now_us() + US // 2, now_us())
+    assert theirs is not None and theirs.owned_by(new.token)
+    assert theirs.since_us == mine.until_us  # picks up exactly where the dead holder's window ended
+    assert not theirs.owned_by(old.token)
+
+
+async def test_a_successor_waits_out_a_window_claimed_further_ahead(backend_url: str, make_backend: Factory,
+                                                                    lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    start = now_us()
+    far = start + 3600 * US  # the predecessor claimed an hour ahead and died
+    assert await a.claim_window(old, far, start) is not None
+    await a.release(old)
+    new = await b.acquire(lock_name, Holder("b"), TTL)
+    assert new is not None
+    seen = await b.claim_window(new, start + US, start)
+    assert seen is not None and not seen.owned_by(new.token)
+    assert (seen.token, seen.until_us) == (old.token, far)
+    after = await b.claim_window(new, far + US, start)
+    assert after is not None and after.owned_by(new.token) and after.since_us == far
+
+
+async def test_hand_back_gives_back_the_rest_and_seals(backend_url: str, make_backend: Factory,
+                                                       lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    start = now_us()
+    assert await a.claim_window(lease, start + 2 * US, start) is not None
+    back = await a.hand_back(lease, start + US // 2)
+    assert back is not None and back.sealed and (back.since_us, back.until_us) == (start, start + US // 2)
+    assert not back.owned_by(lease.token)
+    assert await a.hand_back(lease, start + US // 2) == back  # idempotent
+    # sealed: the same token can no longer extend it
+    again = await a.claim_window(lease, start + 5 * US, start)
+    assert again is not None and again.sealed and again.until_us == start + US // 2
+    await a.release(lease)
+    new = await b.acquire(lock_name, Holder("b"), TTL)
+    assert new is not None
+    theirs = await b.claim_window(new, start + US, start)
+    assert theirs is not None and theirs.owned_by(new.token) and theirs.since_us == start + US // 2
+
+
+async def test_hand_back_after_the_lease_lapsed_until_a_successor_claims(
+        backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    old = await a.acquire(lock_name, Holder("a"), TTL)
+    assert old is not None
+    start = now_us()
+    assert await a.claim_window(old, start + 10 * US, start) is not None
+    new, _ = await wait_for_acquire(b, lock_name, Holder("b"), TTL, within=TTL * 4)
+    # the lease lapsed, but nobody moved the mark yet: what the old holder never ran goes back
+    back = await a.hand_back(old, start + US)
+    assert back is not None and back.until_us == start + US
+    theirs = await b.claim_window(new, start + 20 * US, start)
+    assert theirs is not None and theirs.owned_by(new.token) and theirs.since_us == start + US
+    # once the successor claimed, a stale hand-back changes nothing
+    assert await a.hand_back(old, start) is None
+    after = await b.claim_window(new, start + 20 * US, start)
+    assert after == Window(new.token, start + US, start + 20 * US)
+
+
+async def test_intents_are_unfinished_until_recorded_and_busy_runs_until_their_record(
+        backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    start = now_us()
+    window = await a.claim_window(lease, start + US, start, intents=["nightly@1", "nightly@2", "nightly@3"])
+    assert window is not None and window.busy == ()
+    open_runs = await b.unfinished(lock_name, 10)
+    assert {r.key for r in open_runs} == {"nightly@1", "nightly@2", "nightly@3"}
+    assert all(r.token == lease.token and r.node_id == "a" and r.result is None for r in open_runs)
+    await a.record_many(lock_name, [record("nightly@1", lease)])
+    # an intent never overwrites a result
+    assert await a.claim_window(lease, start + 2 * US, start, intents=["nightly@1"]) is not None
+    assert {r.key for r in await b.unfinished(lock_name, 10)} == {"nightly@2", "nightly@3"}
+    expiry = now_us() + 60 * US
+    busy = [BusyRun("nightly@2", "nightly", "a", lease.token, expiry),
+            BusyRun("long@9", "long", "a", lease.token, expiry),
+            BusyRun("gone@1", "gone", "a", lease.token, now_us() - US)]  # expired already
+    back = await a.hand_back(lease, start + 2 * US, busy=busy, drop=["nightly@3"])
+    assert back is not None
+    assert {r.key for r in await b.unfinished(lock_name, 10)} == {"nightly@2"}
+    await a.release(lease)
+    new = await b.acquire(lock_name, Holder("b"), TTL)
+    assert new is not None
+    seen = await b.claim_window(new, start + 3 * US, start)
+    assert seen is not None and {r.key for r in seen.busy} == {"nightly@2", "long@9"}
+    assert {r.to_dict()["job_id"] for r in seen.busy} == {"nightly", "long"}
+    await a.record_many(lock_name, [record("long@9", lease)])  # the old node's run ended: its record frees it
+    later = await b.claim_window(new, start + 3 * US, start)
+    assert later is not None and {r.key for r in later.busy} == {"nightly@2"}
+
+
+# -- records, listings, settings ------------------------------------------------------------------
+
+
+async def test_runs_listing_filters_and_pages(backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    base = time.time() - 100
+    batch = [record(f"{'tick' if i % 2 else 'tock'}@{i}", lease, "error" if i % 3 == 0 else "ok", at=base + i)
+             for i in range(30)]
+    await a.record_many(lock_name, batch[:10])
+    await a.record_many(lock_name, batch[10:])
+    newest = await b.runs(lock_name, RunQuery(limit=5))
+    assert [r.key for r in newest] == [f"{'tick' if i % 2 else 'tock'}@{i}" for i in range(29, 24, -1)]
+    assert newest[0].result == {"outcome": "ok"} and newest[0].claimed_at == pytest.approx(base + 29)
+    ticks = await b.runs(lock_name, RunQuery(limit=100, job="tick"))
+    assert [r.key for r in ticks] == [f"tick@{i}" for i in range(29, 0, -2)]
+    errors = await b.runs(lock_name, RunQuery(limit=100, outcome="error"))
+    assert [r.key for r in errors] == [k for k in (f"{'tick' if i % 2 else 'tock'}@{i}"
+                                                   for i in range(29, -1, -1)) if int(k.split("@")[1]) % 3 == 0]
+    recent = await b.runs(lock_name, RunQuery(limit=100, since=base + 25))
+    assert len(recent) == 5
+    # cursor: the next page starts before the last one shown
+    page = await b.runs(lock_name, RunQuery(limit=5, before=newest[-1].claimed_at))
+    assert [r.key for r in page] == [f"{'tick' if i % 2 else 'tock'}@{i}" for i in range(24, 19, -1)]
+
+
+async def test_settings_are_shared(backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    await a.set_setting(lock_name, "paused:job", "1")
+    assert await b.settings(lock_name) == {"paused:job": "1"}
+    await b.set_setting(lock_name, "paused:job", None)
+    assert await a.settings(lock_name) == {}
+
+
+# -- outages ------------------------------------------------------------------------------------
 
 
 async def test_unreachable_server_fails_fast(make_backend: Factory, lock_name: str,
@@ -235,3 +428,5 @@ async def test_server_restart_mid_lease(private_server: Cluster, make_backend: F
             await asyncio.sleep(0.2)
     assert got is not None, "no lease after the server came back"
     assert await b.claim(got, "after-restart") is True
+    window = await b.claim_window(got, now_us() + US, now_us())
+    assert window is not None and window.owned_by(got.token)
