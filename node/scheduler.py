@@ -38,6 +38,7 @@ from node.claims import ClaimAhead, RunRecorder, UpcomingJobStore
 from node.election import Elector
 from node.jobs import JobRegistry, RunContext, claim_key, current_run, latest_fire_time, parse_claim_key
 from node.metrics import Metrics
+from node.outcomes import RunKind
 
 log = logging.getLogger("baton.scheduler")
 
@@ -244,7 +245,8 @@ class GatedScheduler:
         (whoever asked for it may read the runs next)."""
         started = datetime.now(UTC)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
-        ctx = RunContext(job_id, scheduled_at, lease.token, self.node_id, key, recovery)
+        ctx = RunContext(job_id, scheduled_at, lease.token, self.node_id, key,
+                         RunKind.RECOVERY if recovery else RunKind.SCHEDULED)
         reset = current_run.set(ctx)
         self.inflight.add(key)
         t0 = time.perf_counter()
