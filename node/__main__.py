@@ -38,9 +38,10 @@ class NodeServer(uvicorn.Server):
 
     uvicorn notices SIGTERM on its next 0.1 s tick, then sleeps another 0.1 s while closing
     connections, and only then runs the lifespan shutdown that releases the lease: about 0.2 s
-    of a graceful handoff spent waiting. Releasing first (the elector stops, the scheduler
-    pauses, followers are woken by the backend) leaves uvicorn's sequence as it was;
-    ``Node.stop`` later finds the elector already stopped.
+    of a graceful handoff spent waiting. Handing over first (the scheduler runs what it owns
+    and hands the rest of its claim window back, the elector releases, followers are woken by
+    the backend) leaves uvicorn's sequence as it was; ``Node.stop`` later finds the handoff
+    done and waits for the running bodies.
     """
 
     def __init__(self, config: uvicorn.Config, node: Node) -> None:
@@ -55,7 +56,7 @@ class NodeServer(uvicorn.Server):
 
     def _release(self) -> None:
         if self._releasing is None and self.started:
-            self._releasing = asyncio.ensure_future(self.node.elector.stop())
+            self._releasing = self.node.hand_over()
 
 
 def main(argv: list[str] | None = None) -> int:

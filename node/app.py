@@ -13,7 +13,7 @@ import gc
 import hmac
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -22,12 +22,17 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lock_backends import Holder, LockBackendError, from_url
+from lock_backends import Holder, LockBackendError, RunQuery, from_url
+from lock_backends import clock as clocks
+from lock_backends.base import MAX_LISTING
+from lock_backends.clock import from_us
 from node.config import Settings
 from node.election import ElectionConfig, Elector
 from node.instrumented import InstrumentedBackend
 from node.jobs import JobRegistry, add_probe_jobs, demo_registry
 from node.metrics import Metrics
+from node.naive import NaiveElector, NaiveScheduler
+from node.outcomes import RunKind, RunOutcome
 from node.scheduler import GatedScheduler
 
 JobId = Annotated[str, Path(min_length=1, max_length=200)]
@@ -46,21 +51,26 @@ class Node:
         self.backend = InstrumentedBackend(raw_backend, self.metrics)
         self.holder = Holder(settings.node_id, settings.advertise_url)
         self.started_at = time.monotonic()
-        self.elector = Elector(
+        naive = settings.claims == "off"  # the checker's negative control: see node.naive
+        elector_cls = NaiveElector if naive else Elector
+        self.elector: Elector = elector_cls(
             self.backend,
             ElectionConfig(settings.lock_name, self.holder, settings.lease_ttl, settings.renew_deadline,
-                           settings.retry_period, naive=settings.claims == "off"),
+                           settings.retry_period),
             on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading)
         registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
         self._http: httpx.AsyncClient | None = None
         if settings.probe_jobs and settings.probe_url:
             add_probe_jobs(registry, settings.probe_jobs, settings.probe_interval, settings.probe_url,
                            self.http)
-        self.scheduler = GatedScheduler(
+        scheduler_cls = NaiveScheduler if naive else GatedScheduler
+        self.scheduler: GatedScheduler = scheduler_cls(
             jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,
             lock_name=settings.lock_name, node_id=settings.node_id, timezone=ZoneInfo(settings.timezone),
-            misfire_grace=settings.misfire_grace, claims=settings.claims == "on",
-            sync_period=settings.retry_period, claim_ahead=settings.claim_ahead)
+            misfire_grace=settings.misfire_grace, sync_period=settings.retry_period,
+            claim_ahead=settings.claim_ahead, shutdown_grace=getattr(settings, "shutdown_grace", 30.0),
+            sync_workers=getattr(settings, "sync_workers", 8))
+        self._handing_over: asyncio.Task[None] | None = None
 
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -70,8 +80,8 @@ class Node:
     async def _started_leading(self, lease: Any) -> None:
         await self.scheduler.on_started_leading(lease)
 
-    def _stopped_leading(self) -> None:
-        self.scheduler.on_stopped_leading()
+    async def _stopped_leading(self) -> None:
+        await self.scheduler.on_stopped_leading()
 
     async def start(self) -> None:
         if self.settings.probe_jobs and self.settings.probe_url:
@@ -81,15 +91,36 @@ class Node:
         await self.scheduler.start()
         for spec in self.scheduler.jobs:  # every job's series exists from the start, at zero
             self.metrics.duration.labels(spec.id)
-            self.metrics.job_runs.labels(spec.id, "ok")
+            self.metrics.job_runs.labels(spec.id, str(RunOutcome.OK))
         # What exists now lives as long as the node. Left in the collector, it makes every full
         # pass walk it: with thousands of jobs that is a stall of tens of ms, straight into fire lag.
         gc.freeze()
         self.elector.start()
 
+    def hand_over(self) -> asyncio.Task[None]:
+        """Begin the graceful handoff of a stopping node (idempotent): hand back, then let the lease go.
+
+        The fire times this node owns are run or handed back before the lease is
+        released, so a follower that takes over at once misses nothing and runs
+        nothing twice. Running bodies keep going (``stop`` waits for them).
+        """
+        if self._handing_over is None:
+            async def hand_over() -> None:
+                await self.scheduler.hand_over()
+                await self.elector.stop()
+
+            self._handing_over = asyncio.ensure_future(hand_over())
+        return self._handing_over
+
+    async def step_down(self) -> bool:
+        """Planned maintenance: hand back, release, sit out one retry period, then campaign again."""
+        if not self.elector.is_leader:
+            return False
+        await self.scheduler.hand_over()
+        return self.elector.request_step_down()
+
     async def stop(self) -> None:
-        await self.scheduler.drain()  # fire what was claimed ahead before handing over
-        await self.elector.stop()  # releases the lease: a follower takes over at once
+        await self.hand_over()
         await self.scheduler.shutdown()
         if self._http is not None:
             await self._http.aclose()
@@ -103,12 +134,15 @@ class Node:
     def status(self) -> dict[str, Any]:
         lease = self.elector.current_lease()
         leader = self.holder if lease else self.elector.observed_leader
+        window = self.scheduler.keeper.window if lease else None
         return {
             "node_id": self.settings.node_id,
             "role": "leader" if lease else "follower",
             "leader": {"node_id": leader.node_id, "url": leader.url} if leader else None,
             "token": lease.token if lease else None,
             "lease_remaining_s": round(self.elector.lease_remaining(), 3),
+            "claim_window_until": from_us(window.until_us).isoformat() if window and window.until_us else None,
+            "running": len(self.scheduler.running),
             "backend": self.backend.kind,
             "claims": self.settings.claims,
         }
@@ -182,21 +216,42 @@ def create_app(node: Node) -> FastAPI:
         return node.scheduler.describe_jobs()
 
     @app.get("/runs")
-    async def runs(limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[dict[str, Any]]:
-        return [r.to_dict() for r in await node.backend.runs(node.settings.lock_name, limit)]
+    async def runs(limit: Annotated[int, Query(ge=1, le=MAX_LISTING)] = 50,
+                   job: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+                   outcome: RunOutcome | None = None,
+                   since: Annotated[datetime | None, Query(description="ISO 8601, with an offset")] = None,
+                   before: Annotated[float | None, Query(description="cursor: next_before of the previous page",
+                                                         ge=0, le=1e11)] = None) -> dict[str, Any]:
+        if since is not None and since.tzinfo is None:
+            raise HTTPException(422, "since needs a UTC offset, e.g. 2026-12-01T03:00:00+00:00")
+        query = RunQuery(limit=limit, job=job, outcome=str(outcome) if outcome else None,
+                         since=since.timestamp() if since else None, before=before)
+        found = await node.backend.runs(node.settings.lock_name, query)
+        next_before = found[-1].claimed_at if len(found) == limit else None
+        return {"runs": [r.to_dict() for r in found], "next_before": next_before}
 
     @app.post("/admin/jobs/{job_id}/run", dependencies=[Admin])
-    async def run_now(job_id: JobId, request: Request) -> Response:
+    async def run_now(job_id: JobId, request: Request,
+                      force: Annotated[bool, Query(description="run even if the job is paused")] = False) -> Response:
         known_job(job_id)
         if (redirect := to_leader(request)) is not None:
             return redirect
-        now = datetime.now(UTC)
-        task = node.scheduler.spawn(node.scheduler.fire(job_id, now, manual=True))
+        now = clocks.utcnow()
+        task = node.scheduler.spawn(node.scheduler.fire(job_id, now, RunKind.MANUAL, force=force))
         done, _ = await asyncio.wait({task}, timeout=RUN_NOW_WAIT)
         body = {"job": job_id, "scheduled_at": now.isoformat(), "node_id": node.settings.node_id}
         if not done:
             return JSONResponse({**body, "outcome": "running"}, status_code=202)
-        return JSONResponse({**body, "outcome": task.result()})
+        outcome = task.result()
+        if outcome is RunOutcome.SKIPPED:
+            paused = job_id in node.scheduler.paused_jobs
+            detail = ("the job is paused; add ?force=true to run it anyway" if paused
+                      else "the job already runs max_instances times in the cluster")
+            return JSONResponse({**body, "outcome": str(outcome), "detail": detail}, status_code=409)
+        if outcome is RunOutcome.FENCED:
+            return JSONResponse({**body, "outcome": str(outcome), "detail": "this node stopped leading; retry"},
+                                status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({**body, "outcome": str(outcome)})
 
     @app.post("/admin/jobs/{job_id}/pause", dependencies=[Admin])
     async def pause(job_id: JobId) -> dict[str, Any]:
@@ -214,9 +269,8 @@ def create_app(node: Node) -> FastAPI:
     async def step_down(request: Request) -> Response:
         if (redirect := to_leader(request)) is not None:
             return redirect
-        await node.scheduler.drain()
-        node.elector.request_step_down()
-        return JSONResponse({"node_id": node.settings.node_id, "stepped_down": True})
+        stepped = await node.step_down()
+        return JSONResponse({"node_id": node.settings.node_id, "stepped_down": stepped})
 
     @app.get("/metrics")
     async def metrics() -> Response:

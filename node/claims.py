@@ -1,35 +1,29 @@
-"""Claims ahead of the fire time, and run records written in batches.
+"""The leader's two conversations with the store: its claim window, and its run records.
 
-A claim at the fire time puts a backend round trip (and, with a durable
-store, an fsync) between the fire time and the job body: at a thousand runs
-a second that round trip, queued behind the others, is most of the fire lag.
-``ClaimAhead`` takes it off that path: the leader claims the fire times about
-to come, a batch per round trip, a short *lead* before they are due, and at
-the fire time only checks its lease locally.
+``WindowKeeper`` keeps the lock's claim window a short *lead* ahead of the
+clock. The leader claims time, not jobs: one fenced ``claim_window`` moves the
+mark forward, and every fire time inside the window its token holds is its to
+run (the proof is in ``lock_backends.base``). So the cost of claiming is one
+operation per refill of the lead, whatever the number of jobs: a burst of
+fifty thousand fire times due in the same second costs what one does, and at
+the fire time the leader only checks, locally, that its lease is still valid
+and the fire time inside its window.
 
-What is promised, and what it costs:
+What a window costs: a leader that dies (or stalls past its lease) holding a
+window leaves the fire times it had not reached unrun, at most the lead
+(``BATON_CLAIM_AHEAD``): the at-most-once window of a crash. Recoverable jobs
+are claimed as *intents* with each window, so the next leader runs them again.
+A graceful stop hands back what it has not started (``hand_back``), so a
+planned handoff loses nothing. The lead adapts to the store: a small multiple
+of the slowest recent round trip, between ``MIN_LEAD`` and the setting, and
+never past the lease's local deadline.
 
-* No duplicate, whatever the timing. A pre-claim is the same fenced claim as
-  one made at the fire time, and the body still runs only if this node's lease
-  is locally valid at the fire time. A newer leader sees the fire time as
-  claimed and leaves it alone.
-* The cost: a leader that dies (or is paused or cut off) holding pre-claims
-  for fire times it has not reached leaves them claimed and unreported, as a
-  leader that dies between a claim and the body does today. The window grows
-  from one round trip to the lead. A newer leader skips them (the next fire
-  time of a frequent job stands for them, as the catch-up's coalescing does);
-  jobs that opted into recovery are run again. The lead therefore adapts to
-  the backend: a small multiple of the recent batch round trips, between
-  ``MIN_LEAD`` and the ``claim_ahead`` setting, and never past the lease's own
-  local deadline. ``claim_ahead=0`` turns pre-claims off.
-* A graceful stop drains: pre-claiming stops and the node keeps leading until
-  every pre-claimed fire time has fired, so a planned handoff loses nothing.
-
-``RunRecorder`` groups run records: a batch goes out ``RECORD_LINGER`` after
-its first record, with whatever joined it meanwhile. A record only reports an
-outcome (nothing waits on it to decide a claim), so a few ms of delay are free,
-while a write per run cost the leader a round trip's CPU for every run and,
-at a thousand runs a second, showed up in the fire lag of the runs after it.
+``RunRecorder`` writes run records in batches a round trip can carry:
+whatever queued within ``RECORD_LINGER`` of the first record, up to a batch
+size that grows while writes are quick and halves when one fails or runs
+long (as TCP's window does). A failed batch is retried with backoff, one batch
+at a time, so an outage never becomes a storm; records wait in a bounded queue
+meanwhile, and what overflows it is counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -37,231 +31,292 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from apscheduler.job import Job
-from apscheduler.jobstores.memory import MemoryJobStore
-
-from lock_backends import Lease, LockBackend, LockBackendError
-from node.jobs import claim_key
+from lock_backends import BackendUnavailable, ClaimStore, Lease, LockBackendError, RunRecord, RunStore, Window
+from lock_backends import clock as clocks
 
 log = logging.getLogger("baton.scheduler")
 
-#: The lead never drops below this, so a claim is ready before an idle loop even wakes.
+US = 1_000_000
+#: The lead never drops below this, so a window is ready before an idle loop even wakes.
 MIN_LEAD = 0.1
-#: Lead = this many times the slowest of the recent batch round trips.
+#: Lead = this many times the slowest of the recent claim round trips.
 LEAD_FACTOR = 4.0
-#: Batch round trips remembered for the lead.
+#: Claim round trips remembered for the lead.
 LATENCY_WINDOW = 32
-#: The loop looks again at least this often (a resumed or added job is claimed ahead from then on).
-MAX_SLEEP = 0.2
-MIN_SLEEP = 0.002
-#: After a batch the loop waits this share of the lead, so fire times are claimed in groups.
-BATCH_SHARE = 0.25
-#: Batches sent before the first answers, so one slow round trip does not hold the next back.
-MAX_BATCHES_IN_FLIGHT = 4
-#: How long past its fire time a drain waits for a pre-claimed run to start.
-DRAIN_SLACK = 0.05
+#: A window is refilled when less than this share of the lead is left ahead of the clock.
+REFILL_SHARE = 0.5
+#: Backoff between attempts at a claim the store did not answer.
+RETRY_FIRST, RETRY_MAX = 0.02, 0.5
+#: The loop looks again at least this often.
+MAX_SLEEP = 0.25
+
 #: A run record waits this long for others to share its write.
 RECORD_LINGER = 0.02
-
-
-class UpcomingJobStore(MemoryJobStore):
-    """The in-memory job store, plus its jobs in fire-time order without copying them all."""
-
-    def upcoming(self) -> Iterator[Job]:
-        # MemoryJobStore keeps ``_jobs`` sorted by next run time, paused jobs (None) last
-        for job, _timestamp in self._jobs:
-            if job.next_run_time is None:
-                return
-            yield job
+#: Records per write: where a batch starts, and the bounds it adapts between.
+BATCH_START, BATCH_MIN, BATCH_MAX = 500, 20, 20_000
+#: Records waiting to be written at most; beyond, the oldest are dropped and counted.
+QUEUE_MAX = 500_000
 
 
 @dataclass
-class PreClaim:
-    """One fire time claimed ahead: the token it was claimed under and the backend's answer."""
-
-    job_id: str
-    fire_time: datetime
-    token: int
-    answer: asyncio.Future[bool | None] = field(repr=False)  # None: the batch failed, claim again
+class _Waiter:
+    t_us: int
+    done: asyncio.Future[None]
 
 
-class ClaimAhead:
-    """Claims the leader's fire times that fall within the lead, one batch per round trip."""
+class WindowKeeper:
+    """Keeps the leader's claim window ``lead`` ahead of the wall clock, one fenced operation per refill."""
 
-    def __init__(self, backend: LockBackend, store: UpcomingJobStore, *, max_lead: float,
-                 current_lease: Callable[[], Lease | None], skip: Callable[[str], bool],
-                 stale_after: float) -> None:
+    def __init__(self, backend: ClaimStore, *, max_lead: float, current_lease: Callable[[], Lease | None],
+                 intents: Callable[[int, int], Sequence[str]]) -> None:
         self.backend = backend
-        self.store = store
         self.max_lead = max_lead
         self.current_lease = current_lease
-        self.skip = skip
-        self.stale_after = stale_after
-        self.pending: dict[str, PreClaim] = {}
+        self.intents = intents
+        #: The last window the store answered for this leadership (None before the first).
+        self.window: Window | None = None
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._waiters: list[_Waiter] = []
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._emptied = asyncio.Event()
-        self._batches: set[asyncio.Task[None]] = set()
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_lead > 0
+        self._stopping = False
+        self._complaint = ""
 
     @property
     def lead(self) -> float:
+        """Seconds ahead of the clock to keep claimed (0: claim only what is due, on demand)."""
+        if self.max_lead <= 0:
+            return 0.0
         slowest = max(self._latencies, default=0.0)
         return min(self.max_lead, max(MIN_LEAD, LEAD_FACTOR * slowest))
 
+    def reset(self) -> None:
+        """A new leadership: nothing of the last one's window carries over."""
+        self.window = None
+        self._stopping = False
+
+    def owns(self, t_us: int, token: int) -> bool:
+        window = self.window
+        return window is not None and window.owned_by(token) and window.covers(t_us)
+
+    async def open(self, lease: Lease) -> Window | None:
+        """The first claim of a leadership, before anything fires: where this leader's window starts."""
+        now_us = _now_us()
+        await self._advance(lease, now_us + max(1, int(self.lead * US)), now_us)
+        return self.window
+
     def start(self) -> None:
-        if self.enabled and (self._task is None or self._task.done()):
-            self._stopping = asyncio.Event()
-            self._task = asyncio.create_task(self._loop(), name="claim-ahead")
+        if self._task is None or self._task.done():
+            self._stopping = False
+            self._task = asyncio.create_task(self._loop(), name="claim-window")
 
-    def stop(self) -> None:
-        """Stop claiming ahead after the batch in flight; claims made stay pending until fired."""
-        self._stopping.set()
+    async def stop(self) -> None:
+        """No more claims for this leadership; the claim in flight (if any) is awaited, not cut."""
+        self._stopping = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._release_waiters()
 
-    def forget(self) -> None:
-        """Leadership is gone: pre-claims under the old token can no longer be used."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        for task in self._batches:
-            task.cancel()
-        self.pending.clear()
+    async def cover(self, t_us: int, lease: Lease, give_up_at: float) -> Window | None:
+        """Wait until the window reaches past ``t_us`` (asking for it now), or until ``give_up_at`` (monotonic).
 
-    def take(self, key: str) -> PreClaim | None:
-        pre = self.pending.pop(key, None)
-        if not self.pending:
-            self._emptied.set()
-        return pre
-
-    def drop_stale(self) -> dict[str, PreClaim]:
-        """Pre-claims the scheduler never fired (paused, removed, rescheduled), to be reported."""
-        horizon = datetime.now(UTC) - timedelta(seconds=self.stale_after)
-        stale = {k: p for k, p in self.pending.items() if p.fire_time < horizon}
-        for key in stale:
-            del self.pending[key]
-        return stale
-
-    async def drain(self, timeout: float) -> None:
-        """Stop claiming ahead and wait until every pending fire time has fired.
-
-        Waits at most ``timeout``, and no longer than just past the last pending
-        fire time: a pre-claim of a job paused meanwhile will not fire at all.
+        Returns the window as last answered; the caller decides what it means
+        for ``t_us``. Never waits past ``give_up_at``: no run waits forever.
         """
-        self.stop()
-        if not self.pending:
-            return
-        last = max(pre.fire_time for pre in self.pending.values())
-        wait = min(timeout, (last - datetime.now(UTC)).total_seconds() + DRAIN_SLACK)
-        self._emptied.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._emptied.wait(), max(0.0, wait))
+        window = self.window
+        if window is not None and (window.until_us > t_us or window.token > lease.token
+                                   or (window.token == lease.token and window.sealed)):
+            return window  # covered (by us, or by a predecessor's window), or not ours to grow any more
+        if self._stopping:
+            return window
+        waiter = _Waiter(t_us, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._wake.set()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter.done), max(0.0, give_up_at - clocks.monotonic()))
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        return self.window
 
-    def _due(self, lease: Lease) -> tuple[list[tuple[str, str, datetime]], float]:
-        """Fire times within the lead (and the lease) not yet claimed, and how long to sleep."""
-        now = datetime.now(UTC)
-        reach = min(self.lead, lease.remaining())
-        horizon = now + timedelta(seconds=reach)
-        due: list[tuple[str, str, datetime]] = []
-        sleep = MAX_SLEEP
-        for job in self.store.upcoming():
-            fire_time: datetime = job.next_run_time
-            if fire_time > horizon:
-                sleep = (fire_time - now).total_seconds() - self.lead
-                break
-            key = claim_key(job.id, fire_time)
-            if key in self.pending or self.skip(job.id) or fire_time <= now:
-                continue  # claimed already, paused, or due now: APScheduler claims it at the fire time
-            due.append((key, job.id, fire_time))
-        return due, min(MAX_SLEEP, max(MIN_SLEEP, sleep))
+    # -- internals ------------------------------------------------------------------------
+
+    def _release_waiters(self) -> None:
+        window = self.window
+        for waiter in list(self._waiters):
+            covered = window is not None and (window.until_us > waiter.t_us or window.sealed)
+            if (covered or self._stopping) and not waiter.done.done():
+                waiter.done.set_result(None)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
+        while not self._stopping:
             lease = self.current_lease()
             if lease is None:
-                return
-            due, sleep = self._due(lease)
-            if due:
-                batch = {key: PreClaim(job_id, fire_time, lease.token, loop.create_future())
-                         for key, job_id, fire_time in due}
-                self.pending.update(batch)
-                if len(self._batches) >= MAX_BATCHES_IN_FLIGHT:
-                    await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.create_task(self._claim(lease, batch))
-                self._batches.add(task)
-                task.add_done_callback(self._batches.discard)
-                # what enters the horizon meanwhile goes out together, still most of a lead ahead
-                sleep = self.lead * BATCH_SHARE
+                break
+            window = self.window
+            if window is not None and not window.owned_by(lease.token) and window.token == lease.token:
+                break  # sealed: this leadership handed back, nothing more to claim
+            now_us = _now_us()
+            lead_us = int(self.lead * US)
+            # never claim past what the lease can vouch for locally
+            reach_us = now_us + int(max(0.0, lease.remaining()) * US)
+            wanted = max((w.t_us + 1 for w in self._waiters), default=0)
+            target = min(max(now_us + lead_us, wanted), reach_us) if lead_us else min(wanted, reach_us)
+            # the frontier: our window's end, or a predecessor's that reaches further ahead than we ask
+            until = window.until_us if window is not None else 0
+            refill = lead_us and until - now_us < lead_us * REFILL_SHARE
+            if target > until and (refill or wanted > until):
+                await self._advance(lease, target, now_us)
+                self._release_waiters()
+                continue
+            if self._stopping:
+                break
+            # sleep until the window needs a refill, or a run asks for more
+            sleep = MAX_SLEEP
+            if lead_us and until:
+                sleep = min(sleep, max(0.001, (until - now_us - lead_us * REFILL_SHARE) / US))
+            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), sleep)
+                await asyncio.wait_for(self._wake.wait(), sleep)
+        self._release_waiters()
 
-    async def _claim(self, lease: Lease, batch: dict[str, PreClaim]) -> None:
-        t0 = time.perf_counter()
-        claimed: set[str] | None = None
-        try:
-            claimed = await self.backend.claim_many(lease, list(batch))
-        except LockBackendError as exc:
-            log.warning("claiming %d fire times ahead failed, claiming them at their fire time: %s",
-                        len(batch), exc)
-            for key in batch:  # the fire time claims for itself, with the usual retries
-                self.pending.pop(key, None)
-        except asyncio.CancelledError:
-            for pre in batch.values():
-                if not pre.answer.done():
-                    pre.answer.set_result(None)
-            raise
-        finally:
-            self._latencies.append(time.perf_counter() - t0)
-        for key, pre in batch.items():
-            if not pre.answer.done():
-                pre.answer.set_result(None if claimed is None else key in claimed)
+    async def _advance(self, lease: Lease, until_us: int, start_us: int) -> None:
+        """One claim, retried (with the same target: claims are idempotent) while the lease lasts."""
+        delay = RETRY_FIRST
+        while True:
+            t0 = clocks.monotonic()
+            try:
+                before = self.window.until_us if self.window is not None else 0
+                window = await self.backend.claim_window(lease, until_us, start_us,
+                                                         self.intents(before or start_us, until_us))
+            except BackendUnavailable as exc:
+                self._complain("claiming the window failed, retrying", exc)
+            except LockBackendError as exc:
+                self._complain("claiming the window failed", exc)
+            except Exception as exc:  # a bug or a surprise must not leave runs waiting for a window
+                self._complain("claiming the window raised unexpectedly", exc, error=True)
+            else:
+                self._complaint = ""
+                if window is None:  # fenced: our token is no longer the lock's
+                    self.window = None
+                    self._stopping = True
+                else:
+                    self.window = window
+                return
+            finally:
+                self._latencies.append(clocks.monotonic() - t0)  # slow answers (and timeouts) lengthen the lead
+            current = self.current_lease()
+            if self._stopping or current is None or current.token != lease.token:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    def _complain(self, what: str, exc: BaseException, error: bool = False) -> None:
+        """Log a failure once per kind of failure, not once per retry."""
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._complaint:
+            self._complaint = text
+            if error:
+                log.error("%s: %s", what, text, exc_info=exc)
+            else:
+                log.warning("%s: %s", what, text)
+
+
+def _now_us() -> int:
+    return int(clocks.time() * US)
 
 
 class RunRecorder:
-    """Writes run records in batches: whatever queued within ``linger`` of the first, or during a write."""
+    """Writes run records in adaptive batches, one write at a time, retrying through outages."""
 
-    def __init__(self, backend: LockBackend, lock_name: str, linger: float = RECORD_LINGER) -> None:
+    def __init__(self, backend: RunStore, lock_name: str, *, op_timeout: float,
+                 on_dropped: Callable[[int], None] | None = None, linger: float = RECORD_LINGER) -> None:
         self.backend = backend
         self.lock_name = lock_name
+        self.op_timeout = op_timeout
         self.linger = linger
-        self._queue: dict[str, tuple[dict[str, Any], asyncio.Future[None]]] = {}
+        self.on_dropped = on_dropped
+        self.batch = BATCH_START
+        self._queue: deque[tuple[RunRecord, asyncio.Future[None] | None]] = deque()
         self._writer: asyncio.Task[None] | None = None
+        self._complaint = ""
 
-    def add(self, key: str, result: dict[str, Any]) -> asyncio.Future[None]:
-        """Queue a record; the future resolves once it is stored (or its write failed, logged)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue[key] = (result, done)
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, record: RunRecord, *, wait: bool = False) -> asyncio.Future[None] | None:
+        """Queue a record. With ``wait``, a future that resolves once it is stored (or given up on)."""
+        done = asyncio.get_running_loop().create_future() if wait else None
+        self._queue.append((record, done))
+        if len(self._queue) > QUEUE_MAX:
+            dropped = 0
+            while len(self._queue) > QUEUE_MAX:
+                _, fut = self._queue.popleft()
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                dropped += 1
+            log.warning("run records queue full: dropped the %d oldest unwritten records", dropped)
+            if self.on_dropped is not None:
+                self.on_dropped(dropped)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="run-recorder")
         return done
 
     async def _write(self) -> None:
+        delay = RETRY_FIRST
         while self._queue:
             if self.linger > 0:
                 await asyncio.sleep(self.linger)
-            batch, self._queue = self._queue, {}
+            size = min(self.batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(size)]
+            t0 = clocks.monotonic()
             try:
-                await self.backend.record_many(self.lock_name, {k: r for k, (r, _) in batch.items()})
-            except LockBackendError as exc:
-                log.warning("could not record the outcome of %d run(s) (%s...): %s",
-                            len(batch), next(iter(batch)), exc)
-            finally:
-                for _, done in batch.values():
-                    if not done.done():
-                        done.set_result(None)
+                await self.backend.record_many(self.lock_name, [record for record, _ in batch])
+            except BackendUnavailable as exc:
+                # not written (or not known to be): put it back, smaller batches, and wait before the next try
+                self._queue.extendleft(reversed(batch))
+                self.batch = max(BATCH_MIN, self.batch // 2)
+                self._complain(f"writing {size} run record(s) failed, retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX * 4)
+                continue
+            except Exception as exc:  # a record the store refuses: drop this batch (counted), keep going
+                self._complain(f"writing {size} run record(s) failed; dropped", exc, error=True)
+                if self.on_dropped is not None:
+                    self.on_dropped(size)
+            else:
+                took = clocks.monotonic() - t0
+                self._complaint = ""
+                delay = RETRY_FIRST
+                if size >= self.batch and took < self.op_timeout / 4:
+                    self.batch = min(BATCH_MAX, self.batch * 2)
+                elif took > self.op_timeout / 2:
+                    self.batch = max(BATCH_MIN, self.batch // 2)
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
 
-    async def flush(self, timeout: float) -> None:
-        if self._writer is not None and not self._writer.done():
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for every queued record to be written. True if none is left."""
+        deadline = clocks.monotonic() + timeout
+        while self._queue or (self._writer is not None and not self._writer.done()):
+            left = deadline - clocks.monotonic()
+            if left <= 0 or self._writer is None:
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+                await asyncio.wait_for(asyncio.shield(self._writer), left)
+        return not self._queue
+
+    def _complain(self, what: str, exc: BaseException, error: bool = False) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._complaint:
+            self._complaint = text
+            (log.error if error else log.warning)("%s: %s", what, text)

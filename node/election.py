@@ -24,11 +24,11 @@ import contextlib
 import inspect
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from lock_backends import Holder, Lease, LockBackend, LockBackendError
+from lock_backends import Holder, Lease, LeaseStore, LockBackendError
+from lock_backends import clock as clocks
 
 log = logging.getLogger("baton.election")
 
@@ -47,9 +47,6 @@ class ElectionConfig:
     renew_deadline: float
     retry_period: float
     jitter: float = 0.2
-    #: Negative control only: trust the lease until a renew says it is lost, ignoring the local
-    #: deadline, as a naive elector does. Never set in production.
-    naive: bool = False
 
     def __post_init__(self) -> None:
         if not (self.ttl > self.renew_deadline > self.retry_period > 0):
@@ -61,15 +58,17 @@ class ElectionConfig:
 class Elector:
     """Campaigns for one lock name and keeps the lease while it can."""
 
-    def __init__(self, backend: LockBackend, config: ElectionConfig, *,
+    def __init__(self, backend: LeaseStore, config: ElectionConfig, *,
                  on_started_leading: Callback | None = None,
                  on_stopped_leading: Callback | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = clocks.monotonic,
+                 rng: random.Random | None = None) -> None:
         self.backend = backend
         self.config = config
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
         self._clock = clock
+        self._rng = rng or random.Random()
         self._lease: Lease | None = None
         self._last_renew_ok = 0.0
         self._stopping = asyncio.Event()
@@ -90,10 +89,7 @@ class Elector:
         return lease
 
     def believed_lease(self) -> Lease | None:
-        """The lease the loop holds, deadline or not: what a naive elector would trust.
-
-        Only the checker's negative control (claims off) acts on this.
-        """
+        """The lease the loop holds, deadline or not (health checks compare it with ``current_lease``)."""
         return self._lease
 
     @property
@@ -143,7 +139,15 @@ class Elector:
     # -- internals ------------------------------------------------------------------
 
     def _jittered(self, period: float) -> float:
-        return period * (1.0 + random.random() * self.config.jitter)
+        return period * (1.0 + self._rng.random() * self.config.jitter)
+
+    def _give_up_at(self, lease: Lease) -> float:
+        """When to stop trusting the lease if no renew succeeds: the local deadline or the renew deadline."""
+        return min(lease.deadline, self._last_renew_ok + self.config.renew_deadline)
+
+    def _renew_budget(self, lease: Lease) -> float:
+        """How long one renew may take: never past the lease's local deadline."""
+        return max(0.001, lease.deadline - self._clock())
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, waking early on stop. True if stopping."""
@@ -209,10 +213,8 @@ class Elector:
             lease = self._lease
             assert lease is not None
             now = self._clock()
-            give_up = min(lease.deadline, self._last_renew_ok + cfg.renew_deadline)
-            if cfg.naive:
-                give_up = now + cfg.retry_period
-            elif now >= give_up:
+            give_up = self._give_up_at(lease)
+            if now >= give_up:
                 log.warning("lease could not be renewed in time; stepping down")
                 return
             wait = min(self._jittered(cfg.retry_period) if not self.renew_failing else cfg.retry_period / 4,
@@ -226,12 +228,11 @@ class Elector:
                 stop.cancel()
             if done:
                 return  # stepping down or stopping: the caller releases
-            if self._clock() >= lease.deadline and not cfg.naive:
+            if self._clock() >= min(give_up, lease.deadline):
                 log.warning("lease deadline passed before a renew could run (starved loop?); stepping down")
                 return
             try:
-                budget = cfg.ttl if cfg.naive else max(0.001, lease.deadline - self._clock())
-                renewed = await asyncio.wait_for(self.backend.renew(lease), timeout=budget)
+                renewed = await asyncio.wait_for(self.backend.renew(lease), timeout=self._renew_budget(lease))
             except (LockBackendError, TimeoutError) as exc:
                 self.renew_failing = True
                 log.warning("renew failed: %s", exc or "timed out before the lease deadline")

@@ -9,6 +9,7 @@ default anchor is "now", which differs per node).
 from __future__ import annotations
 
 import contextvars
+import inspect
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from lock_backends.clock import from_us, to_us
 from node.outcomes import RunKind
 
 log = logging.getLogger("baton.jobs")
@@ -62,9 +64,14 @@ class JobSpec:
     #: (Quartz's requestsRecovery).
     recover: bool = False
     description: str = ""
-    #: Runs of this job allowed at once; a fire time that finds them all still going is skipped
-    #: (APScheduler's ``max_instances``, and its warning says so).
+    #: Runs of this job allowed at once in the whole cluster; a fire time that finds them all still
+    #: going is skipped and counted (APScheduler's ``max_instances``).
     max_instances: int = 1
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the body is a coroutine function (a plain ``def`` runs in the job thread pool)."""
+        return inspect.iscoroutinefunction(self.func)
 
 
 @dataclass
@@ -125,15 +132,33 @@ def fire_times(trigger: BaseTrigger, start: datetime, end: datetime, limit: int 
     return times
 
 
+def count_fire_times(trigger: BaseTrigger, start: datetime, end: datetime, limit: int = 1_000_000) -> int:
+    """How many fire times ``trigger`` has in [start, end] (at most ``limit``), without listing interval ones."""
+    if end < start:
+        return 0
+    if isinstance(trigger, IntervalTrigger) and trigger.end_date is None:
+        step, anchor = _us(trigger.interval), to_us(trigger.start_date)
+        first = max(0, -((anchor - to_us(start)) // step))  # ceil((start - anchor) / step), not before the anchor
+        last = (to_us(end) - anchor) // step
+        return max(0, min(limit, last - first + 1))
+    return len(fire_times(trigger, start, end, limit))
+
+
 def latest_fire_time(trigger: BaseTrigger, start: datetime, end: datetime) -> datetime | None:
-    if isinstance(trigger, IntervalTrigger):  # O(1) instead of walking the window
-        step = trigger.interval.total_seconds()
-        anchor = trigger.start_date
-        n = int((end - anchor).total_seconds() // step)
-        t = anchor + timedelta(seconds=n * step)
-        return t.astimezone(start.tzinfo) if t >= start else None
+    """The last fire time of ``trigger`` in [start, end], or None."""
+    if isinstance(trigger, IntervalTrigger) and trigger.end_date is None:  # O(1) instead of walking the window
+        step, anchor = _us(trigger.interval), to_us(trigger.start_date)
+        n = (to_us(end) - anchor) // step
+        if n < 0:
+            return None
+        t = from_us(anchor + n * step)
+        return t if t >= start else None
     times = fire_times(trigger, start, end)
     return times[-1] if times else None
+
+
+def _us(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 # -- the jobs every node ships -------------------------------------------------------

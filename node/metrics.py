@@ -36,10 +36,8 @@ METRIC_NAMES = (
     "baton_job_duration_seconds",
     "baton_lock_ops_total",
     "baton_lock_op_seconds",
+    "baton_run_records_dropped_total",
 )
-
-#: Outcomes of ``baton_job_runs_total``. "missed": a fire time past the misfire grace.
-OUTCOMES = ("ok", "error", "fenced", "duplicate", "missed")
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -56,7 +54,7 @@ class Metrics:
                                    "Times this node started or stopped leading", registry=r)
         self.lease_token = Gauge("baton_lease_token", "Fencing token of the lease this node holds, 0 if none",
                                  registry=r)
-        self.job_runs = Counter("baton_job_runs_total", "Job fire times handled, by outcome",
+        self.job_runs = Counter("baton_job_runs_total", "Job fire times handled, by outcome (node.outcomes)",
                                 ["job", "outcome"], registry=r)
         self.fire_lag = Histogram("baton_job_fire_lag_seconds",
                                   "Start of a job body minus its fire time, over all jobs", buckets=LAG_BUCKETS,
@@ -67,6 +65,9 @@ class Metrics:
                                 ["backend", "op", "result"], registry=r)
         self.lock_op_seconds = Histogram("baton_lock_op_seconds", "Lock backend operation latency",
                                          ["backend", "op"], buckets=OP_BUCKETS, registry=r)
+        self.records_dropped = Counter("baton_run_records_dropped_total",
+                                       "Run records never written: the queue overflowed or the store refused them",
+                                       registry=r)
 
     def lock_op(self, op: str, result: str, seconds: float) -> None:
         self.lock_ops.labels(self.backend, op, result).inc()

@@ -1,65 +1,125 @@
-"""An AsyncIOScheduler that fires only on the leader, through fenced claims.
+"""An AsyncIOScheduler that fires only on the leader, inside the leader's claim window.
 
 Every node builds the same scheduler with the same jobs. Followers keep it
 started but paused; the elector's callbacks resume it on winning and pause it
 on losing. That gate alone is not safe (a paused process wakes up still
-believing it leads), so every run also:
+believing it leads), so a fire time starts only when, at that instant and with
+no await in between:
 
-1. re-checks the lease's local deadline right before acting, and
-2. claims ``(job id, fire time)`` in the backend, atomically with "my token is
-   the current one". A refused claim skips the body.
+1. this node's lease is locally valid (its deadline, on the monotonic clock), and
+2. the fire time lies inside the claim window its token holds in the store
+   (``node.claims.WindowKeeper``; the windows of two tokens never overlap).
 
-On winning, the node looks back ``misfire_grace`` for each job's latest fire
-time and runs it through the same claim (coalesced: once per job), so a fire
-time that fell into the failover gap is run exactly once. Jobs that opted into
-recovery and whose last run was claimed but never reported are run once more.
+Promises, per event (the README's guarantees section says the same to users):
 
-``claims=False`` switches 1 and 2 off, leaving only the pause/resume gate, as a
-naive leader election would. It exists for the checker's negative control.
+* No fault: every fire time runs once, on the leader.
+* Graceful handoff (``hand_over``: SIGTERM, step-down, ``Node.stop``): exactly
+  once. The leader stops firing, runs what it owns up to the last fire time it
+  started, hands back the rest of its window (the next leader runs it), lists
+  its runs still going so the next leader holds ``max_instances`` across nodes,
+  and only then lets the lease go. Running bodies get ``shutdown_grace`` to end.
+* Crash or stall: at most once for an ordinary job (fire times inside the dead
+  leader's window that it had not started are lost: ``RunOutcome.LOST``, at
+  most the claim-ahead lead); at least once for ``recover=True`` jobs, whose
+  fire times are written as intents with each window and run again by the next
+  leader when no result came back.
+* A new leader runs, per job, the latest fire time between the end of the
+  last window and now that is within the misfire grace (a catch-up run),
+  folding the earlier ones into it (``COALESCED``); older ones are ``MISSED``.
+
+Every fire time a node handles ends as one ``RunOutcome``, counted in
+``baton_job_runs_total`` and, when the node owned it, recorded in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import json
 import logging
 import sys
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, tzinfo
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from lock_backends import BackendUnavailable, Lease, LockBackend, LockBackendError
-from node.claims import ClaimAhead, RunRecorder, UpcomingJobStore
+from lock_backends import BackendUnavailable, BusyRun, Lease, LockBackend, LockBackendError, RunRecord, Window
+from lock_backends import clock as clocks
+from lock_backends.clock import from_us, to_us
+from node.claims import RunRecorder, WindowKeeper
 from node.election import Elector
-from node.jobs import JobRegistry, RunContext, claim_key, current_run, latest_fire_time, parse_claim_key
+from node.jobs import (
+    JobRegistry,
+    JobSpec,
+    RunContext,
+    claim_key,
+    count_fire_times,
+    current_run,
+    latest_fire_time,
+    parse_claim_key,
+)
 from node.metrics import Metrics
-from node.outcomes import RunKind
+from node.outcomes import RunKind, RunOutcome
 
 log = logging.getLogger("baton.scheduler")
 
 PAUSED_PREFIX = "paused:"
-RECOVERY_SUFFIX = "#recovery"
-#: Claims looked at for recovery when a node wins.
+#: Unfinished runs looked at for recovery when a node wins.
 RECOVERY_SCAN = 500
+#: APScheduler's own ``max_instances``: never reached, so every fire time reaches the gate,
+#: which holds the job's limit across the cluster and counts what it skips.
+APSCHEDULER_INSTANCES = 1_000_000
+#: A returned value is stored with the run record up to this many bytes of JSON.
+RESULT_MAX_BYTES = 16 * 1024
+#: At a graceful handoff, how long fire times the leader still owns get to start.
+STRAGGLER_WAIT = 2.0
+#: Busy entries outlive the shutdown grace by this much, so the next leader never undercounts.
+BUSY_SLACK = 5.0
+
+
+class UnknownJob(KeyError):
+    """No job with this id."""
+
+
+@dataclass
+class Refusal:
+    """Why a fire time does not start here."""
+
+    outcome: RunOutcome
+    detail: str
+
+
+@dataclass
+class Running:
+    job_id: str
+    key: str
+    t_us: int
+    kind: RunKind
+    token: int
+    task: asyncio.Future[Any] | None = field(default=None, repr=False)
 
 
 class FireTimeExecutor(AsyncIOExecutor):
-    """Hands each run's scheduled fire time to the gate, which APScheduler 3 does not pass to jobs."""
+    """Hands each run's scheduled fire time to the gate, which APScheduler 3 does not pass to jobs.
 
-    def __init__(self, fire: Callable[[str, datetime], Any]) -> None:
+    The submission is announced synchronously (``on_submit``), so a graceful
+    handoff knows every fire time APScheduler has already handed over.
+    """
+
+    def __init__(self, fire: Callable[[str, datetime], Any], on_submit: Callable[[str, list[datetime]], None]) -> None:
         super().__init__()
         self._fire = fire
-
-    def running(self) -> set[asyncio.Future[Any]]:
-        """Runs submitted and not finished, so a shutdown can let them end before closing what they use."""
-        return set(self._pending_futures)
+        self._on_submit = on_submit
 
     def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        self._on_submit(job.id, run_times)
+
         async def run() -> list[Any]:
             for run_time in run_times:
                 await self._fire(job.id, run_time)
@@ -82,7 +142,8 @@ class FireTimeExecutor(AsyncIOExecutor):
 class GatedScheduler:
     def __init__(self, *, jobs: JobRegistry, backend: LockBackend, elector: Elector, metrics: Metrics,
                  lock_name: str, node_id: str, timezone: tzinfo, misfire_grace: float,
-                 claims: bool = True, sync_period: float = 2.0, claim_ahead: float = 0.0) -> None:
+                 sync_period: float = 2.0, claim_ahead: float = 0.25, shutdown_grace: float = 30.0,
+                 sync_workers: int = 8) -> None:
         self.jobs = jobs
         self.backend = backend
         self.elector = elector
@@ -91,29 +152,45 @@ class GatedScheduler:
         self.node_id = node_id
         self.timezone = timezone
         self.misfire_grace = misfire_grace
-        self.claims = claims
         self.sync_period = sync_period
+        self.shutdown_grace = shutdown_grace
         self.paused_jobs: set[str] = set()
-        self.inflight: set[str] = set()
+        #: Bodies running on this node, whatever leadership started them.
+        self.running: dict[str, Running] = {}
+        #: The token of the current leadership, None while following.
+        self.token: int | None = None
+        self._lease: Lease | None = None
+        #: Fire times handed to ``fire`` and not yet started or refused (key -> fire time in us).
+        self._pending: dict[str, int] = {}
+        #: Set each time a pending fire time is settled (started or refused).
+        self._settled = asyncio.Event()
+        #: The latest fire time started under the current token (us; 0 before the first).
+        self._started_max_us = 0
+        #: Set when this leadership stopped firing: fire times from here on are not started here.
+        self._hand_back_at_us: int | None = None
+        self._handed_back = False
+        #: Intents this leadership wrote: recoverable fire times claimed with its windows (key -> us).
+        self._intents: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sync_task: asyncio.Task[None] | None = None
-        store = UpcomingJobStore()
-        self.ahead = ClaimAhead(backend, store, max_lead=claim_ahead if claims else 0.0,
-                                current_lease=elector.current_lease, skip=lambda job_id: job_id in self.paused_jobs,
-                                stale_after=misfire_grace + 1.0)
-        self.recorder = RunRecorder(backend, lock_name)
-        self.executor = FireTimeExecutor(self._fire_scheduled)
+        self._sync_pool = ThreadPoolExecutor(max_workers=sync_workers, thread_name_prefix="baton-job")
+        op_timeout = backend.options.op_timeout
+        self.keeper = WindowKeeper(backend, max_lead=claim_ahead, current_lease=self._current_lease,
+                                   intents=self._intents_between)
+        self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout,
+                                    on_dropped=metrics.records_dropped.inc)
+        self.executor = FireTimeExecutor(self._fire_scheduled, self._submitted)
         self.scheduler = AsyncIOScheduler(
             timezone=timezone,
-            jobstores={"default": store},
             executors={"default": self.executor},
-            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": int(max(1, misfire_grace))},
+            job_defaults={"max_instances": APSCHEDULER_INSTANCES, "coalesce": True,
+                          "misfire_grace_time": int(max(1, misfire_grace))},
         )
         for spec in jobs:
             # args=(None,) only satisfies APScheduler's signature check: FireTimeExecutor calls
             # the gate with the fire time, never job.func directly
             self.scheduler.add_job(spec.func, trigger=spec.make_trigger(timezone), args=(None,), id=spec.id,
-                                   name=spec.id, replace_existing=True, max_instances=spec.max_instances)
+                                   name=spec.id, replace_existing=True)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -121,200 +198,449 @@ class GatedScheduler:
         self.scheduler.start(paused=True)
         self._sync_task = asyncio.create_task(self._sync_settings_forever(), name="settings-sync")
 
-    async def drain(self) -> None:
-        """Before a planned handoff: stop claiming ahead and fire what was claimed ahead."""
-        await self.ahead.drain(self.ahead.lead + 0.5)
-
-    async def shutdown(self, grace: float = 5.0) -> None:
-        self.scheduler.pause()
-        self.ahead.forget()
-        if self._sync_task is not None:
-            self._sync_task.cancel()
-        running = {*self._tasks, *self.executor.running()}  # catch-up, and APScheduler's runs
-        if running:
-            await asyncio.wait(running, timeout=grace)
-        await self.recorder.flush(grace)
-        self.scheduler.shutdown(wait=False)
-
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop firing, give running bodies ``grace`` seconds to end, cancel the rest, flush the records."""
+        grace = self.shutdown_grace if grace is None else grace
+        self.scheduler.pause()
+        await self.keeper.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+        bodies = {r.task for r in self.running.values() if r.task is not None}
+        if bodies:
+            log.info("waiting for %d running job(s), up to %.0fs", len(bodies), grace)
+            _, late = await asyncio.wait(bodies, timeout=grace)
+            for task in late:
+                task.cancel()  # its fire() records it as cancelled
+        others = {*self._tasks, *self.executor._pending_futures}
+        if others:
+            await asyncio.wait(others, timeout=1.0)
+        await self.recorder.flush(max(1.0, self.backend.options.op_timeout * 3))
+        self.scheduler.shutdown(wait=False)
+        self._sync_pool.shutdown(wait=False, cancel_futures=True)
+
     # -- elector callbacks -----------------------------------------------------------------
 
+    def _current_lease(self) -> Lease | None:
+        lease = self.elector.current_lease()
+        return lease if lease is not None and lease.token == self.token else None
+
     async def on_started_leading(self, lease: Lease) -> None:
-        """Align the jobs on the future, resume, and catch up on the window behind us."""
+        """Claim the first window, align the jobs on the future, resume, catch up, recover."""
+        self.token = lease.token
+        self._lease = lease
+        self._started_max_us = 0
+        self._hand_back_at_us = None
+        self._handed_back = False
+        self._intents.clear()
+        self.keeper.reset()
         with contextlib.suppress(LockBackendError, TimeoutError):
             await self.refresh_settings()
-        now = datetime.now(UTC)
+        now = clocks.utcnow()
         for job in self.scheduler.get_jobs():
             if job.id in self.paused_jobs:
                 continue
             # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic
-            upcoming = job.trigger.get_next_fire_time(None, now + timedelta(microseconds=1))
-            job.modify(next_run_time=upcoming)
+            job.modify(next_run_time=job.trigger.get_next_fire_time(None, now + timedelta(microseconds=1)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.keeper.open(lease), timeout=max(0.05, lease.ttl / 4))
         self.scheduler.resume()
-        if self.claims:
-            self.ahead.start()
+        self.keeper.start()
         self.metrics.is_leader.set(1)
         self.metrics.lease_token.set(lease.token)
         self.metrics.transitions.inc()
-        self.spawn(self._catch_up(now))
+        self.spawn(self._catch_up_and_recover(lease, now))
 
-    def on_stopped_leading(self) -> None:
-        self.scheduler.pause()
-        self.ahead.forget()
+    async def on_stopped_leading(self) -> None:
+        """Stop firing; hand back, if it was not done gracefully already, what this leadership never started."""
+        if self.token is None:
+            return
+        lease = self._lease
+        if self._hand_back_at_us is None:
+            at = self._close_gate()
+            await self.keeper.stop()
+            if lease is not None and not self._handed_back:
+                # the lease is gone, but until a successor claims, the store takes back what we never ran
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hand_back(lease, at, retry=False),
+                                           self.backend.options.op_timeout * 2)
+        await self.keeper.stop()
+        self.token = None
         self.metrics.is_leader.set(0)
         self.metrics.lease_token.set(0)
         self.metrics.transitions.inc()
 
+    async def hand_over(self) -> None:
+        """A graceful handoff while the lease is still held: run what we own, give back the rest.
+
+        The caller lets the lease go afterwards (stop, or step down). Idempotent.
+        """
+        lease = self._current_lease()
+        if lease is None or self._hand_back_at_us is not None:
+            return
+        at = self._close_gate()
+        await self.keeper.stop()
+        # fire times before the hand-back point are ours: let those already handed to us start
+        for job in self.scheduler.get_jobs():
+            nxt = job.next_run_time
+            if nxt is not None and to_us(nxt) < at and claim_key(job.id, nxt) not in self._pending:
+                self.spawn(self.fire(job.id, nxt))
+        give_up = clocks.monotonic() + min(STRAGGLER_WAIT, max(0.0, lease.remaining() - lease.ttl * 0.1))
+        while any(t < at for t in self._pending.values()) and (left := give_up - clocks.monotonic()) > 0:
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), left)
+        await self._hand_back(lease, at, retry=True)
+
+    def _close_gate(self) -> int:
+        """Stop firing now; fire times from the returned instant (us) on are handed back, never started here.
+
+        The instant is just past the latest fire time this leadership started, so
+        nothing at or after it ever started here; fire times before it that have
+        not started yet are still ours to run (a graceful handoff runs them).
+        """
+        self.scheduler.pause()
+        window = self.keeper.window
+        since = window.since_us if window is not None and window.token == self.token else 0
+        at = max(since, self._started_max_us + 1 if self._started_max_us else 0)
+        self._hand_back_at_us = at
+        return at
+
+    async def _hand_back(self, lease: Lease, at_us: int, *, retry: bool) -> None:
+        now_us = int(clocks.time() * 1_000_000)
+        until_us = now_us + int((self.shutdown_grace + BUSY_SLACK) * 1_000_000)
+        busy = [BusyRun(r.key, r.job_id, self.node_id, r.token, until_us) for r in self.running.values()]
+        drop = [key for key, t_us in self._intents.items() if t_us >= at_us]
+        while True:
+            try:
+                window = await self.backend.hand_back(lease, at_us, busy, drop)
+            except BackendUnavailable as exc:
+                if retry and lease.valid():
+                    log.warning("handing back failed, retrying: %s", exc)
+                    await asyncio.sleep(0.05)
+                    continue
+                log.warning("could not hand back the claim window from %s: %s", from_us(at_us).isoformat(), exc)
+                return
+            except Exception as exc:
+                log.error("handing back the claim window failed: %s", exc, exc_info=exc)
+                return
+            break
+        self._handed_back = True
+        if window is None:
+            log.info("nothing to hand back: a newer leader holds the claim window")
+        else:
+            log.info("handed back the claim window", extra={"at": from_us(window.until_us).isoformat(),
+                                                            "running": len(busy)})
+
     # -- firing --------------------------------------------------------------------------
+
+    def _submitted(self, job_id: str, run_times: list[datetime]) -> None:
+        for t in run_times:
+            self._pending[claim_key(job_id, t)] = to_us(t)
 
     async def _fire_scheduled(self, job_id: str, scheduled_at: datetime) -> None:
         await self.fire(job_id, scheduled_at)
 
-    async def fire(self, job_id: str, scheduled_at: datetime, *, catch_up: bool = False,
-                   recovery: bool = False, manual: bool = False) -> str:
-        """Run one fire time of a job if, and only if, this node may. Returns the outcome."""
+    async def fire(self, job_id: str, scheduled_at: datetime, kind: RunKind = RunKind.SCHEDULED, *,
+                   force: bool = False) -> RunOutcome:
+        """Run one fire time of a job if, and only if, this node may. Returns its outcome here.
+
+        ``force`` (manual runs only) runs a paused job.
+        """
         spec = self.jobs.specs.get(job_id)
         if spec is None:
-            return "unknown"
-        key = claim_key(job_id, scheduled_at) + (RECOVERY_SUFFIX if recovery else "")
-        if manual:
-            key += "#manual"
-        lateness = (datetime.now(UTC) - scheduled_at).total_seconds()
-        if not manual and not recovery and lateness > self.misfire_grace:
-            return self._count(job_id, "missed", key, f"{lateness:.1f}s late, past the misfire grace")
-        if job_id in self.paused_jobs and not manual:
-            return "paused"
-        lease = self.elector.current_lease() if self.claims else self.elector.believed_lease()
-        if lease is None:
-            return self._count(job_id, "fenced", key, "no valid lease")
-        pre = self.ahead.take(key) if self.claims and not (catch_up or recovery or manual) else None
-        answer = None if pre is None else await pre.answer
-        if answer is not None and pre is not None:
-            # claimed ahead: what is left to check is the lease, locally, now at the fire time
-            now_lease = self.elector.current_lease()
-            if now_lease is None or now_lease.token != pre.token:
-                return self._count(job_id, "fenced", key, "lease lost after the claim ahead")
-            if not answer:
-                return self._count(job_id, "duplicate", key, "claim refused")
-            return await self._run(spec.id, spec.func, scheduled_at, now_lease, key, recovery)
-        if self.claims:
-            claimed, lease = await self._claim_while_leading(key, scheduled_at, lease)
-            if lease is None:
-                return self._count(job_id, "fenced", key, "lease lost while the backend was unreachable")
-            if claimed is None:
-                return self._count(job_id, "error", key, "claim failed: backend unreachable past the grace")
-            if not claimed:
-                if catch_up or recovery:
-                    return "already-claimed"  # the normal case after a failover
-                outcome = "duplicate" if self.elector.current_lease() is not None else "fenced"
-                return self._count(job_id, outcome, key, "claim refused")
-        return await self._run(spec.id, spec.func, scheduled_at, lease, key, recovery, wait_record=manual)
+            raise UnknownJob(job_id)
+        key = claim_key(job_id, scheduled_at)
+        pending_key = key
+        if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
+            self._pending.setdefault(key, to_us(scheduled_at))
+        try:
+            admitted = await self._admit(spec, scheduled_at, kind, force)
+            if isinstance(admitted, Refusal):
+                return self._count(spec.id, admitted.outcome, key, admitted.detail)
+            lease, key = admitted
+            return await self._run(spec, scheduled_at, kind, key, lease)
+        finally:
+            if self._pending.pop(pending_key, None) is not None:
+                self._settled.set()
 
-    async def _claim_while_leading(self, key: str, scheduled_at: datetime,
-                                   lease: Lease) -> tuple[bool | None, Lease | None]:
-        """Claim, retrying a backend that does not answer for as long as the lease and the grace allow.
+    async def _admit(self, spec: JobSpec, scheduled_at: datetime, kind: RunKind,
+                     force: bool) -> Refusal | tuple[Lease, str]:
+        """Whether this node may start the run now: a refusal, or the lease and key to run it under.
 
-        A backend restart shorter than the TTL then delays a run instead of losing it.
+        Whatever returns admission does so after its last await, so the caller
+        starts the body with every check still true.
         """
+        if kind is RunKind.MANUAL:
+            return self._admit_manual(spec, scheduled_at, force)
+        if kind is RunKind.RECOVERY:
+            return await self._admit_recovery(spec, scheduled_at)
+        return await self._admit_in_window(spec, scheduled_at)
+
+    async def _admit_in_window(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
+        t_us = to_us(scheduled_at)
+        lateness = clocks.time() - t_us / 1e6
+        if lateness > self.misfire_grace:
+            return Refusal(RunOutcome.MISSED, f"{lateness:.1f}s late, past the misfire grace")
+        if spec.id in self.paused_jobs:
+            return Refusal(RunOutcome.SKIPPED, "paused")
+        lease = self._current_lease()
+        if lease is None:
+            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
+        if self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
+            give_up = min(lease.deadline, clocks.monotonic() + max(0.0, self.misfire_grace - lateness))
+            await self.keeper.cover(t_us, lease, give_up)
+            lease = self._current_lease()
+            if lease is None:
+                return Refusal(RunOutcome.FENCED, "lease lost while the claim window was extended")
+        refusal = self._outside_window(t_us, lease)
+        if refusal is not None:
+            return refusal
+        limit = self._over_limit(spec)
+        if limit is not None:
+            return limit
+        return lease, claim_key(spec.id, scheduled_at)
+
+    def _outside_window(self, t_us: int, lease: Lease) -> Refusal | None:
+        """None when ``t_us`` is this leadership's to start now; else why not."""
+        if self._hand_back_at_us is not None and t_us >= self._hand_back_at_us:
+            return Refusal(RunOutcome.HANDED_BACK, "handed back to the next leader at a graceful handoff")
+        window = self.keeper.window
+        if window is None:
+            return Refusal(RunOutcome.FENCED, "no claim window: the store refused or did not answer")
+        if window.owned_by(lease.token) and window.covers(t_us):
+            return None
+        if window.token == lease.token and window.sealed:
+            return Refusal(RunOutcome.HANDED_BACK, "handed back to the next leader")
+        if window.token == lease.token and t_us < window.since_us:
+            return Refusal(RunOutcome.LOST, "before this leader's window: claimed by a predecessor that did not "
+                                            "run it (at most once after a crash)")
+        if window.token < lease.token and t_us < window.until_us:
+            return Refusal(RunOutcome.LOST, f"inside the claim window of token {window.token}, a predecessor that "
+                                            "did not hand it back (at most once after a crash)")
+        if window.token > lease.token:
+            return Refusal(RunOutcome.FENCED, f"a newer leader (token {window.token}) holds the claim window")
+        if clocks.time() - t_us / 1e6 > self.misfire_grace:
+            return Refusal(RunOutcome.MISSED, "the store did not extend the claim window within the misfire grace")
+        return Refusal(RunOutcome.FENCED, "the lease ran out before the claim window reached the fire time")
+
+    def _over_limit(self, spec: JobSpec) -> Refusal | None:
+        """The job's ``max_instances`` across the cluster: runs here plus runs a predecessor handed over."""
+        keys = {r.key for r in self.running.values() if r.job_id == spec.id}
+        window = self.keeper.window
+        if window is not None:
+            now_us = int(clocks.time() * 1_000_000)
+            keys |= {b.key for b in window.busy if b.job_id == spec.id and b.until_us > now_us}
+        if len(keys) >= spec.max_instances:
+            return Refusal(RunOutcome.SKIPPED, f"max_instances: {len(keys)} run(s) of this job still going in the "
+                                               "cluster")
+        return None
+
+    def _admit_manual(self, spec: JobSpec, now: datetime, force: bool) -> Refusal | tuple[Lease, str]:
+        lease = self._current_lease()
+        if lease is None or self._hand_back_at_us is not None:
+            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
+        if spec.id in self.paused_jobs and not force:
+            return Refusal(RunOutcome.SKIPPED, "paused (force to run it anyway)")
+        limit = self._over_limit(spec)
+        if limit is not None:
+            return limit
+        return lease, claim_key(spec.id, now) + "#manual"
+
+    async def _admit_recovery(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
+        lease = self._current_lease()
+        if lease is None:
+            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
+        key = f"{claim_key(spec.id, scheduled_at)}#recovery-{lease.token}"
         delay = 0.05
         while True:
             try:
-                return await self.backend.claim(lease, key), lease
+                claimed = await self.backend.claim(lease, key)
+                break
             except BackendUnavailable as exc:
-                log.warning("claim of %s failed, retrying: %s", key, exc)
-            except LockBackendError as exc:
-                log.warning("claim of %s failed: %s", key, exc)
-                return None, lease
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            current = self.elector.current_lease()
-            if current is None or current.token != lease.token:
-                return None, None
-            lease = current
-            if (datetime.now(UTC) - scheduled_at).total_seconds() > self.misfire_grace:
-                return None, lease
+                if not lease.valid():
+                    return Refusal(RunOutcome.FENCED, f"lease ran out while claiming the recovery: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except Exception as exc:
+                return Refusal(RunOutcome.ERROR, f"claiming the recovery failed: {exc}")
+        lease = self._current_lease()
+        if lease is None or self._hand_back_at_us is not None:
+            return Refusal(RunOutcome.FENCED, "lost the lease before the recovery started")
+        if not claimed:
+            return Refusal(RunOutcome.DUPLICATE, "recovery claimed by another token")
+        limit = self._over_limit(spec)
+        if limit is not None:
+            return limit
+        return lease, key
 
-    async def _run(self, job_id: str, func: Any, scheduled_at: datetime, lease: Lease, key: str,
-                   recovery: bool, wait_record: bool = False) -> str:
-        """Run the body and queue its record; a scheduled run does not wait for the write, a manual one does
-        (whoever asked for it may read the runs next)."""
-        started = datetime.now(UTC)
+    async def _run(self, spec: JobSpec, scheduled_at: datetime, kind: RunKind, key: str, lease: Lease) -> RunOutcome:
+        """Run the body and queue its record. Only a manual run waits for the record (its caller reads runs next)."""
+        t_us = to_us(scheduled_at)
+        started = clocks.utcnow()
+        plain_key = claim_key(spec.id, scheduled_at)
+        if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
+            self._started_max_us = max(self._started_max_us, t_us)
+            if self._pending.pop(plain_key, None) is not None:
+                self._settled.set()
+        self._intents.pop(plain_key, None)
+        entry = self.running[key] = Running(spec.id, key, t_us, kind, lease.token)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
-        ctx = RunContext(job_id, scheduled_at, lease.token, self.node_id, key,
-                         RunKind.RECOVERY if recovery else RunKind.SCHEDULED)
-        reset = current_run.set(ctx)
-        self.inflight.add(key)
-        t0 = time.perf_counter()
-        error = None
+        ctx = RunContext(spec.id, scheduled_at, lease.token, self.node_id, key, kind)
+        body = asyncio.ensure_future(self._call_body(spec, ctx))
+        entry.task = body
+        t0 = clocks.monotonic()
+        error: str | None = None
+        value: Any = None
+        cancelled = False
         try:
-            await func(ctx)
+            value = await body
+            outcome = RunOutcome.OK
+        except asyncio.CancelledError:
+            outcome, error, cancelled = RunOutcome.CANCELLED, "cancelled at shutdown, after the shutdown grace", True
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            outcome, error = RunOutcome.ERROR, f"{type(exc).__name__}: {exc}"
+        finally:
+            self.running.pop(key, None)
+        duration = clocks.monotonic() - t0
+        self.metrics.duration.labels(spec.id).observe(duration)
+        self._count(spec.id, outcome, key, error or "", token=lease.token, duration=round(duration, 6))
+        result: dict[str, Any] = {"outcome": str(outcome), "kind": str(kind), "node_id": self.node_id,
+                                  "token": lease.token, "scheduled_at": scheduled_at.isoformat(),
+                                  "started_at": started.isoformat(), "duration_s": round(duration, 6),
+                                  "duration_ms": round(duration * 1000, 3)}
+        if error:
+            result["error"] = error
+        if value is not None:
+            result.update(_stored_value(value))
+        records = [RunRecord(key, lease.token, self.node_id, started.timestamp(), result)]
+        if kind is RunKind.RECOVERY:  # the recovered run is done: no later leader recovers it again
+            records.append(RunRecord(plain_key, lease.token, self.node_id, started.timestamp(),
+                                     {**result, "recovered_by": key}))
+        stored = None
+        for record in records:
+            stored = self.recorder.add(record, wait=kind is RunKind.MANUAL)
+        if stored is not None and not cancelled:
+            await stored
+        if cancelled:
+            raise asyncio.CancelledError
+        return outcome
+
+    async def _call_body(self, spec: JobSpec, ctx: RunContext) -> Any:
+        reset = current_run.set(ctx)
+        try:
+            if spec.is_async:
+                return await spec.func(ctx)
+            # a plain def runs in a thread, so it cannot block the loop the lease is renewed on
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._sync_pool, contextvars.copy_context().run, spec.func, ctx)
         finally:
             current_run.reset(reset)
-            self.inflight.discard(key)
-        duration = time.perf_counter() - t0
-        outcome = "ok" if error is None else "error"
-        self.metrics.duration.labels(job_id).observe(duration)
-        self._count(job_id, outcome, key, error or "", token=lease.token, duration=duration)
-        if self.claims:
-            result = {"outcome": outcome, "node_id": self.node_id, "token": lease.token,
-                      "started_at": started.isoformat(), "duration_s": round(duration, 6)}
-            if error:
-                result["error"] = error
-            stored = self.recorder.add(key, result)
-            if wait_record:
-                await stored
+
+    def _count(self, job_id: str, outcome: RunOutcome, key: str, detail: str, n: int = 1, **extra: Any) -> RunOutcome:
+        self.metrics.job_runs.labels(job_id, str(outcome)).inc(n)
+        level = logging.INFO if outcome in (RunOutcome.OK, RunOutcome.COALESCED, RunOutcome.HANDED_BACK) \
+            else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, "run %s", outcome, extra={"job": job_id, "key": key, "detail": detail, "count": n,
+                                                     **extra})
         return outcome
 
-    def _count(self, job_id: str, outcome: str, key: str, detail: str, **extra: Any) -> str:
-        self.metrics.job_runs.labels(job_id, outcome).inc()
-        level = logging.INFO if outcome == "ok" else logging.WARNING
-        log.log(level, "run %s", outcome, extra={"job": job_id, "key": key, "detail": detail, **extra})
-        return outcome
+    # -- what a new leader owes: catch-up and recovery -----------------------------------------
 
-    async def _catch_up(self, since: datetime) -> None:
-        """Fire each job's latest fire time in the last misfire grace that nobody claimed."""
-        start = since - timedelta(seconds=self.misfire_grace)
-        pending = []
+    async def _catch_up_and_recover(self, lease: Lease, now: datetime) -> None:
+        window = self.keeper.window
+        if window is None or not window.owned_by(lease.token):
+            if window is not None and window.token < lease.token and window.until_us > to_us(now):
+                log.warning("the previous leader's claim window reaches %s: its fire times until then are lost "
+                            "(at most once), recoverable ones are recovered", from_us(window.until_us).isoformat())
+            else:
+                log.warning("no claim window yet: no catch-up this time")
+        else:
+            await self._catch_up(lease, window, now)
+        await self._recover(lease)
+
+    async def _catch_up(self, lease: Lease, window: Window, now: datetime) -> None:
+        """Per job, run the latest unclaimed fire time within the grace; count the rest coalesced or missed."""
+        since = from_us(window.since_us)
+        if since > now:
+            return
+        look_from = max(since, now - timedelta(seconds=self.misfire_grace))
+        todo: list[tuple[str, datetime]] = []
         for job in self.scheduler.get_jobs():
             if job.id in self.paused_jobs:
                 continue
-            latest = latest_fire_time(job.trigger, start, since)
-            if latest is not None:
-                pending.append(self.fire(job.id, latest, catch_up=True))
-        for i in range(0, len(pending), 64):
-            await asyncio.gather(*pending[i:i + 64])
-        await self._recover()
+            if since < look_from:
+                missed = count_fire_times(job.trigger, since, look_from - timedelta(microseconds=1))
+                if missed:
+                    self._count(job.id, RunOutcome.MISSED, job.id, "fell between the last leader's window and "
+                                "the misfire grace", n=missed)
+            latest = latest_fire_time(job.trigger, look_from, now)
+            if latest is None:
+                continue
+            coalesced = count_fire_times(job.trigger, look_from, latest - timedelta(microseconds=1))
+            if coalesced:
+                self._count(job.id, RunOutcome.COALESCED, claim_key(job.id, latest),
+                            "folded into the catch-up run", n=coalesced)
+            todo.append((job.id, latest))
+        intents = {claim_key(job_id, t): to_us(t) for job_id, t in todo if self.jobs.specs[job_id].recover}
+        if intents:
+            self._intents.update(intents)
+            with contextlib.suppress(LockBackendError):  # without the intents a crash now runs these at most once
+                await self.backend.claim_window(lease, window.until_us, window.since_us, list(intents))
+        for i in range(0, len(todo), 256):
+            await asyncio.gather(*(self.fire(job_id, t, RunKind.CATCH_UP) for job_id, t in todo[i:i + 256]))
 
-    async def _recover(self) -> None:
-        """Run again, once, the recoverable runs a dead leader claimed but never reported."""
-        lease = self.elector.current_lease()
-        if lease is None or not self.claims:
-            return
+    async def _recover(self, lease: Lease) -> None:
+        """Run again, once, the recoverable runs a leader before this one claimed and never reported."""
         recoverable = {spec.id for spec in self.jobs if spec.recover}
-        if not recoverable:
+        window = self.keeper.window
+        if not recoverable or window is None or not window.owned_by(lease.token):
             return
         try:
-            runs = await self.backend.runs(self.lock_name, RECOVERY_SCAN)
+            open_runs = await self.backend.unfinished(self.lock_name, RECOVERY_SCAN)
         except LockBackendError as exc:
-            log.warning("could not list runs for recovery: %s", exc)
+            log.warning("could not list unfinished runs for recovery: %s", exc)
             return
-        reported = {r.key for r in runs if r.result is not None}
-        for run in runs:
+        busy = {b.key for b in window.busy}
+        for run in open_runs:
             parsed = parse_claim_key(run.key)
-            if (parsed is None or run.result is not None or run.token >= lease.token or "#" in run.key
-                    or run.key in self.inflight or run.key + RECOVERY_SUFFIX in reported):
+            if parsed is None or "#" in run.key or run.token >= lease.token:
                 continue
             job_id, scheduled_at = parsed
-            if job_id in recoverable and job_id not in self.paused_jobs:
-                log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id})
-                await self.fire(job_id, scheduled_at, recovery=True)
+            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in busy
+                    or run.key in self.running or to_us(scheduled_at) >= window.since_us):
+                continue
+            log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id,
+                                                               "token": run.token})
+            self.spawn(self.fire(job_id, scheduled_at, RunKind.RECOVERY))
+
+    def _intents_between(self, lo_us: int, hi_us: int) -> list[str]:
+        """Keys of the recoverable fire times in ``[lo_us, hi_us)`` this leader will run (for a new window)."""
+        keys: list[str] = []
+        now_us = int(clocks.time() * 1_000_000)
+        lo = from_us(max(lo_us, now_us))
+        hi = from_us(hi_us) - timedelta(microseconds=1)
+        if lo > hi:
+            return keys
+        for spec in self.jobs:
+            if not spec.recover or spec.id in self.paused_jobs:
+                continue
+            job = self.scheduler.get_job(spec.id)
+            if job is None:
+                continue
+            t = job.trigger.get_next_fire_time(None, lo)
+            while t is not None and t <= hi:
+                key = claim_key(spec.id, t)
+                self._intents[key] = to_us(t)
+                keys.append(key)
+                t = job.trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+        return keys
 
     # -- shared job state (pause/resume survive failover) ---------------------------------------
 
@@ -336,38 +662,65 @@ class GatedScheduler:
         self.paused_jobs = paused
 
     async def _sync_settings_forever(self) -> None:
-        """Keep the leader's paused set current (a pause may arrive through any node).
+        """Keep the leader's paused set current (a pause may arrive through any node), and close stale intents.
 
         Followers do not poll: they read the settings when they win and when
         asked for their job list, so an idle follower costs the backend nothing here.
+        Nothing that goes wrong here ends the loop: a store value that does not
+        decode is logged (once) and read again next time.
         """
+        complaint = ""
         while True:
             await asyncio.sleep(self.sync_period)
-            if not self.elector.is_leader:
+            if self._current_lease() is None:
                 continue
-            self._report_unfired()
+            self._close_stale_intents()
             try:
                 await self.refresh_settings()
-            except (LockBackendError, TimeoutError) as exc:
-                log.debug("settings sync failed: %s", exc)
+                complaint = ""
+            except Exception as exc:  # the loop must live: log, and look again next period
+                text = f"{type(exc).__name__}: {exc}"
+                if text != complaint:
+                    complaint = text
+                    log.warning("settings sync failed (will retry): %s", text)
 
-    def _report_unfired(self) -> None:
-        """Record pre-claims APScheduler never fired, so no later leader mistakes them for a crash."""
-        for key, pre in self.ahead.drop_stale().items():
-            if pre.answer.done() and pre.answer.result():
-                log.info("claimed ahead, never fired", extra={"job": pre.job_id, "key": key, "detail":
-                         "paused, removed or rescheduled, or its previous run was still going"})
-                self.recorder.add(key, {"outcome": "not fired", "node_id": self.node_id, "token": pre.token})
+    def _close_stale_intents(self) -> None:
+        """Record intents APScheduler never fired (paused, removed, rescheduled), so nobody recovers them later."""
+        horizon = int((clocks.time() - self.misfire_grace - 1.0) * 1_000_000)
+        stale = [(k, t) for k, t in self._intents.items() if t < horizon and k not in self.running]
+        for key, _ in stale:
+            del self._intents[key]
+            token = self.token or 0
+            self.recorder.add(RunRecord(key, token, self.node_id, clocks.time(),
+                                        {"outcome": str(RunOutcome.SKIPPED), "node_id": self.node_id,
+                                         "token": token, "detail": "claimed, never fired (paused, removed or "
+                                                                   "rescheduled)"}))
 
     def describe_jobs(self) -> list[dict[str, Any]]:
         out = []
+        now = clocks.utcnow()
         for job in self.scheduler.get_jobs():
             nxt = job.next_run_time
             if nxt is None and job.id not in self.paused_jobs:
-                nxt = job.trigger.get_next_fire_time(None, datetime.now(UTC))
+                nxt = job.trigger.get_next_fire_time(None, now)
             spec = self.jobs.specs.get(job.id)
             out.append({"id": job.id, "trigger": str(job.trigger),
                         "next_fire_time": nxt.isoformat() if nxt else None,
                         "paused": job.id in self.paused_jobs, "recover": bool(spec and spec.recover),
+                        "max_instances": spec.max_instances if spec else 1,
+                        "running": sum(1 for r in self.running.values() if r.job_id == job.id),
                         "description": spec.description if spec else ""})
         return out
+
+
+def _stored_value(value: Any) -> dict[str, Any]:
+    """A body's return value as stored beside its record: JSON up to ``RESULT_MAX_BYTES``, else why not."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return {"value_error": f"return value not stored: not JSON-serializable ({exc})"}
+    if len(text.encode()) > RESULT_MAX_BYTES:
+        return {"value_error": f"return value not stored: {len(text.encode())} bytes of JSON, "
+                               f"more than {RESULT_MAX_BYTES}"}
+    return {"value": value}
+

@@ -146,8 +146,9 @@ def test_admin_routes_metrics_and_runs(tmp_path: Path, sink: ProbeSink) -> None:
         r = httpx.get(f"{leader.url}/runs", params={"limit": "many"})
         assert r.status_code == 422 and "detail" in r.json()
         # recent runs come from the backend and are the same on every node
-        wait_until(lambda: len(httpx.get(f"{follower.url}/runs", params={"limit": 5}).json()) == 5, 10, "runs")
-        runs = httpx.get(f"{follower.url}/runs", params={"limit": 5}).json()
+        wait_until(lambda: len(httpx.get(f"{follower.url}/runs", params={"limit": 5}).json()["runs"]) == 5, 10,
+                   "runs")
+        runs = httpx.get(f"{follower.url}/runs", params={"limit": 5}).json()["runs"]
         assert [r["claimed_at"] for r in runs] == sorted((r["claimed_at"] for r in runs), reverse=True)
         # pause is held in the backend: it survives a failover
         assert httpx.post(f"{follower.url}/admin/jobs/probe-001/pause", headers=auth).status_code == 200

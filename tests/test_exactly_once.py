@@ -1,0 +1,405 @@
+"""Exactly once through every handoff, in process: real nodes (elector, gated scheduler) on the in-memory store.
+
+One test per hole of the exactly-once issue, each aimed at the worst moment.
+The real-process failover suite (tests/test_failover.py) repeats the handoffs
+on every real backend; the simulator (loadtest.sim) explores them by the
+thousand on virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from lock_backends import BackendUnavailable, Lease, RunQuery, Window
+from lock_backends.memory import MemoryBackend, drop_store
+from node.app import Node, create_app
+from node.config import Settings
+from node.jobs import INTERVAL_EPOCH, JobRegistry, JobSpec, RunContext, every
+from node.outcomes import RunKind, RunOutcome
+from tests.conftest import eventually
+
+TIMING = {"lease_ttl": 2.0, "renew_deadline": 1.4, "retry_period": 0.2, "misfire_grace": 10.0}
+
+
+class History:
+    """What the job bodies saw: every start, with its token and kind."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[str, datetime, str, int, RunKind]] = []
+        self.running: Counter[str] = Counter()
+        self.most_at_once: Counter[str] = Counter()
+
+    def body(self, seconds: float = 0.0, value: Any = None) -> Callable[[RunContext], Any]:
+        async def run(ctx: RunContext) -> Any:
+            self.starts.append((ctx.job_id, ctx.scheduled_at, ctx.node_id, ctx.token, ctx.kind))
+            self.running[ctx.job_id] += 1
+            self.most_at_once[ctx.job_id] = max(self.most_at_once[ctx.job_id], self.running[ctx.job_id])
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                self.running[ctx.job_id] -= 1
+            return value
+        return run
+
+    def fire_times(self, job: str) -> list[datetime]:
+        return sorted(t for j, t, *_ in self.starts if j == job)
+
+    def duplicates(self) -> list[tuple[str, datetime]]:
+        seen = Counter((j, t) for j, t, *_ in self.starts)
+        return [pair for pair, n in seen.items() if n > 1]
+
+
+def spec(job_id: str, interval: float, body: Callable[[RunContext], Any], **kw: Any) -> JobSpec:
+    return JobSpec(job_id, body, lambda tz, s=interval: every(s, tz), **kw)
+
+
+def fire_grid(interval: float, start: datetime, end: datetime) -> list[datetime]:
+    step = timedelta(seconds=interval)
+    n = -(-(start - INTERVAL_EPOCH) // step)
+    out = []
+    t = INTERVAL_EPOCH + n * step
+    while t <= end:
+        out.append(t)
+        t += step
+    return out
+
+
+def next_fire(interval: float, after: datetime) -> datetime:
+    step = timedelta(seconds=interval)
+    return INTERVAL_EPOCH + ((after - INTERVAL_EPOCH) // step + 1) * step
+
+
+class Cluster:
+    """Nodes sharing one in-memory store; a stopped node can be started again under its id."""
+
+    def __init__(self, jobs: Callable[[], Sequence[JobSpec]], backend: Callable[[str], Any] | None = None,
+                 **settings: Any) -> None:
+        self.store = f"once-{uuid.uuid4().hex[:8]}"
+        self.jobs = jobs
+        self.backend = backend
+        self.settings = {**TIMING, **settings}
+        self.nodes: dict[str, Node] = {}
+
+    async def start(self, node_id: str) -> Node:
+        registry = JobRegistry()
+        for s in self.jobs():
+            registry.add(s)
+        node = Node(Settings(node_id=node_id, lock_url=f"memory://{self.store}", demo_jobs=False,
+                             **self.settings), registry)
+        if self.backend is not None:
+            node.backend.inner = self.backend(self.store)
+        self.nodes[node_id] = node
+        await node.start()
+        return node
+
+    async def leader(self, within: float = 10.0, exclude: Node | None = None) -> Node:
+        async def one() -> Node | None:
+            leaders = [n for n in self.nodes.values() if n is not exclude and n.elector.is_leader]
+            return leaders[0] if len(leaders) == 1 else None
+        found, _ = await eventually("a single leader", one, within=within, every=0.01)
+        return found
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            with contextlib.suppress(Exception):
+                await node.stop()
+        drop_store(self.store)
+
+
+@pytest.fixture
+async def make_cluster() -> AsyncIterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(*args: Any, **kw: Any) -> Cluster:
+        made.append(Cluster(*args, **kw))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        await cluster.close()
+
+
+async def sleep_until(t: datetime) -> None:
+    await asyncio.sleep(max(0.0, (t - datetime.now(UTC)).total_seconds()))
+
+
+def runs_of(node: Node, outcome: RunOutcome, job: str) -> float:
+    return node.metrics.registry.get_sample_value("baton_job_runs_total", {"job": job, "outcome": str(outcome)}) or 0
+
+
+# -- hole 1: a graceful stop (or step-down) just before a fire time lost the run ------------------
+
+
+@pytest.mark.parametrize("aim", [0.08, 0.03])
+@pytest.mark.parametrize("how", ["stop", "step-down"])
+async def test_a_handoff_just_before_a_fire_time_loses_nothing_and_runs_nothing_twice(
+        make_cluster: Callable[..., Cluster], how: str, aim: float) -> None:
+    """The handoff lands ``aim`` seconds before a fire time: inside the leader's claim window."""
+    history = History()
+    interval = 0.6
+    cluster = make_cluster(lambda: [spec("sparse", interval, history.body()),
+                                    spec("long", 1.2, history.body(0.9)),
+                                    spec("recover", interval, history.body(0.1), recover=True)])
+    await cluster.start("a")
+    await cluster.leader()
+    await cluster.start("b")
+    first = next_fire(interval, datetime.now(UTC))
+    for _ in range(4):
+        leader = await cluster.leader()
+        target = next_fire(interval, datetime.now(UTC) + timedelta(seconds=0.2))
+        await sleep_until(target - timedelta(seconds=aim))
+        if how == "stop":
+            await leader.stop()
+            await cluster.start(leader.settings.node_id)
+        else:
+            assert await leader.step_down()
+        await cluster.leader(exclude=leader if how == "stop" else None)
+        await sleep_until(target + timedelta(seconds=0.3))
+    last = datetime.now(UTC) - timedelta(seconds=1.5)
+    assert history.duplicates() == []
+    for job, every_s in (("sparse", interval), ("recover", interval), ("long", 1.2)):
+        expected = fire_grid(every_s, first, last)
+        ran = set(history.fire_times(job))
+        assert [t for t in expected if t not in ran] == [], job
+
+
+# -- hole 2: a claim applied whose answer was lost was skipped and counted "duplicate" -------------
+
+
+class LosesAnswers(MemoryBackend):
+    """Applies every few claims, then raises as if the answer had been lost on the way back."""
+
+    def __init__(self, store: str, every_nth: int = 3) -> None:
+        from lock_backends.memory import store as named
+
+        super().__init__(named(store), MemoryBackend.from_url(f"memory://{store}").options)
+        self.every_nth = every_nth
+        self.calls = 0
+        self.lost = 0
+
+    async def claim_window(self, lease: Lease, until_us: int, start_us: int,
+                           intents: Sequence[str] = ()) -> Window | None:
+        window = await super().claim_window(lease, until_us, start_us, intents)
+        self.calls += 1
+        if self.calls % self.every_nth == 0:
+            self.lost += 1
+            raise BackendUnavailable("answer lost after the write applied", backend="memory", address="lossy")
+        return window
+
+
+async def test_a_claim_whose_answer_was_lost_still_runs_once(make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    lossy: list[LosesAnswers] = []
+
+    def backend(store: str) -> LosesAnswers:
+        lossy.append(LosesAnswers(store))
+        return lossy[-1]
+
+    cluster = make_cluster(lambda: [spec(f"j{i}", 0.2, history.body()) for i in range(3)], backend=backend)
+    node = await cluster.start("a")
+    start = datetime.now(UTC) + timedelta(seconds=0.5)
+    await asyncio.sleep(3.0)
+    end = datetime.now(UTC) - timedelta(seconds=0.5)
+    assert lossy[0].lost >= 3
+    assert history.duplicates() == []
+    for i in range(3):
+        assert [t for t in fire_grid(0.2, start, end) if t not in set(history.fire_times(f"j{i}"))] == []
+        assert runs_of(node, RunOutcome.DUPLICATE, f"j{i}") == 0
+
+
+# -- hole 3: an unexpected exception in the claim path left runs waiting forever --------------------
+
+
+class RaisesForAWhile(MemoryBackend):
+    def __init__(self, store: str, error: Exception) -> None:
+        from lock_backends.memory import store as named
+
+        super().__init__(named(store), MemoryBackend.from_url(f"memory://{store}").options)
+        self.error = error
+        self.broken = False
+
+    async def claim_window(self, lease: Lease, until_us: int, start_us: int,
+                           intents: Sequence[str] = ()) -> Window | None:
+        if self.broken:
+            await asyncio.sleep(0)
+            raise self.error
+        return await super().claim_window(lease, until_us, start_us, intents)
+
+
+async def test_an_unexpected_error_in_the_claim_path_leaves_no_run_waiting(
+        make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    broken: list[RaisesForAWhile] = []
+
+    def backend(store: str) -> RaisesForAWhile:
+        broken.append(RaisesForAWhile(store, ValueError("undecodable record")))
+        return broken[-1]
+
+    cluster = make_cluster(lambda: [spec("tick", 0.2, history.body())], backend=backend, misfire_grace=1.0)
+    node = await cluster.start("a")
+    await cluster.leader()
+    await asyncio.sleep(0.5)
+    broken[0].broken = True
+    await asyncio.sleep(2.0)
+    # every fire time of the outage older than the misfire grace ended with an outcome: none waits on a
+    # claim that cannot come (younger ones may still wait, within the grace)
+    horizon = int((datetime.now(UTC).timestamp() - 1.0 - 0.3) * 1_000_000)
+    assert [t for t in node.scheduler._pending.values() if t < horizon] == []
+    assert runs_of(node, RunOutcome.MISSED, "tick") + runs_of(node, RunOutcome.FENCED, "tick") > 0
+    broken[0].broken = False
+    before = len(history.fire_times("tick"))
+
+    async def resumed() -> bool | None:
+        return True if len(history.fire_times("tick")) >= before + 3 else None
+
+    await eventually("runs after the store healed", resumed, within=10)
+    assert history.duplicates() == []
+
+
+# -- hole 4: a recoverable run still going at a step-down was recovered beside itself ----------------
+
+
+async def test_a_recoverable_run_still_going_at_a_step_down_is_not_run_again(
+        make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("nightly", 4.0, history.body(2.5), recover=True)])
+    a = await cluster.start("a")
+    await cluster.leader()
+    b = await cluster.start("b")
+
+    async def started() -> bool | None:
+        return True if history.running["nightly"] else None
+
+    await eventually("the recoverable body runs", started, within=10, every=0.01)
+    assert await a.step_down()
+    await cluster.leader(exclude=a)
+    await asyncio.sleep(3.0)  # the body ends on a; b must not have started it again meanwhile
+    assert history.duplicates() == []
+    assert [k for *_, k in history.starts].count(RunKind.RECOVERY) == 0
+    assert runs_of(b, RunOutcome.OK, "nightly") + runs_of(a, RunOutcome.OK, "nightly") >= 1
+
+
+async def test_a_crashed_leaders_recoverable_run_is_run_again(make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("nightly", 3.0, history.body(5.0), recover=True)])
+    a = await cluster.start("a")
+    await cluster.leader()
+    await cluster.start("b")
+
+    async def started() -> bool | None:
+        return True if history.running["nightly"] else None
+
+    await eventually("the recoverable body runs", started, within=10, every=0.01)
+    crashed = history.starts[-1]
+    # a crash: the node's tasks stop, its lease is never released, its store client is gone
+    a.elector._task.cancel()  # type: ignore[union-attr]
+    a.scheduler.scheduler.shutdown(wait=False)
+    for run in list(a.scheduler.running.values()):
+        assert run.task is not None
+        run.task.cancel()
+    await a.backend.close()
+    del cluster.nodes["a"]
+
+    async def recovered() -> bool | None:
+        return True if any(k is RunKind.RECOVERY and t == crashed[1] for _, t, _, _, k in history.starts) else None
+
+    await eventually("the next leader recovers the run", recovered, within=15)
+
+
+# -- hole 5: max_instances was per process, not per cluster -------------------------------------------
+
+
+async def test_max_instances_holds_across_a_step_down(make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("long", 0.5, history.body(2.0))])
+    a = await cluster.start("a")
+    await cluster.leader()
+    b = await cluster.start("b")
+
+    async def started() -> bool | None:
+        return True if history.running["long"] else None
+
+    await eventually("the long body runs", started, within=10, every=0.01)
+    assert await a.step_down()
+    await asyncio.sleep(4.5)
+    assert history.most_at_once["long"] == 1
+    skipped = runs_of(a, RunOutcome.SKIPPED, "long") + runs_of(b, RunOutcome.SKIPPED, "long")
+    assert skipped >= 2  # each skip is counted, never silent
+
+
+async def test_a_catch_up_run_and_the_first_scheduled_run_do_not_overlap(
+        make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("long", 0.3, history.body(1.0))])
+    a = await cluster.start("a")
+    await cluster.leader()
+    await a.stop()  # the window ends here; fire times pile up until the next leader
+    await asyncio.sleep(1.0)
+    b = await cluster.start("b")
+    await cluster.leader()
+    await asyncio.sleep(2.0)
+    kinds = [k for j, *_, k in history.starts if j == "long"]
+    assert RunKind.CATCH_UP in kinds
+    assert history.most_at_once["long"] == 1
+    assert runs_of(b, RunOutcome.COALESCED, "long") >= 1
+
+
+async def test_a_manual_run_respects_pause_and_max_instances(make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("report", 3600.0, history.body(0.3, {"rows": 42}))],
+                           admin_token="s3cret")
+    node = await cluster.start("a")
+    await cluster.leader()
+    app = create_app(node)
+    auth = {"Authorization": "Bearer s3cret"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        assert (await client.post("/admin/jobs/report/pause", headers=auth)).status_code == 200
+        refused = await client.post("/admin/jobs/report/run", headers=auth)
+        assert refused.status_code == 409 and "force" in refused.json()["detail"]
+        forced = await client.post("/admin/jobs/report/run?force=true", headers=auth)
+        assert forced.status_code == 200 and forced.json()["outcome"] == "ok"
+        # two at once: the second finds the first still running (max_instances=1 across the cluster)
+        first, second = await asyncio.gather(client.post("/admin/jobs/report/run?force=true", headers=auth),
+                                             client.post("/admin/jobs/report/run?force=true", headers=auth))
+        assert sorted([first.status_code, second.status_code]) == [200, 409]
+        runs = (await client.get("/runs", params={"job": "report", "outcome": "ok"})).json()["runs"]
+        assert len(runs) == 2 and runs[0]["result"]["value"] == {"rows": 42}
+        assert runs[0]["result"]["kind"] == "manual"
+
+
+# -- hole 6: shutdown cut running bodies after 5 s and lost their outcome -----------------------------
+
+
+async def test_shutdown_waits_for_bodies_up_to_the_grace_and_records_what_it_cut(
+        make_cluster: Callable[..., Cluster]) -> None:
+    history = History()
+    cluster = make_cluster(lambda: [spec("short", 3600.0, history.body(1.0)),
+                                    spec("endless", 3600.0, history.body(60.0))])
+    node = await cluster.start("a")
+    node.scheduler.shutdown_grace = 1.5  # BATON_SHUTDOWN_GRACE
+    await cluster.leader()
+    now = datetime.now(UTC)
+    node.scheduler.spawn(node.scheduler.fire("short", now, RunKind.MANUAL))
+    node.scheduler.spawn(node.scheduler.fire("endless", now, RunKind.MANUAL))
+
+    async def both() -> bool | None:
+        return True if history.running["short"] and history.running["endless"] else None
+
+    await eventually("both bodies run", both, within=5, every=0.01)
+    t0 = asyncio.get_running_loop().time()
+    await node.stop()
+    took = asyncio.get_running_loop().time() - t0
+    assert 1.4 <= took < 10
+    reader = MemoryBackend.from_url(f"memory://{cluster.store}")
+    outcomes = {r.job_id: r.outcome for r in await reader.runs("baton", RunQuery(limit=10))}
+    assert outcomes == {"short": "ok", "endless": "cancelled"}
+    del cluster.nodes["a"]
