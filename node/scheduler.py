@@ -155,8 +155,10 @@ class GatedScheduler:
         self.sync_period = sync_period
         self.shutdown_grace = shutdown_grace
         self.paused_jobs: set[str] = set()
-        #: Bodies running on this node, whatever leadership started them.
+        #: Bodies running on this node, whatever leadership started them (by key, and keys by job).
         self.running: dict[str, Running] = {}
+        self._running_keys: dict[str, set[str]] = {}
+        self._recoverable = [spec for spec in jobs if spec.recover]
         #: The token of the current leadership, None while following.
         self.token: int | None = None
         self._lease: Lease | None = None
@@ -431,11 +433,11 @@ class GatedScheduler:
 
     def _over_limit(self, spec: JobSpec) -> Refusal | None:
         """The job's ``max_instances`` across the cluster: runs here plus runs a predecessor handed over."""
-        keys = {r.key for r in self.running.values() if r.job_id == spec.id}
+        keys = self._running_keys.get(spec.id, set())
         window = self.keeper.window
-        if window is not None:
+        if window is not None and window.busy:
             now_us = int(clocks.time() * 1_000_000)
-            keys |= {b.key for b in window.busy if b.job_id == spec.id and b.until_us > now_us}
+            keys = keys | {b.key for b in window.busy if b.job_id == spec.id and b.until_us > now_us}
         if len(keys) >= spec.max_instances:
             return Refusal(RunOutcome.SKIPPED, f"max_instances: {len(keys)} run(s) of this job still going in the "
                                                "cluster")
@@ -490,6 +492,7 @@ class GatedScheduler:
                 self._settled.set()
         self._intents.pop(plain_key, None)
         entry = self.running[key] = Running(spec.id, key, t_us, kind, lease.token)
+        self._running_keys.setdefault(spec.id, set()).add(key)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
         ctx = RunContext(spec.id, scheduled_at, lease.token, self.node_id, key, kind)
         body = asyncio.ensure_future(self._call_body(spec, ctx))
@@ -507,6 +510,7 @@ class GatedScheduler:
             outcome, error = RunOutcome.ERROR, f"{type(exc).__name__}: {exc}"
         finally:
             self.running.pop(key, None)
+            self._running_keys[spec.id].discard(key)
         duration = clocks.monotonic() - t0
         self.metrics.duration.labels(spec.id).observe(duration)
         self._count(spec.id, outcome, key, error or "", token=lease.token, duration=round(duration, 6))
@@ -628,8 +632,8 @@ class GatedScheduler:
         hi = from_us(hi_us) - timedelta(microseconds=1)
         if lo > hi:
             return keys
-        for spec in self.jobs:
-            if not spec.recover or spec.id in self.paused_jobs:
+        for spec in self._recoverable:
+            if spec.id in self.paused_jobs:
                 continue
             job = self.scheduler.get_job(spec.id)
             if job is None:
@@ -708,7 +712,7 @@ class GatedScheduler:
                         "next_fire_time": nxt.isoformat() if nxt else None,
                         "paused": job.id in self.paused_jobs, "recover": bool(spec and spec.recover),
                         "max_instances": spec.max_instances if spec else 1,
-                        "running": sum(1 for r in self.running.values() if r.job_id == job.id),
+                        "running": len(self._running_keys.get(job.id, ())),
                         "description": spec.description if spec else ""})
         return out
 
