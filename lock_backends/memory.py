@@ -61,8 +61,9 @@ class MemoryStore:
 
     def __init__(self, name: str = "", server_clock: clocks.Clock | None = None) -> None:
         self.name = name
-        #: The store's own clock; by default whatever clock is in force where it was made.
-        self.clock = server_clock or clocks.current()
+        #: The store's own clock (a simulated server's, under the simulator); the host's by default, never
+        #: the clock of whichever node happened to open the store first.
+        self.clock = server_clock or clocks.SYSTEM
         self.locks: dict[str, LockState] = {}
         self.nonces = 0
 

@@ -34,6 +34,7 @@ from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
 from node.scheduler import GatedScheduler
+from node.skew import SkewMonitor
 
 JobId = Annotated[str, Path(min_length=1, max_length=200)]
 
@@ -51,13 +52,16 @@ class Node:
         self.backend = InstrumentedBackend(raw_backend, self.metrics)
         self.holder = Holder(settings.node_id, settings.advertise_url)
         self.started_at = time.monotonic()
+        self.skew = SkewMonitor(self.backend, self.metrics, max_skew=getattr(settings, "max_clock_skew", 1.0),
+                                period=max(1.0, settings.retry_period * 5))
         naive = settings.claims == "off"  # the checker's negative control: see node.naive
         elector_cls = NaiveElector if naive else Elector
         self.elector: Elector = elector_cls(
             self.backend,
             ElectionConfig(settings.lock_name, self.holder, settings.lease_ttl, settings.renew_deadline,
                            settings.retry_period),
-            on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading)
+            on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading,
+            eligible=self.skew.refusal)
         registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
         self._http: httpx.AsyncClient | None = None
         if settings.probe_jobs and settings.probe_url:
@@ -95,6 +99,9 @@ class Node:
         # What exists now lives as long as the node. Left in the collector, it makes every full
         # pass walk it: with thousands of jobs that is a stall of tens of ms, straight into fire lag.
         gc.freeze()
+        self.skew.start()
+        # a first look at the clock before campaigning, so a skewed node does not win in the meantime
+        await self.skew.wait_first(self.backend.options.op_timeout * 4)
         self.elector.start()
 
     def hand_over(self) -> asyncio.Task[None]:
@@ -121,6 +128,7 @@ class Node:
 
     async def stop(self) -> None:
         await self.hand_over()
+        await self.skew.stop()
         await self.scheduler.shutdown()
         if self._http is not None:
             await self._http.aclose()
@@ -143,6 +151,8 @@ class Node:
             "lease_remaining_s": round(self.elector.lease_remaining(), 3),
             "claim_window_until": from_us(window.until_us).isoformat() if window and window.until_us else None,
             "running": len(self.scheduler.running),
+            "clock_skew_s": round(self.skew.skew.seconds, 4) if self.skew.skew else None,
+            "may_lead": self.elector.ineligible() is None,
             "backend": self.backend.kind,
             "claims": self.settings.claims,
         }
@@ -196,6 +206,10 @@ def create_app(node: Node) -> FastAPI:
         if believed is not None and (node.elector.renew_failing or not node.elector.is_leader):
             return JSONResponse({"status": "unhealthy", "reason": "leading but the lease could not be renewed"},
                                 status_code=503)
+        skew = node.skew.skew
+        if skew is not None and skew.exceeds(node.skew.max_skew):
+            return JSONResponse({"status": "unhealthy", "reason": node.skew.refusal(),
+                                 "clock_skew_s": round(skew.seconds, 3)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")

@@ -62,9 +62,12 @@ class Elector:
                  on_started_leading: Callback | None = None,
                  on_stopped_leading: Callback | None = None,
                  clock: Callable[[], float] = clocks.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 eligible: Callable[[], str | None] | None = None) -> None:
         self.backend = backend
         self.config = config
+        #: Asked before every campaign and every renew: a reason not to lead now (a skewed clock), or None.
+        self._eligible = eligible or (lambda: None)
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
         self._clock = clock
@@ -155,9 +158,17 @@ class Elector:
             await asyncio.wait_for(self._stopping.wait(), timeout=max(0.0, seconds))
         return self._stopping.is_set()
 
+    def ineligible(self) -> str | None:
+        """Why this node may not lead right now (it neither campaigns nor keeps a lease), or None."""
+        return self._eligible()
+
     async def _campaign(self) -> Lease | None:
         cfg = self.config
         while not self._stopping.is_set():
+            if self._eligible() is not None:
+                if await self._sleep(self._jittered(cfg.retry_period)):
+                    return None
+                continue
             try:
                 lease = await self.backend.acquire(cfg.name, cfg.holder, cfg.ttl)
                 if lease is not None:
@@ -228,6 +239,9 @@ class Elector:
                 stop.cancel()
             if done:
                 return  # stepping down or stopping: the caller releases
+            if (why := self._eligible()) is not None:
+                log.warning("stepping down: %s", why)
+                return
             if self._clock() >= min(give_up, lease.deadline):
                 log.warning("lease deadline passed before a renew could run (starved loop?); stepping down")
                 return

@@ -13,6 +13,8 @@ scheduler for about half a second, and with 10,000 jobs for six.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -37,6 +39,7 @@ METRIC_NAMES = (
     "baton_lock_ops_total",
     "baton_lock_op_seconds",
     "baton_run_records_dropped_total",
+    "baton_clock_skew_seconds",
 )
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -68,6 +71,25 @@ class Metrics:
         self.records_dropped = Counter("baton_run_records_dropped_total",
                                        "Run records never written: the queue overflowed or the store refused them",
                                        registry=r)
+
+        self.clock_skew = Gauge("baton_clock_skew_seconds",
+                                "This node's wall clock minus the lock store's (positive: ahead), last measured",
+                                registry=r)
+        self._runs: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def runs_of(self, job: str, outcome: str) -> Any:
+        """The ``baton_job_runs_total`` child for (job, outcome), looked up once: ``labels()`` is slow per run."""
+        child = self._runs.get((job, outcome))
+        if child is None:
+            child = self._runs[(job, outcome)] = self.job_runs.labels(job, str(outcome))
+        return child
+
+    def duration_of(self, job: str) -> Any:
+        child = self._durations.get(job)
+        if child is None:
+            child = self._durations[job] = self.duration.labels(job)
+        return child
 
     def lock_op(self, op: str, result: str, seconds: float) -> None:
         self.lock_ops.labels(self.backend, op, result).inc()

@@ -64,6 +64,7 @@ from node.jobs import (
     latest_fire_time,
     parse_claim_key,
 )
+from node.jobstore import BatonJobStore
 from node.metrics import Metrics
 from node.outcomes import RunKind, RunOutcome
 
@@ -81,6 +82,10 @@ RESULT_MAX_BYTES = 16 * 1024
 STRAGGLER_WAIT = 2.0
 #: Busy entries outlive the shutdown grace by this much, so the next leader never undercounts.
 BUSY_SLACK = 5.0
+
+
+#: Outcomes of a healthy cluster's ordinary life, logged at info; the others are warnings.
+_ROUTINE = (RunOutcome.COALESCED, RunOutcome.HANDED_BACK, RunOutcome.SKIPPED)
 
 
 class UnknownJob(KeyError):
@@ -182,8 +187,10 @@ class GatedScheduler:
         self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout,
                                     on_dropped=metrics.records_dropped.inc)
         self.executor = FireTimeExecutor(self._fire_scheduled, self._submitted)
+        self.store = BatonJobStore()
         self.scheduler = AsyncIOScheduler(
             timezone=timezone,
+            jobstores={"default": self.store},
             executors={"default": self.executor},
             job_defaults={"max_instances": APSCHEDULER_INSTANCES, "coalesce": True,
                           "misfire_grace_time": int(max(1, misfire_grace))},
@@ -244,11 +251,8 @@ class GatedScheduler:
         with contextlib.suppress(LockBackendError, TimeoutError):
             await self.refresh_settings()
         now = clocks.utcnow()
-        for job in self.scheduler.get_jobs():
-            if job.id in self.paused_jobs:
-                continue
-            # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic
-            job.modify(next_run_time=job.trigger.get_next_fire_time(None, now + timedelta(microseconds=1)))
+        # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic
+        await self.store.realign(now + timedelta(microseconds=1))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.keeper.open(lease), timeout=max(0.05, lease.ttl / 4))
         self.scheduler.resume()
@@ -495,14 +499,13 @@ class GatedScheduler:
         self._running_keys.setdefault(spec.id, set()).add(key)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
         ctx = RunContext(spec.id, scheduled_at, lease.token, self.node_id, key, kind)
-        body = asyncio.ensure_future(self._call_body(spec, ctx))
-        entry.task = body
+        entry.task = asyncio.current_task()  # what a shutdown past its grace cancels
         t0 = clocks.monotonic()
         error: str | None = None
         value: Any = None
         cancelled = False
         try:
-            value = await body
+            value = await self._call_body(spec, ctx)
             outcome = RunOutcome.OK
         except asyncio.CancelledError:
             outcome, error, cancelled = RunOutcome.CANCELLED, "cancelled at shutdown, after the shutdown grace", True
@@ -512,7 +515,7 @@ class GatedScheduler:
             self.running.pop(key, None)
             self._running_keys[spec.id].discard(key)
         duration = clocks.monotonic() - t0
-        self.metrics.duration.labels(spec.id).observe(duration)
+        self.metrics.duration_of(spec.id).observe(duration)
         self._count(spec.id, outcome, key, error or "", token=lease.token, duration=round(duration, 6))
         result: dict[str, Any] = {"outcome": str(outcome), "kind": str(kind), "node_id": self.node_id,
                                   "token": lease.token, "scheduled_at": scheduled_at.isoformat(),
@@ -547,9 +550,9 @@ class GatedScheduler:
             current_run.reset(reset)
 
     def _count(self, job_id: str, outcome: RunOutcome, key: str, detail: str, n: int = 1, **extra: Any) -> RunOutcome:
-        self.metrics.job_runs.labels(job_id, str(outcome)).inc(n)
-        level = logging.INFO if outcome in (RunOutcome.OK, RunOutcome.COALESCED, RunOutcome.HANDED_BACK) \
-            else logging.WARNING
+        self.metrics.runs_of(job_id, outcome).inc(n)
+        # a line per successful run would cost more than the run at thousands a second: those are debug
+        level = logging.DEBUG if outcome is RunOutcome.OK else logging.INFO if outcome in _ROUTINE else logging.WARNING
         if log.isEnabledFor(level):
             log.log(level, "run %s", outcome, extra={"job": job_id, "key": key, "detail": detail, "count": n,
                                                      **extra})
