@@ -1,4 +1,4 @@
-"""The two Redis traps DESIGN.md names, shown on real servers.
+"""The two Redis traps docs/design.md names, shown on real servers.
 
 1. redis-py's ``Lock`` has no fencing token: a holder whose lock expired while
    it was stalled still runs its critical section, and nothing downstream can

@@ -1,6 +1,6 @@
 """A holder stopped with SIGSTOP loses the lock within about one TTL, and is fenced after SIGCONT.
 
-This is the trap DESIGN.md warns of: a paused process keeps its TCP
+This is the trap docs/design.md warns of: a paused process keeps its TCP
 connection (and, on PostgreSQL, its session and advisory lock) alive unless the
 backend ends idle sessions. The holder runs in a real subprocess.
 """
