@@ -72,11 +72,14 @@ class WindowKeeper:
     """Keeps the leader's claim window ``lead`` ahead of the wall clock, one fenced operation per refill."""
 
     def __init__(self, backend: ClaimStore, *, max_lead: float, current_lease: Callable[[], Lease | None],
-                 intents: Callable[[int, int], Sequence[str]]) -> None:
+                 intents: Callable[[int, int], Sequence[str]],
+                 next_fire: Callable[[], int | None] = lambda: None) -> None:
         self.backend = backend
         self.max_lead = max_lead
         self.current_lease = current_lease
         self.intents = intents
+        #: The earliest fire time the scheduler has coming (us), or None: an idle leader claims nothing.
+        self.next_fire = next_fire
         #: The last window the store answered for this leadership (None before the first).
         self.window: Window | None = None
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -172,17 +175,23 @@ class WindowKeeper:
             target = min(max(now_us + lead_us, wanted), reach_us) if lead_us else min(wanted, reach_us)
             # the frontier: our window's end, or a predecessor's that reaches further ahead than we ask
             until = window.until_us if window is not None else 0
-            refill = lead_us and until - now_us < lead_us * REFILL_SHARE
+            nxt = self.next_fire()
+            # refill while fire times keep coming inside the window; past it, only once the next one is near
+            busy = nxt is not None and nxt < until
+            due = nxt is not None and nxt < now_us + lead_us
+            refill = lead_us and (until - now_us < lead_us * REFILL_SHARE if busy else due)
             if target > until and (refill or wanted > until):
                 await self._advance(lease, target, now_us)
                 self._release_waiters()
                 continue
             if self._stopping:
                 break
-            # sleep until the window needs a refill, or a run asks for more
+            # sleep until the window needs a refill, the next fire time nears, or a run asks for more
             sleep = MAX_SLEEP
-            if lead_us and until:
+            if lead_us and busy:
                 sleep = min(sleep, max(0.001, (until - now_us - lead_us * REFILL_SHARE) / US))
+            elif lead_us and nxt is not None:
+                sleep = min(sleep, max(0.001, (nxt - now_us - lead_us) / US))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sleep)

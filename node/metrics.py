@@ -1,4 +1,4 @@
-"""Prometheus metrics, named by Prometheus conventions (docs/design.md): ``_total`` counters, ``_seconds`` in base units.
+"""Prometheus metrics, by Prometheus conventions (docs/design.md): ``_total`` counters, ``_seconds`` in base units.
 
 One registry per node object (not the global default), so tests can run
 several nodes in one process; the process collector is added to it.

@@ -183,7 +183,7 @@ class GatedScheduler:
         self._sync_pool = ThreadPoolExecutor(max_workers=sync_workers, thread_name_prefix="baton-job")
         op_timeout = backend.options.op_timeout
         self.keeper = WindowKeeper(backend, max_lead=claim_ahead, current_lease=self._current_lease,
-                                   intents=self._intents_between)
+                                   intents=self._intents_between, next_fire=self._next_fire_us)
         self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout,
                                     on_dropped=metrics.records_dropped.inc)
         self.executor = FireTimeExecutor(self._fire_scheduled, self._submitted)
@@ -234,6 +234,10 @@ class GatedScheduler:
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- elector callbacks -----------------------------------------------------------------
+
+    def _next_fire_us(self) -> int | None:
+        nxt = self.store.get_next_run_time()
+        return None if nxt is None else to_us(nxt)
 
     def _current_lease(self) -> Lease | None:
         lease = self.elector.current_lease()

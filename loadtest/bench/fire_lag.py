@@ -57,6 +57,8 @@ TARGET_BACKENDS = ("redis", "postgres")
 ROUNDS = 3
 QUICK_ROUNDS = 1
 PLAIN = "apscheduler3 (single process)"
+#: Store operations whose mean cost the section reports: the claim window's refills and the record batches.
+COST_OPS = ("claim_window", "record_batch")
 #: Bounds on one measurement, so an overloaded backend shows up as a note, not as a hung benchmark.
 STOP_TIMEOUT = 15.0
 SLACK = 60.0
@@ -163,7 +165,7 @@ def op_costs(node: Node) -> dict[str, Any]:
     """Mean claim and record latency from the node's own metrics: where a run's time goes."""
     registry = node.metrics.registry
     out: dict[str, Any] = {}
-    for op in ("claim", "record", "claim_batch", "record_batch"):
+    for op in COST_OPS:
         labels = {"backend": node.metrics.backend, "op": op}
         count = registry.get_sample_value("baton_lock_op_seconds_count", labels) or 0.0
         total = registry.get_sample_value("baton_lock_op_seconds_sum", labels) or 0.0
@@ -302,7 +304,7 @@ def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     if not total:
         return more
     out = dict(total)
-    for op in ("claim", "record", "claim_batch", "record_batch"):
+    for op in COST_OPS:
         n1, n2 = total.get(f"{op}_ops", 0), more.get(f"{op}_ops", 0)
         m1, m2 = total.get(f"{op}_mean_ms") or 0.0, more.get(f"{op}_mean_ms") or 0.0
         out[f"{op}_ops"] = n1 + n2
@@ -318,8 +320,9 @@ def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: dict[str, dict[str, Any]],
            failed: dict[str, str], split: tuple[set[int], set[int]] | None = None) -> SectionResult:
-    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio | claim / record batch mean ms "
-             "| claim retries |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio "
+             "| claim window / record batch mean ms | claim retries |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
 
     def ms(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
@@ -328,7 +331,7 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
         for system, r in row.items():
             name, backend = (PLAIN, "-") if system == PLAIN else ("baton", system)
             ratio = "1.00" if system == PLAIN else ms(r.get("ratio_p99"))
-            costs = "" if system == PLAIN else (f"{ms(r.get('claim_batch_mean_ms'))} / "
+            costs = "" if system == PLAIN else (f"{ms(r.get('claim_window_mean_ms'))} / "
                                                 f"{ms(r.get('record_batch_mean_ms'))}")
             retried = "" if system == PLAIN else str(r.get("claim_retries", "n/a"))
             if r.get("retry_reasons"):
@@ -357,9 +360,9 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
               f"fire times per system pooled over the rounds; {cores}. "
               f"Lag: body start minus scheduled fire time. Ratio: Baton p99 / plain p99 at the same rate. "
               f"Saturated: fewer than 90% of the fire times ran, or the median lag passed half the interval. "
-              f"Claim and record batch means come from the node's own `baton_lock_op_seconds` (ops "
-              f"`claim_batch`, `record_batch`); claim retries are fire-time claims the backend refused to serve "
-              f"(the scheduler retries them with a 50 ms+ back-off), with the most frequent reason.")
+              f"Claim-window and record-batch means come from the node's own `baton_lock_op_seconds` (ops "
+              f"`claim_window`, `record_batch`); claim retries are claims the backend did not answer "
+              f"(retried with a back-off), with the most frequent reason.")
     failures = [f"**{kind} failed:** {error}" for kind, error in failed.items()]
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "",
                           f"Target at {TARGET_RATE:,} runs/s:", "",

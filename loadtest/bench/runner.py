@@ -1,6 +1,6 @@
 """``python -m loadtest bench``: run the benchmark sections, write report.md, report.json and plots.
 
-    python -m loadtest bench [--quick] [--out DIR] [--sections failover,fire_lag,load,scale,peers]
+    python -m loadtest bench [--quick] [--out DIR] [--sections failover,fire_lag,burst,load,scale,peers]
                              [--backends file,redis,postgres,etcd] [--seed N] [--rounds N] [--keep-work]
 
 Each section is a module ``loadtest.bench.<name>`` with ``run(ctx) -> SectionResult``
@@ -32,9 +32,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loadtest.bench.base import BenchContext, SectionResult
 from loadtest.bench.report import SectionOutcome, merge_verdict, verdict_markdown, write_report
+from lock_backends.registry import SHARED
 
-SECTIONS = ("failover", "fire_lag", "load", "scale", "peers")
-BACKENDS = ("file", "redis", "postgres", "etcd")
+SECTIONS = ("failover", "fire_lag", "burst", "load", "scale", "peers")
+BACKENDS = SHARED
 #: Error lines in the report are cut here; the full traceback is in the scratch folder.
 ERROR_LINE_LIMIT = 300
 
