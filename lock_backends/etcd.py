@@ -158,7 +158,7 @@ _TRIES = 8
 _DIGITS = 16
 _INV: int = 10**_DIGITS - 1
 #: A listing examines at most this many records (filters apply to the newest ones), whatever it asks.
-_SCAN_CAP = 5 * MAX_LISTING
+_SCAN_CAP = 2 * MAX_LISTING
 #: Records per listing request at most.
 _PAGE = 500
 #: Width of a listing's first time slice; an empty slice makes the next one four times wider.
@@ -1105,8 +1105,10 @@ class EtcdBackend:
         etcd 3.4 walks the whole key range of a Range request in its index (even with a limit), so
         no request here spans more than a slice of time: the first covers the last second (and the
         future), an empty one makes the next four times wider, and one that holds more than a page
-        makes the next as wide as the page turned out to be. A page ends with every run at its last
-        instant (``RunQuery``), so the next page's cursor skips none.
+        makes the next as wide as a full page at the density just seen. (One wide slice may still
+        walk many keys in the server's in-memory index once; values are read only up to the page.)
+        A page ends with every run at its last instant (``RunQuery``), so the next page's cursor
+        skips none.
         """
         limit = max(0, min(query.limit, MAX_LISTING))
         if limit == 0:
@@ -1120,6 +1122,7 @@ class EtcdBackend:
         start = prefix + _inv(top_us) if top_us is not None else prefix
         lo = (top_us if top_us is not None else _us(clock.time())) - _FIRST_SLICE_US
         width = _FIRST_SLICE_US
+        filtered = query.job is not None or query.outcome is not None  # then expect to read more than shown
         found: list[RunRecord] = []
         tie_us: int | None = None  # once ``limit`` runs are found: the microsecond of the last one
         scanned = 0
@@ -1127,7 +1130,7 @@ class EtcdBackend:
             lo = max(lo, floor_us)
             end = prefix + _inv(lo - 1) if lo > 0 else prefix_range_end(prefix)
             if start < end:
-                page = min(_PAGE, _SCAN_CAP - scanned, max(50, 2 * (limit - len(found))))
+                page = min(_PAGE, _SCAN_CAP - scanned, _PAGE if filtered else max(50, 2 * (limit - len(found))))
                 response = await self._range(client, start, end, page)
                 kvs = list(response.kvs)
                 scanned += len(kvs)
@@ -1144,7 +1147,7 @@ class EtcdBackend:
                 if response.more and kvs:
                     start = kvs[-1].key + b"\0"
                     newest, oldest = self._slice_times(kvs, prefix)
-                    width = max(1, newest - oldest)
+                    width = max(1, (newest - oldest) * _PAGE // len(kvs))  # about a full page at this density
                     lo = max(floor_us, oldest - width)
                     continue
             start = end
