@@ -273,7 +273,11 @@ class MemoryBackend:
         self._prune(state)
         ordered = sorted(state.runs.values(), key=lambda r: r.claimed_at, reverse=True)
         found = [r for r in ordered if query.matches(r)]
-        return found[:max(0, min(query.limit, MAX_LISTING))]
+        limit = max(0, min(query.limit, MAX_LISTING))
+        page = found[:limit]
+        if page:  # a page ends with every run at its last instant, so a cursor at that instant skips none
+            page += [r for r in found[limit:] if r.claimed_at == page[-1].claimed_at]
+        return page
 
     async def unfinished(self, name: str, limit: int) -> list[RunRecord]:
         await self._op()
