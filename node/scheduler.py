@@ -259,6 +259,10 @@ class GatedScheduler:
         await self.store.realign(now + timedelta(microseconds=1))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.keeper.open(lease), timeout=max(0.05, lease.ttl / 4))
+        if self._hand_back_at_us is not None:
+            # a handoff began while the first window was being claimed: give that window back too
+            await self._hand_back(lease, self._hand_back_at_us, retry=False)
+            return
         self.scheduler.resume()
         self.keeper.start()
         self.metrics.is_leader.set(1)
