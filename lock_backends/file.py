@@ -33,10 +33,14 @@ The swap succeeds only if that version is still the newest, so the check and
 the move are one atomic step: no lease change (an acquire by a successor)
 can come between them, and a holder stopped in between finds, when it runs
 again, that its link fails. ``hand_back`` swaps in the sealed mark the same
-way when the mark is the caller's token's, whatever the lease. A swap lost to
-a concurrent renew of the same holder is retried on the new version. Intents
-are written (durably) before the swap that makes their window, and removed
-again if no swap made it; busy runs likewise before the sealing swap.
+way when the mark is the caller's token's, whatever the lease. The changes of
+one lease take turns within a process (a renew and a claim of the same holder
+never lose their swaps to each other); a swap lost to another process is
+tried again on the new version, which is checked afresh. Intents are written
+(durably) before the swap that makes their window, and removed again if no
+swap made it; busy runs likewise before the sealing swap. A swap that moves
+the mark also fsyncs the directory, so the new version's name is on disk
+before the answer.
 
 Single-key claims (``claim``) check the lease, then link their files (see
 ``file_records``): not atomic with the check, so a holder stopped between the
@@ -62,6 +66,7 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +163,7 @@ class FileBackend:
         self._made: set[str] = set()
         self._last_prune: dict[str, float] = {}
         self._closed = False
+        self._writers: dict[str, threading.Lock] = {}
         self._lease_pool = ThreadPoolExecutor(LEASE_WORKERS, thread_name_prefix="baton-file-lease")
         self._io_pool = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="baton-file-io")
 
@@ -181,16 +187,21 @@ class FileBackend:
             self._made.add(name)
         return path
 
-    async def _run(self, what: str, fn: Callable[[], T], *, lease: bool = False) -> T:
+    async def _run(self, what: str, fn: Callable[[], T], *, lease: bool = False, writes: str = "") -> T:
         """Run blocking file work on a pool thread, bounded, with errors translated in one place.
 
         Lease operations have a pool of their own: however many listings are
         queued or still running (a timed-out call's thread finishes its work),
-        a renewal never waits behind them.
+        a renewal never waits behind them. Those that change the lease of
+        ``writes`` take turns within this instance, so a renew and a claim of
+        the same holder never lose their swaps to each other (the swap still
+        settles races with other processes).
         """
         if self._closed:
             raise BackendUnavailable("backend closed", backend=self.kind, address=self.address)
         pool = self._lease_pool if lease else self._io_pool
+        if writes:
+            fn = self._in_turn(self._writers.setdefault(writes, threading.Lock()), fn)
         try:
             async with asyncio.timeout(self.options.op_timeout):
                 return await asyncio.get_running_loop().run_in_executor(pool, fn)
@@ -201,6 +212,14 @@ class FileBackend:
             raise
         except (OSError, ValueError) as exc:
             raise LockBackendError(f"{what} failed: {exc}", backend=self.kind, address=self.address) from None
+
+    @staticmethod
+    def _in_turn(turn: threading.Lock, fn: Callable[[], T]) -> Callable[[], T]:
+        def call() -> T:
+            with turn:
+                return fn()
+
+        return call
 
     @contextlib.contextmanager
     def _mutex(self, directory: Path) -> Iterator[None]:
@@ -337,7 +356,7 @@ class FileBackend:
                         stale.unlink()
             return Lease(name, holder, token, ttl, local_deadline(t_sent, ttl), handle=nonce)
 
-        return await self._run("acquire", work, lease=True)
+        return await self._run("acquire", work, lease=True, writes=name)
 
     async def renew(self, lease: Lease) -> Lease | None:
         t_sent = time.monotonic()
@@ -355,7 +374,7 @@ class FileBackend:
                                  local_deadline(t_sent, lease.ttl), handle=lease.handle)
             raise self._lease_changed("renew")
 
-        return await self._run("renew", work, lease=True)
+        return await self._run("renew", work, lease=True, writes=lease.name)
 
     async def release(self, lease: Lease) -> None:
         def work() -> None:
@@ -370,7 +389,7 @@ class FileBackend:
             finally:
                 self._drop_held(lease.name, lease.token)
 
-        await self._run("release", work, lease=True)
+        await self._run("release", work, lease=True, writes=lease.name)
 
     async def leader(self, name: str) -> Holder | None:
         def work() -> Holder | None:
@@ -458,7 +477,7 @@ class FileBackend:
                 if not done:
                     records.forget(made)  # intents of a window that was not made
 
-        return await self._run("claim_window", work, lease=True)
+        return await self._run("claim_window", work, lease=True, writes=lease.name)
 
     @staticmethod
     def _with_busy(directory: Path, mark: Window) -> Window:
@@ -492,7 +511,7 @@ class FileBackend:
                 if not done:
                     records.forget(made)
 
-        return await self._run("hand_back", work, lease=True)
+        return await self._run("hand_back", work, lease=True, writes=lease.name)
 
     async def claim(self, lease: Lease, key: str) -> bool:
         return bool(await self.claim_many(lease, [key]))
