@@ -98,7 +98,7 @@ PRUNE_EVERY = 60.0
 #: Lease versions kept behind the newest.
 KEEP_VERSIONS = 8
 LEASE_PREFIX = "lease."
-#: Compare-and-swap attempts of one operation lost to other changes by the same holder.
+#: Compare-and-swap attempts of one operation, should other processes keep changing the lease under it.
 CAS_TRIES = 5
 #: Threads for lease operations, and for everything else (listings, records, claims, settings).
 LEASE_WORKERS = 2
@@ -137,7 +137,7 @@ class LeaseVersion:
             raise ValueError(f"no valid expiry: {expires!r}")
         if not isinstance(pid, int):
             raise ValueError(f"no valid pid: {pid!r}")
-        holder = Holder.from_json(json.dumps(data))
+        holder = Holder.from_json(raw)
         nonce = data.get("nonce")
         if not isinstance(nonce, str):
             raise ValueError(f"no valid nonce: {nonce!r}")
@@ -466,11 +466,12 @@ class FileBackend:
                     if intents and not written and mark.owned_by(lease.token):
                         made = records.write_intents(directory, intents, lease.token, lease.holder.node_id)
                         written = True
-                    if mark != record.mark:
-                        if not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
-                            continue  # our own renew got there first: look again
-                        fsync_dir(directory)
+                    moved = mark != record.mark
+                    if moved and not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
+                        continue  # another process changed the lease: look again
                     done = True
+                    if moved:
+                        fsync_dir(directory)
                     return self._with_busy(directory, mark)
                 raise self._lease_changed("claim_window")
             finally:
@@ -499,11 +500,12 @@ class FileBackend:
                     if not written:
                         made = records.write_busy(directory, busy)
                         written = True
-                    if mark != record.mark:
-                        if not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
-                            continue
-                        fsync_dir(directory)
+                    moved = mark != record.mark
+                    if moved and not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
+                        continue
                     done = True
+                    if moved:
+                        fsync_dir(directory)
                     records.drop_intents(directory, drop, lease.token)
                     return self._with_busy(directory, mark)
                 raise self._lease_changed("hand_back")

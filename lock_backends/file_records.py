@@ -5,13 +5,21 @@ Layout under a lock's directory (``file.py`` keeps the lease log beside them):
 ``claims/<key>``
     single-key claims (``claim``, ``claim_many``). The name is the claim: it is
     made with ``link``, which fails if the name exists, so one token gets it.
-    All keys of one ``claim_many`` are hard links to one file, written and
-    fsynced once before the first link; one fsync of the directory after the
-    last link makes every name durable before the answer. 150 keys cost one
-    file, 150 ``link`` calls and two fsyncs, not 150 files and 150 fsyncs.
-    Recording the key's run replaces the name's content by the record (an
-    atomic rename: the name never disappears, so the claim stays exclusive),
-    so a claim file says by itself whether its run was reported.
+    All new keys of one call are hard links to one file (token, node, time),
+    written and fsynced once before the first link; one fsync of the directory
+    after the last link makes every name durable before the answer. 150 keys
+    cost one file, 150 ``link`` calls and two fsyncs, where 150 exclusive
+    creates and 150 fsyncs took longer than the operation timeout on a busy
+    disk. (Creates with one directory fsync and no file fsync would not do: a
+    crash could keep a name whose content never reached the disk, an empty
+    claim that no longer says whose it is.) Recording the key's run replaces
+    the name's content by the record (an atomic rename: the name never
+    disappears, so the claim stays exclusive, and it says by itself that it
+    was reported). A claim also looks at ``intents/`` and ``done/``: a key
+    another token intended is not claimable. It does not look at record
+    batches (that would cost the retention), so a key that was only ever
+    recorded, never claimed or intended, can still be claimed; claim keys
+    (recovery, manual runs) are never fire-time keys of a window.
 ``intents/<key>``
     intents of recoverable fire times (``claim_window``), made the same way
     (one fsynced file, a link per key, one directory fsync). Writing the key's
@@ -23,18 +31,23 @@ Layout under a lock's directory (``file.py`` keeps the lease log beside them):
     ``claim_window`` (expired ones are removed there) and removed with the
     key's record.
 ``records/<hour>/<max_us>-<min_us>-<written_ns>-<random>.jsonl``
-    one file per ``record_many`` batch, fsynced once, in the directory of the
-    hour of its newest run; one JSON record per line, newest first. A listing
-    walks hours, then files, newest first, and stops as soon as no unread file
-    can hold a run newer than the page's oldest: its cost follows the page
-    (and ``SCAN_LINES`` / ``SCAN_FILES`` when filters match little), never the
-    retention. Pruning by age removes whole hour directories.
+    one file per ``record_many`` batch, fsynced once (and its directory), in
+    the directory of the hour of its newest run; one JSON record per line,
+    newest first. A listing walks hours, then files, newest first, and stops
+    as soon as no unread file can hold a run newer than the page's oldest: its
+    cost follows the page (and ``SCAN_LINES`` / ``SCAN_FILES`` when filters
+    match little), never the retention. Pruning by age removes whole hours.
 
-Keys become file names percent-encoded (a leading dot too, so no key is taken
-for a temporary file); a name that would be too long is cut and suffixed with
-a hash of the key, and the key itself is then stored in the file. Every file
-is written under a hidden temporary name (``.tmp-*``) that is removed whatever
-fails, and left-overs of a killed process are pruned after ``STALE_TMP``.
+A key's versions rank: a record (in a batch, or a reported claim) over an
+intent over a bare claim; among records, the batch written last. Keys become
+file names percent-encoded (a leading dot too, so no key is taken for a
+temporary file); a name that would be too long is cut and suffixed with a hash
+of the key, which is then stored in the file. Files linked together share
+their content: edit one by hand only after unlinking it. Every file is written
+under a hidden temporary name (``.tmp-*``) removed whatever fails; those a
+killed process left are pruned after ``STALE_TMP`` (in ``records/``, with
+their hour). What does not decode is skipped by listings; ``claim`` of its
+key raises ``CorruptValue``.
 """
 
 from __future__ import annotations
@@ -348,9 +361,9 @@ def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> N
     """One batch file for ``records`` (``data`` from ``encode_records``), then each key's other files."""
     if not records:
         return
-    stamps = [int(r.claimed_at * 1_000_000) for r in records]
+    stamps = [max(0, int(r.claimed_at * 1_000_000)) for r in records]
     newest, oldest = max(stamps), min(stamps)
-    hour = lockdir / RECORDS / str(max(0, newest) // HOUR_US)
+    hour = lockdir / RECORDS / str(newest // HOUR_US)
     created = False
     with contextlib.suppress(FileExistsError):
         hour.mkdir()
