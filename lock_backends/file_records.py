@@ -15,7 +15,10 @@ Layout under a lock's directory (``file.py`` keeps the lease log beside them):
     claim that no longer says whose it is.) Recording the key's run replaces
     the name's content by the record (an atomic rename: the name never
     disappears, so the claim stays exclusive, and it says by itself that it
-    was reported). A claim also looks at ``intents/`` and ``done/``: a key
+    was reported). New claims are also written as a line of a record batch
+    (not fsynced: ``claims/`` is the truth), so listings never read
+    ``claims/``, however many claims the retention keeps; ``unfinished`` does,
+    the newest ``OPEN_CAP`` at most. A claim also looks at ``intents/`` and ``done/``: a key
     another token intended is not claimable. It does not look at record
     batches (that would cost the retention), so a key that was only ever
     recorded, never claimed or intended, can still be claimed; claim keys
@@ -101,14 +104,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def durable_tmp(directory: Path, data: bytes, stem: str) -> Path:
+def durable_tmp(directory: Path, data: bytes, stem: str, sync: bool = True) -> Path:
     """``data`` in a new hidden file of ``directory``, on disk; the file is removed again if anything fails."""
     tmp = directory / f"{TMP_PREFIX}{stem}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
             write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
@@ -147,8 +151,11 @@ def key_name(key: str) -> str:
     return name
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dump(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(data).encode()
 
 
 def _decode(lockdir: Path, path: Path, raw: bytes) -> RunRecord:
@@ -228,13 +235,15 @@ def claim_keys(lockdir: Path, keys: Sequence[str], token: int, node_id: str) -> 
             claimed.add(key)
     if not fresh:
         return claimed
-    claims = lockdir / CLAIMS
-    source = _LinkSource(claims, _open_body(token, node_id, time.time(), fresh))
+    claims, now = lockdir / CLAIMS, time.time()
+    made: list[RunRecord] = []
+    source = _LinkSource(claims, _open_body(token, node_id, now, fresh))
     try:
         for name, key in fresh.items():
             for _ in range(3):  # a claim pruned between our link and our read: link again
                 if source.link(claims / name):
                     claimed.add(key)
+                    made.append(RunRecord(key, token, node_id, now))
                     break
                 existing = read_key_file(lockdir, claims / name)
                 if existing is not None:
@@ -244,6 +253,8 @@ def claim_keys(lockdir: Path, keys: Sequence[str], token: int, node_id: str) -> 
         fsync_dir(claims)
     finally:
         source.close()
+    if made:  # for listings, which never read claims/ (its own fsync is not needed: claims/ is the truth)
+        _write_batch(lockdir, made, encode_records(made), sync=False)
     return claimed
 
 
@@ -357,10 +368,7 @@ def encode_records(records: Sequence[RunRecord]) -> bytes:
     return b"".join(_dump(r.to_dict()) + b"\n" for r in ordered)
 
 
-def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> None:
-    """One batch file for ``records`` (``data`` from ``encode_records``), then each key's other files."""
-    if not records:
-        return
+def _write_batch(lockdir: Path, records: Sequence[RunRecord], data: bytes, sync: bool) -> None:
     stamps = [max(0, int(r.claimed_at * 1_000_000)) for r in records]
     newest, oldest = max(stamps), min(stamps)
     hour = lockdir / RECORDS / str(newest // HOUR_US)
@@ -368,16 +376,24 @@ def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> N
     with contextlib.suppress(FileExistsError):
         hour.mkdir()
         created = True
-    tmp = durable_tmp(hour, data, "batch")
+    tmp = durable_tmp(hour, data, "batch", sync)
     try:
         os.rename(tmp, hour / f"{newest}-{oldest}-{time.time_ns()}-{secrets.token_hex(3)}.jsonl")
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(hour)
-    if created:
-        fsync_dir(lockdir / RECORDS)
+    if sync:
+        fsync_dir(hour)
+        if created:
+            fsync_dir(lockdir / RECORDS)
+
+
+def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> None:
+    """One batch file for ``records`` (``data`` from ``encode_records``), then each key's other files."""
+    if not records:
+        return
+    _write_batch(lockdir, records, data, sync=True)
     by_name = {key_name(r.key): r for r in records}
     claimed = by_name.keys() & set(os.listdir(lockdir / CLAIMS))
     for name in claimed:  # the claim keeps its name (still exclusive) and now says it was reported
@@ -396,10 +412,11 @@ def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> N
             os.unlink(lockdir / BUSY / name)
 
 
-def _open_records(lockdir: Path, horizon: float) -> list[tuple[RunRecord, int]]:
-    """Claims and intents (a few files), with their precedence; files that do not decode are skipped."""
+def _open_records(lockdir: Path, horizon: float, subs: Sequence[str]) -> list[tuple[RunRecord, int]]:
+    """Claims or intents (a few files), with their precedence; files that do not decode are skipped."""
     found: list[tuple[RunRecord, int]] = []
-    for sub, rank in ((CLAIMS, _CLAIMED), (INTENTS, _INTENDED)):
+    for sub in subs:
+        rank = _CLAIMED if sub == CLAIMS else _INTENDED
         with os.scandir(lockdir / sub) as it:
             entries = [e for e in it if not e.name.startswith(".")]
         if len(entries) > OPEN_CAP:  # never expected; bounded anyway, by the newest files
@@ -494,7 +511,7 @@ def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]
         return []
     since = horizon if query.since is None else max(query.since, horizon)
     page = _Page(query, limit)
-    for run, rank in _open_records(lockdir, since):
+    for run, rank in _open_records(lockdir, since, [INTENTS]):  # claims are in the batches too
         page.offer(run, rank, 0)
     lines = files = 0
     for batch in _batches(lockdir):
@@ -510,7 +527,7 @@ def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]
                 continue
             if run.claimed_at < since or page.beats(run.claimed_at):
                 break  # the rest of the file is older still
-            page.offer(run, _RECORDED, batch.written_ns)
+            page.offer(run, _CLAIMED if run.result is None else _RECORDED, batch.written_ns)
             if lines >= SCAN_LINES:
                 break
     runs = [run for _, _, run in page.found.values() if run.claimed_at >= since and query.matches(run)]
@@ -521,7 +538,7 @@ def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]
 def unfinished(lockdir: Path, limit: int, horizon: float) -> list[RunRecord]:
     """Claims and intents without a result, newest first: a few files, whatever the retention."""
     best: dict[str, tuple[int, RunRecord]] = {}
-    for run, rank in _open_records(lockdir, horizon):
+    for run, rank in _open_records(lockdir, horizon, [CLAIMS, INTENTS]):
         if run.key not in best or best[run.key][0] < rank:
             best[run.key] = (rank, run)
     open_runs = [run for rank, run in best.values()
