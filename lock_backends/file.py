@@ -53,7 +53,8 @@ Layout under the URL's directory, per lock name: ``<dir>/<name>/`` with the
 lease log and holder files above, ``settings.json`` (changed under a short
 ``flock``, ``mutex``: pausing a job is rare and not on the failover path) and
 the run records of ``file_records``. Lease operations run on a thread pool of
-their own, so listings, however many, never delay a renewal. Everything is on
+their own, listings on another (one thread), everything else on a third, so
+listings, however many, delay neither a renewal nor a claim. Everything is on
 one host: for several hosts use a server.
 """
 
@@ -100,9 +101,12 @@ KEEP_VERSIONS = 8
 LEASE_PREFIX = "lease."
 #: Compare-and-swap attempts of one operation, should other processes keep changing the lease under it.
 CAS_TRIES = 5
-#: Threads for lease operations, and for everything else (listings, records, claims, settings).
+#: Threads for lease operations; for claims, records and settings; for listings. Listings are
+#: Python-bound work (decoding JSON): more threads would add no throughput, only contention for the
+#: GIL with the lease threads, which is what delays a renewal most under a flood of listings.
 LEASE_WORKERS = 2
-IO_WORKERS = 4
+IO_WORKERS = 2
+LISTING_WORKERS = 1
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class FileBackend:
         self._writers: dict[str, threading.Lock] = {}
         self._lease_pool = ThreadPoolExecutor(LEASE_WORKERS, thread_name_prefix="baton-file-lease")
         self._io_pool = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix="baton-file-io")
+        self._listing_pool = ThreadPoolExecutor(LISTING_WORKERS, thread_name_prefix="baton-file-runs")
+        self._pools = {"lease": self._lease_pool, "io": self._io_pool, "listing": self._listing_pool}
 
     @classmethod
     def from_url(cls, url: str) -> FileBackend:
@@ -187,24 +193,24 @@ class FileBackend:
             self._made.add(name)
         return path
 
-    async def _run(self, what: str, fn: Callable[[], T], *, lease: bool = False, writes: str = "") -> T:
+    async def _run(self, what: str, fn: Callable[[], T], *, pool: str = "io", writes: str = "") -> T:
         """Run blocking file work on a pool thread, bounded, with errors translated in one place.
 
-        Lease operations have a pool of their own: however many listings are
-        queued or still running (a timed-out call's thread finishes its work),
-        a renewal never waits behind them. Those that change the lease of
-        ``writes`` take turns within this instance, so a renew and a claim of
-        the same holder never lose their swaps to each other (the swap still
-        settles races with other processes).
+        Lease operations have a pool of their own, and listings (the one read
+        a client can ask for in bulk) another: however many listings are queued
+        or still running (a timed-out call's thread finishes its work), neither
+        a renewal nor a claim or a record waits behind them. Those that change
+        the lease of ``writes`` take turns within this instance, so a renew and
+        a claim of the same holder never lose their swaps to each other (the
+        swap still settles races with other processes).
         """
         if self._closed:
             raise BackendUnavailable("backend closed", backend=self.kind, address=self.address)
-        pool = self._lease_pool if lease else self._io_pool
         if writes:
-            fn = self._in_turn(self._writers.setdefault(writes, threading.Lock()), fn)
+            fn = self._in_turn(self._turn(writes), fn)
         try:
             async with asyncio.timeout(self.options.op_timeout):
-                return await asyncio.get_running_loop().run_in_executor(pool, fn)
+                return await asyncio.get_running_loop().run_in_executor(self._pools[pool], fn)
         except TimeoutError:
             raise BackendUnavailable(f"{what} timed out after {self.options.op_timeout}s",
                                      backend=self.kind, address=self.address) from None
@@ -212,6 +218,9 @@ class FileBackend:
             raise
         except (OSError, ValueError) as exc:
             raise LockBackendError(f"{what} failed: {exc}", backend=self.kind, address=self.address) from None
+
+    def _turn(self, name: str) -> threading.Lock:
+        return self._writers.setdefault(name, threading.Lock())
 
     @staticmethod
     def _in_turn(turn: threading.Lock, fn: Callable[[], T]) -> Callable[[], T]:
@@ -356,7 +365,7 @@ class FileBackend:
                         stale.unlink()
             return Lease(name, holder, token, ttl, local_deadline(t_sent, ttl), handle=nonce)
 
-        return await self._run("acquire", work, lease=True, writes=name)
+        return await self._run("acquire", work, pool="lease", writes=name)
 
     async def renew(self, lease: Lease) -> Lease | None:
         t_sent = time.monotonic()
@@ -374,7 +383,7 @@ class FileBackend:
                                  local_deadline(t_sent, lease.ttl), handle=lease.handle)
             raise self._lease_changed("renew")
 
-        return await self._run("renew", work, lease=True, writes=lease.name)
+        return await self._run("renew", work, pool="lease", writes=lease.name)
 
     async def release(self, lease: Lease) -> None:
         def work() -> None:
@@ -389,7 +398,7 @@ class FileBackend:
             finally:
                 self._drop_held(lease.name, lease.token)
 
-        await self._run("release", work, lease=True, writes=lease.name)
+        await self._run("release", work, pool="lease", writes=lease.name)
 
     async def leader(self, name: str) -> Holder | None:
         def work() -> Holder | None:
@@ -399,7 +408,7 @@ class FileBackend:
                 return Holder(record.node_id, record.url)
             return None
 
-        return await self._run("leader", work, lease=True)
+        return await self._run("leader", work, pool="lease")
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
         """Poll: a file system offers no portable watch that also sees a process die."""
@@ -411,14 +420,14 @@ class FileBackend:
 
         deadline = time.monotonic() + timeout
         try:
-            before = await self._run("wait_for_change", snapshot, lease=True)
+            before = await self._run("wait_for_change", snapshot, pool="lease")
         except LockBackendError:
             await asyncio.sleep(max(0.0, min(timeout, self.options.op_timeout)))
             return
         while (left := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(left, 0.05))
             with contextlib.suppress(LockBackendError):
-                if await self._run("wait_for_change", snapshot, lease=True) != before:
+                if await self._run("wait_for_change", snapshot, pool="lease") != before:
                     return
 
     async def server_time(self) -> float | None:
@@ -446,39 +455,48 @@ class FileBackend:
         self._closed = True
         for name in list(self._held):
             self._drop_held(name)
-        self._lease_pool.shutdown(wait=False, cancel_futures=True)
-        self._io_pool.shutdown(wait=False, cancel_futures=True)
+        for executor in self._pools.values():
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # -- ClaimStore ---------------------------------------------------------------
 
     async def claim_window(self, lease: Lease, until_us: int, start_us: int,
                            intents: Sequence[str] = ()) -> Window | None:
+        def write_intents(directory: Path) -> list[Path]:
+            return records.write_intents(directory, intents, lease.token, lease.holder.node_id)
+
         def work() -> Window | None:
             directory = self._dir(lease.name)
             made: list[Path] = []
             written = done = False
             try:
-                for _ in range(CAS_TRIES):
-                    version, record = self._latest(directory)
+                if intents:  # first, outside the turn: many intents must not hold a renew up
+                    _, record = self._latest(directory)
                     if record is None or not record.holds(lease):
                         return None
-                    mark = next_window(record.mark, lease.token, until_us, start_us)
-                    if intents and not written and mark.owned_by(lease.token):
-                        made = records.write_intents(directory, intents, lease.token, lease.holder.node_id)
-                        written = True
-                    moved = mark != record.mark
-                    if moved and not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
-                        continue  # another process changed the lease: look again
-                    done = True
-                    if moved:
-                        fsync_dir(directory)
-                    return self._with_busy(directory, mark)
-                raise self._lease_changed("claim_window")
+                    if next_window(record.mark, lease.token, until_us, start_us).owned_by(lease.token):
+                        made, written = write_intents(directory), True
+                with self._turn(lease.name):
+                    for _ in range(CAS_TRIES):
+                        version, record = self._latest(directory)
+                        if record is None or not record.holds(lease):
+                            return None
+                        mark = next_window(record.mark, lease.token, until_us, start_us)
+                        if intents and not written and mark.owned_by(lease.token):
+                            made, written = write_intents(directory), True
+                        moved = mark != record.mark
+                        if moved and not self._swap(directory, version, dataclasses.replace(record, mark=mark)):
+                            continue  # another process changed the lease: look again
+                        done = True
+                        if moved:
+                            fsync_dir(directory)
+                        return self._with_busy(directory, mark)
+                    raise self._lease_changed("claim_window")
             finally:
                 if not done:
                     records.forget(made)  # intents of a window that was not made
 
-        return await self._run("claim_window", work, lease=True, writes=lease.name)
+        return await self._run("claim_window", work, pool="lease")
 
     @staticmethod
     def _with_busy(directory: Path, mark: Window) -> Window:
@@ -513,7 +531,7 @@ class FileBackend:
                 if not done:
                     records.forget(made)
 
-        return await self._run("hand_back", work, lease=True, writes=lease.name)
+        return await self._run("hand_back", work, pool="lease", writes=lease.name)
 
     async def claim(self, lease: Lease, key: str) -> bool:
         return bool(await self.claim_many(lease, [key]))
@@ -558,7 +576,7 @@ class FileBackend:
         def work() -> list[RunRecord]:
             return records.list_runs(self._dir(name), query, time.time() - self.options.claim_retention)
 
-        return await self._run("runs", work)
+        return await self._run("runs", work, pool="listing")
 
     async def unfinished(self, name: str, limit: int) -> list[RunRecord]:
         def work() -> list[RunRecord]:

@@ -418,14 +418,26 @@ async def test_64_listings_at_once_never_delay_a_renewal(a_week_of_runs: tuple[P
             queries = [RunQuery(limit=1)] * 64 + [RunQuery(limit=10, job="nothing")] * 8
             answered.extend(await asyncio.gather(*(node.runs("w", q) for q in queries), return_exceptions=True))
 
+    writes: list[float] = []
+
+    async def claiming_and_recording() -> None:  # the leader's other work goes on too
+        for i in range(10):
+            started = time.monotonic()
+            assert await node.claim(lease, f"manual@{i}") is True
+            await node.record_many("lead", [run(f"manual@{i}", lease)])
+            writes.append(time.monotonic() - started)
+            await asyncio.sleep(0.2)
+
     renewer = asyncio.create_task(renewing())
     lister = asyncio.create_task(listing())
     try:
-        await asyncio.sleep(3.0)
+        await claiming_and_recording()
+        await asyncio.sleep(max(0.0, 3.0 - sum(writes) - 2.0))
         stop.set()
         await asyncio.gather(renewer, lister)
     finally:
         await node.close()
+    assert max(writes) < 0.5, sorted(writes)
     listed = sum(isinstance(x, list) for x in answered)
     print(f"renewals: {len(delays)}, slowest {max(delays):.3f}s; listings answered {listed}, "
           f"timed out {len(answered) - listed}")
