@@ -3,8 +3,10 @@
 Usage: python -m tests.holder_child URL NAME TTL [busy]
 Prints ``token N`` once it holds the lock, keeps renewing every TTL/4 (with
 ``busy``: back to back, so a SIGSTOP lands in the middle of a lease change), and
-answers ``claim KEY`` lines on stdin with ``claim True|False`` (using the
-lease it last held, so a stale token is what gets tested after a pause).
+answers ``claim KEY`` lines on stdin with ``claim True|False`` and ``window
+SECONDS`` lines (a claim window reaching that far ahead) with ``window None``
+or ``window OWNED SINCE_US UNTIL_US``, using the lease it last held, so a stale
+token is what gets tested after a pause.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 
-from lock_backends import Holder, LockBackendError, from_url
+from lock_backends import Holder, Lease, LockBackendError, from_url
 
 
 async def main(url: str, name: str, ttl: float, busy: bool = False) -> None:
     backend = from_url(url)
-    lease = None
-    while lease is None:
-        lease = await backend.acquire(name, Holder("child", "http://child"), ttl)
-        if lease is None:
+    first = None
+    while first is None:
+        first = await backend.acquire(name, Holder("child", "http://child"), ttl)
+        if first is None:
             await asyncio.sleep(0.05)
+    lease: Lease = first
     print(f"token {lease.token}", flush=True)
 
     async def renew_forever() -> None:
@@ -45,6 +49,15 @@ async def main(url: str, name: str, ttl: float, busy: bool = False) -> None:
                 print(f"claim error {exc}", flush=True)
                 continue
             print(f"claim {ok}", flush=True)
+        elif cmd == "window":
+            now_us = int(time.time() * 1_000_000)
+            try:
+                window = await backend.claim_window(lease, now_us + int(float(key) * 1_000_000), now_us)
+            except LockBackendError as exc:
+                print(f"window error {exc}", flush=True)
+                continue
+            print("window None" if window is None else
+                  f"window {window.owned_by(lease.token)} {window.since_us} {window.until_us}", flush=True)
     renewer.cancel()
     await backend.close()
 

@@ -1,4 +1,5 @@
-"""A holder stopped with SIGSTOP loses the lock within about one TTL, and is fenced after SIGCONT.
+"""A holder stopped with SIGSTOP loses the lock within about one TTL, and is fenced after SIGCONT
+(its claims and its claim windows alike).
 
 This is the trap docs/design.md warns of: a paused process keeps its TCP
 connection (and, on PostgreSQL, its session and advisory lock) alive unless the
@@ -15,7 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from lock_backends import Holder, LockBackend
+import pytest
+
+from lock_backends import Holder, LockBackend, kind_of
 from tests.conftest import TTL
 
 Factory = Callable[[str], LockBackend]
@@ -36,6 +39,8 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 async def test_sigstopped_holder_loses_lock_and_is_fenced(backend_url: str, make_backend: Factory,
                                                           lock_name: str) -> None:
+    if not kind_of(backend_url).shared:
+        pytest.skip("the holder runs in another process: an in-process store cannot be shared with it")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.holder_child", backend_url, lock_name, str(TTL)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -46,6 +51,11 @@ async def test_sigstopped_holder_loses_lock_and_is_fenced(backend_url: str, make
         old_token = int(first.split()[1])
         contender = make_backend(backend_url)
         assert await contender.acquire(lock_name, Holder("c"), TTL) is None
+        assert proc.stdin is not None
+        proc.stdin.write("window 0.5\n")
+        proc.stdin.flush()
+        owned, _, mine_until = (await asyncio.to_thread(read_line, proc, 30)).split()[1:]
+        assert owned == "True"
 
         os.kill(proc.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -60,12 +70,18 @@ async def test_sigstopped_holder_loses_lock_and_is_fenced(backend_url: str, make
         assert waited < TTL * 2 + 5
 
         os.kill(proc.pid, signal.SIGCONT)
-        assert proc.stdin is not None
         proc.stdin.write("claim after-wakeup\n")
         proc.stdin.flush()
         answer = await asyncio.to_thread(read_line, proc, 30)
         assert answer == "claim False" or answer.startswith("claim error"), answer
+        proc.stdin.write("window 60\n")
+        proc.stdin.flush()
+        answer = await asyncio.to_thread(read_line, proc, 30)
+        assert answer == "window None" or answer.startswith("window error"), answer
         assert await contender.claim(lease, "after-wakeup") is True
+        now_us = int(time.time() * 1_000_000)
+        theirs = await contender.claim_window(lease, now_us + 1_000_000, now_us)
+        assert theirs is not None and theirs.owned_by(lease.token) and theirs.since_us == int(mine_until)
         assert await contender.leader(lock_name) == Holder("c")
     finally:
         os.kill(proc.pid, signal.SIGCONT)
