@@ -20,13 +20,14 @@ import pytest
 from loadtest.servers import Cluster, start_backend
 from lock_backends import BackendUnavailable, LockBackend, from_url
 from lock_backends.memory import drop_store
-from lock_backends.registry import NAMES, SERVERS
+from lock_backends.registry import NAMES, SERVERS, SHARED
 
 T = TypeVar("T")
 
 #: Every backend, the in-memory reference included: the contract holds for all of them.
 BACKENDS = list(NAMES)
 SERVER_BACKENDS = list(SERVERS)
+SHARED_BACKENDS = list(SHARED)
 
 #: Per-operation timeout used in tests; well below the test TTLs.
 OP_TIMEOUT = 0.5
@@ -60,9 +61,7 @@ def with_timeout(url: str, timeout: float = OP_TIMEOUT) -> str:
     return f"{url}{'&' if '?' in url else '?'}timeout={timeout}"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: Path) -> str:
-    kind = request.param
+def _url(kind: str, request: pytest.FixtureRequest, servers: ServerPool, tmp_path: Path) -> str:
     if kind == "file":
         return with_timeout(f"file://{tmp_path / 'baton.lock'}")
     if kind == "memory":
@@ -70,6 +69,18 @@ def backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: P
         request.addfinalizer(lambda: drop_store(name))
         return with_timeout(f"memory://{name}")
     return with_timeout(servers.get(kind).url)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: Path) -> str:
+    """Every backend, the in-process reference included."""
+    return _url(request.param, request, servers, tmp_path)
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_backend_url(request: pytest.FixtureRequest, servers: ServerPool, tmp_path: Path) -> str:
+    """Every backend several processes can share: for tests whose holder runs in a child process."""
+    return _url(request.param, request, servers, tmp_path)
 
 
 @pytest.fixture(params=SERVER_BACKENDS)

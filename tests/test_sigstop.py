@@ -16,9 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
-import pytest
-
-from lock_backends import Holder, LockBackend, kind_of
+from lock_backends import Holder, LockBackend
 from tests.conftest import TTL
 
 Factory = Callable[[str], LockBackend]
@@ -37,10 +35,9 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     raise AssertionError(f"child said nothing within {timeout}s")
 
 
-async def test_sigstopped_holder_loses_lock_and_is_fenced(backend_url: str, make_backend: Factory,
+async def test_sigstopped_holder_loses_lock_and_is_fenced(shared_backend_url: str, make_backend: Factory,
                                                           lock_name: str) -> None:
-    if not kind_of(backend_url).shared:
-        pytest.skip("the holder runs in another process: an in-process store cannot be shared with it")
+    backend_url = shared_backend_url
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.holder_child", backend_url, lock_name, str(TTL)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
