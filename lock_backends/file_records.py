@@ -533,7 +533,10 @@ def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]
                 break
     runs = [run for _, _, run in page.found.values() if run.claimed_at >= since and query.matches(run)]
     runs.sort(key=lambda r: r.claimed_at, reverse=True)
-    return runs[:limit]
+    cut = runs[:limit]
+    if cut:  # a page ends with every run at its last instant, so a cursor at that instant skips none
+        cut += [r for r in runs[limit:] if r.claimed_at == cut[-1].claimed_at]
+    return cut
 
 
 def unfinished(lockdir: Path, limit: int, horizon: float) -> list[RunRecord]:
