@@ -430,3 +430,26 @@ async def test_server_restart_mid_lease(private_server: Cluster, make_backend: F
     assert await b.claim(got, "after-restart") is True
     window = await b.claim_window(got, now_us() + US, now_us())
     assert window is not None and window.owned_by(got.token)
+
+
+async def test_a_page_never_splits_an_instant_so_the_cursor_skips_nothing(backend_url: str, make_backend: Factory,
+                                                                          lock_name: str) -> None:
+    a = make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    base = time.time() - 50
+    # five runs at one instant (the intents of one window share theirs), between older and newer ones
+    batch = [record(f"old@{i}", lease, at=base + i) for i in range(3)]
+    batch += [record(f"tie@{i}", lease, at=base + 10) for i in range(5)]
+    batch += [record(f"new@{i}", lease, at=base + 20 + i) for i in range(2)]
+    await a.record_many(lock_name, batch)
+    seen: list[str] = []
+    before: float | None = None
+    for _ in range(10):
+        page = await a.runs(lock_name, RunQuery(limit=3, before=before))
+        if not page:
+            break
+        seen += [r.key for r in page]
+        before = page[-1].claimed_at
+    assert sorted(seen) == sorted(r.key for r in batch)  # every run once, none skipped at the tie
+    assert len(seen) == len(set(seen))
