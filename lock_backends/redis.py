@@ -80,10 +80,11 @@ MAX_RUNS_INDEXED = 10_000
 #: Index entries a listing reads at most, whatever its filters skip: a filter that matches nothing
 #: costs ~5 round trips (pages double) and, for ``outcome``, reading and decoding 2,000 records (~50 ms).
 SCAN_CAP = 2_000
-#: Records per ``record_many`` script. Measured on a loaded 2-core host, 5,000 records (a small result
-#: each) cost 120-200 ms in all: ~50 ms encoding JSON in Python, ~60 ms of server time in five scripts
-#: (so none holds the server up for more than ~15 ms), the rest packing and sending ~1 MB. At most
-#: ~3,900: the script unpacks two values per record into one ZADD, and Lua's stack holds ~8,000.
+#: Records per ``record_many`` script. 5,000 records (a small result each), measured on a shared 2-core
+#: host: 120-200 ms in all while it was quiet, ~50 ms of it encoding JSON in Python (before the op
+#: timeout starts) and ~60 ms of server time in five scripts, so none holds the server up for more than
+#: ~15 ms; 300-650 ms under a load average of 5-6 (server time 110-250 ms). At most ~3,900: the script
+#: unpacks two values per record into one ZADD, and Lua's stack holds ~8,000.
 RECORD_CHUNK = 1000
 #: Connections one backend instance opens at most; more concurrent operations queue for one.
 MAX_CONNECTIONS = 32
