@@ -158,8 +158,6 @@ _SCHEMA = (
         ON baton_claims (name, (result ->> 'outcome'), claimed_at DESC, id DESC) WHERE result IS NOT NULL""",
     """CREATE INDEX IF NOT EXISTS baton_claims_open
         ON baton_claims (name, claimed_at DESC, id DESC) WHERE result IS NULL""",
-    # Created last: the transaction makes all of this visible at once, so its presence means "up to date".
-    # A later change to the schema goes before it and renames it.
     """CREATE TABLE IF NOT EXISTS baton_busy (
         name text NOT NULL,
         key text NOT NULL,
@@ -169,7 +167,12 @@ _SCHEMA = (
         until_us bigint NOT NULL,
         PRIMARY KEY (name, key))""",
 )
-_SCHEMA_CURRENT = "SELECT to_regclass('baton_busy') IS NOT NULL"
+# Every table there, and the newest column: the transaction makes all of _SCHEMA visible at once. (A later
+# change to the schema adds its newest object here.)
+_SCHEMA_CURRENT = """SELECT to_regclass('baton_fence') IS NOT NULL AND to_regclass('baton_claims') IS NOT NULL
+    AND to_regclass('baton_settings') IS NOT NULL AND to_regclass('baton_busy') IS NOT NULL
+    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('baton_fence') AND attname = 'mark_sealed'
+                AND NOT attisdropped)"""
 
 # pg_locks shows a bigint advisory key as its high half in classid, low half in objid, objsubid 1.
 _GRANTED = """l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -638,9 +641,12 @@ class PostgresBackend:
                     # a contender's idle session is ended by idle_session_timeout: reopen once
                     if fresh or attempt or not isinstance(exc, psycopg.OperationalError):
                         raise
+            if row is not None and (not isinstance(row[0], int) or row[0] < 1):
+                self._abandon(conn)  # the lock was taken under no valid token: give it up with the session
+                raise self._corrupt(f"the fencing token is {row[0]!r}", f"baton_fence/{name}")
         if row is None:
             return None
-        return Lease(name, holder, int(row[0]), ttl, local_deadline(t_sent, ttl), handle=f"pid:{row[1]}")
+        return Lease(name, holder, row[0], ttl, local_deadline(t_sent, ttl), handle=f"pid:{row[1]}")
 
     async def renew(self, lease: Lease) -> Lease | None:
         t_sent = clock.monotonic()
@@ -843,7 +849,10 @@ class PostgresBackend:
 
         async with self._op("settings") as deadline:
             rows = await self._shared_call(fetch, deadline)
-        return {str(k): str(v) for k, v in rows}
+        for key, value in rows:
+            if not isinstance(value, str):
+                raise self._corrupt(f"setting {key!r} is {value!r}", f"baton_settings/{name}")
+        return {str(k): v for k, v in rows}
 
     async def close(self) -> None:
         """Drop every session; the server frees their advisory locks, so call ``release`` first."""

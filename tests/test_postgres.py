@@ -31,6 +31,7 @@ from lock_backends import (
     Holder,
     Lease,
     LockBackend,
+    LockBackendError,
     RunQuery,
     RunRecord,
     Window,
@@ -329,7 +330,8 @@ async def scratch_db(pg_url: str) -> AsyncIterator[str]:
 
 async def test_values_the_schema_would_refuse_are_typed_errors_and_recovered_from(
         scratch_db: str, make_backend: Factory, lock_name: str) -> None:
-    """Should the constraints ever be dropped (by hand, a restore), garbage is still no holder, no busy run."""
+    """Should the constraints ever be dropped (by hand, a restore), garbage is still no holder, no busy run,
+    no token, no setting: a typed error naming the table and lock, until the row is repaired."""
     a = make_backend(scratch_db)
     lease = await a.acquire(lock_name, Holder("a", "http://a:1"), TTL)
     assert lease is not None
@@ -354,6 +356,30 @@ async def test_values_the_schema_would_refuse_are_typed_errors_and_recovered_fro
     window = await b.claim_window(new, start + 2 * US, start)
     assert window is not None and window.owned_by(new.token) and [r.key for r in window.busy] == ["j@1"]
     assert await b.leader(lock_name) == Holder("b")
+    # a fencing token that is none: no lease under it, and the lock is left free
+    await b.release(new)
+    await sql(scratch_db, "ALTER TABLE baton_fence ALTER token DROP NOT NULL")
+
+    async def free() -> bool | None:
+        return True if await a.leader(lock_name) is None else None
+
+    for garbage in (None, -3):
+        await sql(scratch_db, "UPDATE baton_fence SET token = %s WHERE name = %s", garbage, lock_name)
+        with pytest.raises(CorruptValue, match="fencing token"):
+            await b.acquire(lock_name, Holder("b"), TTL)
+        await eventually("the lock given up with its session", free, within=3)
+    await sql(scratch_db, "UPDATE baton_fence SET token = %s WHERE name = %s", new.token, lock_name)
+    again = await a.acquire(lock_name, Holder("a"), TTL)
+    assert again is not None and again.token == new.token + 1
+    # a setting that is none
+    await sql(scratch_db, "ALTER TABLE baton_settings ALTER value DROP NOT NULL")
+    await b.set_setting(lock_name, "paused:x", "1")
+    await sql(scratch_db, "UPDATE baton_settings SET value = NULL WHERE name = %s", lock_name)
+    with pytest.raises(CorruptValue) as setting:
+        await b.settings(lock_name)
+    assert setting.value.key == f"baton_settings/{lock_name}"
+    await b.set_setting(lock_name, "paused:x", "1")
+    assert await b.settings(lock_name) == {"paused:x": "1"}
 
 
 # -- the schema --------------------------------------------------------------------------------
@@ -397,6 +423,23 @@ async def test_a_database_with_the_first_release_schema_is_upgraded_on_first_use
     columns = await sql(scratch_db, "SELECT column_name FROM information_schema.columns"
                                     " WHERE table_name = 'baton_fence' AND column_name LIKE 'mark%%'")
     assert sorted(c for (c,) in columns) == ["mark_sealed", "mark_since_us", "mark_token", "mark_until_us"]
+
+
+async def test_tables_dropped_under_a_running_node_are_recreated_by_its_next_operation(
+        scratch_db: str, make_backend: Factory, lock_name: str) -> None:
+    a = make_backend(scratch_db)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    start = now_us()
+    assert await a.claim_window(lease, start + US, start) is not None
+    await sql(scratch_db, "DROP TABLE baton_busy")
+    with pytest.raises(LockBackendError, match="baton_busy"):
+        await a.claim_window(lease, start + 2 * US, start)
+    assert await a.claim_window(lease, start + 2 * US, start) == Window(lease.token, start, start + 2 * US)
+    await sql(scratch_db, "ALTER TABLE baton_fence DROP COLUMN mark_sealed")
+    with pytest.raises(LockBackendError, match="mark_sealed"):
+        await a.hand_back(lease, start + US)
+    assert await a.claim_window(lease, start + 3 * US, start + US) == Window(lease.token, start, start + 3 * US)
 
 
 async def test_listings_walk_an_index_whatever_the_retention(pg_url: str, make_backend: Factory,
