@@ -145,19 +145,10 @@ _SCHEMA = (
         key text NOT NULL,
         value text NOT NULL,
         PRIMARY KEY (name, key))""",
-    # -- claim windows: added in place, since CREATE TABLE IF NOT EXISTS adds no column to an existing table.
-    # Constant defaults: no table rewrite.
-    """ALTER TABLE baton_fence
-        ADD COLUMN IF NOT EXISTS mark_token bigint NOT NULL DEFAULT 0,
-        ADD COLUMN IF NOT EXISTS mark_since_us bigint NOT NULL DEFAULT 0,
-        ADD COLUMN IF NOT EXISTS mark_until_us bigint NOT NULL DEFAULT 0,
-        ADD COLUMN IF NOT EXISTS mark_sealed boolean NOT NULL DEFAULT false""",
-    """CREATE INDEX IF NOT EXISTS baton_claims_job
-        ON baton_claims (name, split_part(key, '@', 1), claimed_at DESC, id DESC)""",
-    """CREATE INDEX IF NOT EXISTS baton_claims_outcome
-        ON baton_claims (name, (result ->> 'outcome'), claimed_at DESC, id DESC) WHERE result IS NOT NULL""",
-    """CREATE INDEX IF NOT EXISTS baton_claims_open
-        ON baton_claims (name, claimed_at DESC, id DESC) WHERE result IS NULL""",
+    # -- claim windows: new tables and indexes, and columns added in place (CREATE TABLE IF NOT EXISTS
+    # adds none to an existing table). In this order because every lock taken is held until the commit:
+    # the index builds block writes to baton_claims only, and baton_fence, which every renew reads, is
+    # locked last, for the moment its columns take (constant defaults: no table rewrite).
     """CREATE TABLE IF NOT EXISTS baton_busy (
         name text NOT NULL,
         key text NOT NULL,
@@ -166,6 +157,17 @@ _SCHEMA = (
         token bigint NOT NULL,
         until_us bigint NOT NULL,
         PRIMARY KEY (name, key))""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_job
+        ON baton_claims (name, split_part(key, '@', 1), claimed_at DESC, id DESC)""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_outcome
+        ON baton_claims (name, (result ->> 'outcome'), claimed_at DESC, id DESC) WHERE result IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_open
+        ON baton_claims (name, claimed_at DESC, id DESC) WHERE result IS NULL""",
+    """ALTER TABLE baton_fence
+        ADD COLUMN IF NOT EXISTS mark_token bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_since_us bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_until_us bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_sealed boolean NOT NULL DEFAULT false""",
 )
 # Every table there, and the newest column: the transaction makes all of _SCHEMA visible at once. (A later
 # change to the schema adds its newest object here.)
@@ -569,28 +571,32 @@ class PostgresBackend:
         finally:
             lock.release()
 
-    async def _connect(self, deadline: float) -> Conn:
+    async def _connect(self, deadline: float) -> tuple[Conn, float]:
+        """A new session with the tables ready, and the operation's deadline (see ``_ensure_schema``)."""
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
-            await self._ensure_schema(conn, deadline)
+            deadline = await self._ensure_schema(conn, deadline)
         except BaseException:
             self._abandon(conn)
             raise
-        return conn
+        return conn, deadline
 
-    async def _ensure_schema(self, conn: Conn, deadline: float, *, shared: bool = False) -> None:
+    async def _ensure_schema(self, conn: Conn, deadline: float, *, shared: bool = False) -> float:
         """Create or upgrade the tables if this instance has not seen them current yet.
 
         The check takes the operation's deadline; an upgrade (which may build indexes over a
-        large ``baton_claims``) takes MIGRATION_TIMEOUT, once.
+        large ``baton_claims``) takes up to MIGRATION_TIMEOUT, once, and the deadline returned for
+        the rest of the operation is moved on by the time it took.
         """
         if self._schema_ready:
-            return
+            return deadline
         if not await self._run(conn, _schema_current, deadline, abandon_on_cancel=not shared):
-            await self._run(conn, _migrate, max(deadline, time.monotonic() + MIGRATION_TIMEOUT),
-                            abandon_on_cancel=not shared)
+            started = time.monotonic()
+            await self._run(conn, _migrate, max(deadline, started + MIGRATION_TIMEOUT), abandon_on_cancel=not shared)
+            deadline += time.monotonic() - started
         self._schema_ready = True
+        return deadline
 
     async def _shared_call(self, fn: Callable[[Conn], Awaitable[T]], deadline: float, slot: str = "shared") -> T:
         """Run on a shared connection, reopening it once if the server had dropped it."""
@@ -599,10 +605,11 @@ class PostgresBackend:
             async with self._guard(slot, deadline):
                 conn = self._shared.get(slot)
                 if conn is None or conn.closed:
-                    conn = self._shared[slot] = await self._connect(deadline)
+                    conn, deadline = await self._connect(deadline)
+                    self._shared[slot] = conn
                     fresh = True
                 else:
-                    await self._ensure_schema(conn, deadline, shared=True)
+                    deadline = await self._ensure_schema(conn, deadline, shared=True)
             try:
                 return await self._run(conn, fn, deadline, abandon_on_cancel=False)
             except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -613,15 +620,16 @@ class PostgresBackend:
                     raise
         raise AssertionError("unreachable")
 
-    async def _lock_conn(self, name: str, deadline: float) -> tuple[Conn, bool]:
-        """The session dedicated to ``name`` (opened if need be) and whether it is new."""
+    async def _lock_conn(self, name: str, deadline: float) -> tuple[Conn, bool, float]:
+        """The session dedicated to ``name`` (opened if need be), whether it is new, and the deadline."""
         conn = self._locks.get(name)
         if conn is not None and not conn.closed:
-            return conn, False
+            return conn, False, deadline
         if conn is not None:
             self._abandon(conn)
-        conn = self._locks[name] = await self._connect(deadline)
-        return conn, True
+        conn, deadline = await self._connect(deadline)
+        self._locks[name] = conn
+        return conn, True, deadline
 
     # -- the lease ---------------------------------------------------------------------
 
@@ -631,7 +639,7 @@ class PostgresBackend:
         row: Row | None = None
         async with self._op("acquire") as deadline, self._guard(f"lock:{name}", deadline):
             for attempt in (0, 1):
-                conn, fresh = await self._lock_conn(name, deadline)
+                conn, fresh, deadline = await self._lock_conn(name, deadline)
                 try:
                     row = await self._run(conn, lambda c: _fetchone(c, _ACQUIRE, params), deadline)
                     break
@@ -707,7 +715,7 @@ class PostgresBackend:
         try:
             async with (self._op("wait_for_change", extra=timeout) as deadline,
                         self._guard(f"lock:{name}", deadline)):
-                conn, _ = await self._lock_conn(name, deadline)
+                conn, _, deadline = await self._lock_conn(name, deadline)
                 await self._run(conn, wait, deadline)
         except LockBackendError:  # an unreachable server is waited out, not raised: the loop retries
             await asyncio.sleep(max(0.0, started + timeout - time.monotonic()))
@@ -877,14 +885,15 @@ async def _migrate(conn: Conn) -> None:
     """Create or upgrade the tables, one node at a time; the others wait for it, then find them current."""
     limit = f"{int(MIGRATION_TIMEOUT * 1000)}"
     async with conn.transaction():
+        # index builds may take long on a big table, and so may the wait for another node doing them
+        await conn.execute(f"SET LOCAL statement_timeout = {limit}")
         await conn.execute(f"SET LOCAL lock_timeout = {limit}")
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
         if await _schema_current(conn):  # another node did it while this one waited
             return
-        # index builds may take long on a big table; a wait for a table lock keeps the operation's
-        # lock_timeout (the session's), so an upgrade never queues the live traffic behind it for long
+        # but a wait for a table lock keeps the operation's lock_timeout (the session's), so that an
+        # upgrade never queues the live traffic behind it for long
         await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
-        await conn.execute(f"SET LOCAL statement_timeout = {limit}")
         for statement in _SCHEMA:
             await conn.execute(statement)
 

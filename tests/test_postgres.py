@@ -425,6 +425,23 @@ async def test_a_database_with_the_first_release_schema_is_upgraded_on_first_use
     assert sorted(c for (c,) in columns) == ["mark_sealed", "mark_since_us", "mark_token", "mark_until_us"]
 
 
+async def test_an_upgrade_is_not_bounded_by_the_operation_timeout(scratch_db: str, make_backend: Factory,
+                                                                   lock_name: str) -> None:
+    """Index builds over a large table take what they take: the operation waiting for them gets its own
+    timeout after them (here another node holds the schema lock, as while it upgrades a large table)."""
+    for statement in FIRST_RELEASE_SCHEMA:
+        await sql(scratch_db, statement)
+    a = make_backend(scratch_db)
+    url = scratch_db.split("?", 1)[0]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock(%s, %s)", postgres._SCHEMA_LOCK)
+        first = asyncio.create_task(a.leader(lock_name))
+        await asyncio.sleep(OP_TIMEOUT * 3)
+        assert not first.done()
+    assert await asyncio.wait_for(first, 30) is None  # the other gave up: this one upgraded, then answered
+    assert await sql(scratch_db, "SELECT to_regclass('baton_busy') IS NOT NULL") == [(True,)]
+
+
 async def test_tables_dropped_under_a_running_node_are_recreated_by_its_next_operation(
         scratch_db: str, make_backend: Factory, lock_name: str) -> None:
     a = make_backend(scratch_db)
