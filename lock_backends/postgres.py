@@ -27,7 +27,10 @@ next acquire.
 The URL must reach PostgreSQL directly or through a session-pooling proxy: a
 transaction-pooling PgBouncer would hand the session, and its lock, to others.
 
-Tables (created, or upgraded from the first release's, on first use):
+Tables (created, or upgraded in place from the first release's, on first
+use: one node at a time, under a transaction advisory lock, with a timeout
+of its own, since building indexes over a large ``baton_claims`` may take
+longer than an operation may):
 
 ``baton_fence`` (one row per lock name)
     ``token``, ``node_id``, ``url``, ``holder_pid``: the lease. ``mark_token``,
@@ -52,6 +55,13 @@ Tables (created, or upgraded from the first release's, on first use):
     the runs a node handed over while they were still going (``BusyRun``).
 ``baton_settings``
     small shared key/values.
+
+Typed, NOT NULL columns leave little room for garbage; what room there is (a
+mark that breaks ``since <= until``, a token below 1, a NULL where the
+constraints were dropped by hand, a result that is JSON but no object) is
+met with ``CorruptValue`` naming the table and lock, or, in listings, by
+skipping the row: never acted on, never read as absent, and nothing to do
+once the row is repaired.
 
 How ``claim_window`` is atomic: it is one statement (``_CLAIM_WINDOW``).
 Its first CTE is the fencing check ``claim`` makes (the fence row carries

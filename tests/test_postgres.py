@@ -459,6 +459,26 @@ async def test_tables_dropped_under_a_running_node_are_recreated_by_its_next_ope
     assert await a.claim_window(lease, start + 3 * US, start + US) == Window(lease.token, start, start + 3 * US)
 
 
+async def test_a_page_ends_with_every_run_at_its_last_instant(pg_url: str, make_backend: Factory,
+                                                              lock_name: str) -> None:
+    """RunQuery: runs at the cursor's instant are never skipped by the next page (``before`` excludes it)."""
+    a = make_backend(pg_url)
+    at = time.time() - 10
+    await a.record_many(lock_name, [RunRecord(f"job@{i}", 1, "a", at + i // 4, {"outcome": "ok"}) for i in range(12)])
+    seen: list[str] = []
+    before: float | None = None
+    pages = []
+    while True:
+        page = await a.runs(lock_name, RunQuery(limit=5, before=before))
+        if not page:
+            break
+        pages.append(len(page))
+        seen += [r.key for r in page]
+        before = page[-1].claimed_at
+    assert pages == [8, 4]  # three instants of four runs: a page of five ends with all of the second
+    assert sorted(seen) == sorted(f"job@{i}" for i in range(12))
+
+
 async def test_listings_walk_an_index_whatever_the_retention(pg_url: str, make_backend: Factory,
                                                              lock_name: str) -> None:
     """Every listing is an ordered index scan that stops at its page: many finished runs cost nothing."""
