@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -277,8 +277,10 @@ async def test_a_corrupt_claim_mark_is_a_typed_error_and_the_node_recovers_once_
     await sql(pg_url, f"UPDATE baton_fence SET {garbage} WHERE name = %s", lock_name)
     stored = await sql(pg_url, "SELECT mark_token, mark_since_us, mark_until_us, mark_sealed FROM baton_fence"
                                " WHERE name = %s", lock_name)
-    for attempt in (lambda: a.claim_window(lease, start + 2 * US, start, intents=["nightly@1"]),
-                    lambda: a.hand_back(lease, start + US // 2, drop=["nightly@1"])):
+    attempts: list[Callable[[], Awaitable[Window | None]]] = [
+        lambda: a.claim_window(lease, start + 2 * US, start, intents=["nightly@1"]),
+        lambda: a.hand_back(lease, start + US // 2, drop=["nightly@1"])]
+    for attempt in attempts:
         with pytest.raises(CorruptValue) as info:
             await attempt()
         assert info.value.key == f"baton_fence/{lock_name}"
@@ -410,7 +412,7 @@ async def test_a_database_with_the_first_release_schema_is_upgraded_on_first_use
                   lock_name, key, base + i, result)
     # two nodes start at once on the old schema: one upgrades it, the other waits for it
     a, b = make_backend(scratch_db), make_backend(scratch_db)
-    assert await asyncio.gather(a.leader(lock_name), b.leader(lock_name)) == [None, None]
+    assert list(await asyncio.gather(a.leader(lock_name), b.leader(lock_name))) == [None, None]
     lease = await a.acquire(lock_name, Holder("a"), TTL)
     assert lease is not None and lease.token == 8  # the old fence row's token goes on
     start = now_us()
@@ -422,7 +424,7 @@ async def test_a_database_with_the_first_release_schema_is_upgraded_on_first_use
     assert [r.key for r in await b.unfinished(lock_name, 10)] == ["a_b@9", "a%b@3"]
     columns = await sql(scratch_db, "SELECT column_name FROM information_schema.columns"
                                     " WHERE table_name = 'baton_fence' AND column_name LIKE 'mark%%'")
-    assert sorted(c for (c,) in columns) == ["mark_sealed", "mark_since_us", "mark_token", "mark_until_us"]
+    assert sorted(str(c) for (c,) in columns) == ["mark_sealed", "mark_since_us", "mark_token", "mark_until_us"]
 
 
 async def test_an_upgrade_is_not_bounded_by_the_operation_timeout(scratch_db: str, make_backend: Factory,
