@@ -1,4 +1,4 @@
-"""PostgreSQL backend: session advisory locks, a fence table, followers waiting in the lock queue.
+"""PostgreSQL backend: session advisory locks, a fence row per lock, claim windows, followers in the lock queue.
 
 The lock is ``pg_try_advisory_lock(key)`` taken on a connection dedicated to
 one lock name, so the lock lives exactly as long as that server session. The
@@ -27,9 +27,56 @@ next acquire.
 The URL must reach PostgreSQL directly or through a session-pooling proxy: a
 transaction-pooling PgBouncer would hand the session, and its lock, to others.
 
-Tables (created idempotently on first use): ``baton_fence`` (token and holder
-per lock name), ``baton_claims`` (fenced claims with their results) and
-``baton_settings`` (small shared key/values).
+Tables (created, or upgraded in place from the first release's, on first
+use: one node at a time, under a transaction advisory lock, with a timeout
+of its own, since building indexes over a large ``baton_claims`` may take
+longer than an operation may):
+
+``baton_fence`` (one row per lock name)
+    ``token``, ``node_id``, ``url``, ``holder_pid``: the lease. ``mark_token``,
+    ``mark_since_us``, ``mark_until_us``, ``mark_sealed``: the claim mark of
+    ``base.Window`` (zeros until the first window). Typed columns: nothing in
+    them can have the wrong shape, and a mark that breaks ``since <= until``
+    is reported as ``CorruptValue``, never acted on.
+``baton_claims`` (one row per lock name and claim key)
+    run records: single-key claims and the intents of recoverable fire times
+    (``result`` NULL) and records (``result`` a JSON object; any other JSON
+    is skipped by listings). ``expires_at`` is ``claimed_at`` plus the
+    retention; expired rows are invisible, and deleted in bounded batches.
+    A listing walks one index in order and stops when its page is full, so
+    its cost does not grow with the retention: ``(name, claimed_at)`` for
+    all runs, ``(name, job, claimed_at)`` with the job being
+    ``split_part(key, '@', 1)`` (an equality, not LIKE: ``_`` and ``%`` in
+    job ids are plain characters), ``(name, outcome, claimed_at)`` over rows
+    with a result (a listing by job and outcome walks one and filters on
+    the other), and ``(name, claimed_at) WHERE result IS NULL`` for the
+    unfinished ones.
+``baton_busy`` (one row per lock name and run key)
+    the runs a node handed over while they were still going (``BusyRun``).
+``baton_settings``
+    small shared key/values.
+
+Typed, NOT NULL columns leave little room for garbage; what room there is (a
+mark that breaks ``since <= until``, a token below 1, a NULL where the
+constraints were dropped by hand, a result that is JSON but no object) is
+met with ``CorruptValue`` naming the table and lock, or, in listings, by
+skipping the row: never acted on, never read as absent, and nothing to do
+once the row is repaired.
+
+How ``claim_window`` is atomic: it is one statement (``_CLAIM_WINDOW``).
+Its first CTE is the fencing check ``claim`` makes (the fence row carries
+the lease's token and the holder's session is granted the advisory lock
+right now) and locks the fence row, FOR NO KEY UPDATE rather than claim's
+FOR SHARE since the statement goes on to write it (two sharers upgrading
+would deadlock). So an acquire racing it waits for it to commit (or it for
+the acquire, and then the recheck on the bumped row fails), and so does a
+second window claim, which then computes from the row this one wrote,
+never from the older one it started with (that would shrink the window).
+The next CTEs apply ``base.next_window`` to the locked mark, write it back
+when it moved, insert the intents when the window is the caller's, drop
+expired busy runs and read the live ones: every part works from the same
+locked row and everything commits together. ``hand_back`` has the same
+shape, with the mark's token (not the lease's lock) as its condition.
 """
 
 from __future__ import annotations
@@ -37,23 +84,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import make_conninfo
-from psycopg.types.json import Jsonb
 
-from lock_backends.base import Holder, Lease, RunRecord, local_deadline
-from lock_backends.errors import BackendUnavailable, LockBackendError
+from lock_backends import clock
+from lock_backends.base import (
+    MAX_LISTING,
+    BusyRun,
+    Holder,
+    Lease,
+    RunQuery,
+    RunRecord,
+    Window,
+    local_deadline,
+)
+from lock_backends.errors import BackendUnavailable, CorruptValue, LockBackendError
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
 Conn = psycopg.AsyncConnection[Any]
+Row = tuple[Any, ...]
 T = TypeVar("T")
 
 #: libpq parameters a URL may carry besides the common options.
@@ -61,12 +119,18 @@ LIBPQ_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_nam
 #: A wait that returns sooner than this (nobody holds the lock) is padded to it, so that a
 #: follower whose acquire keeps failing for another reason cannot spin against the server.
 MIN_WAIT = 0.05
-#: Expired claims are deleted at most this often per backend instance.
+#: Expired run records are deleted at most this often per backend instance (after a record batch) ...
 PURGE_INTERVAL = 300.0
-#: Key of the transaction lock that serializes schema creation (two-int form: its own key space).
+#: ... at most this many per statement (a backlog is worked off batch by batch, never in one long delete).
+PURGE_BATCH = 5_000
+#: Creating or upgrading the tables may build indexes over a large ``baton_claims``: it gets this long,
+#: once, instead of the operation timeout (which would fail the upgrade on every attempt).
+MIGRATION_TIMEOUT = 60.0
+#: Key of the transaction lock that serializes schema changes (two-int form: its own key space).
 _SCHEMA_LOCK = (0x6261746F, 1)
 
 _SCHEMA = (
+    # -- the first release's tables, as it created them --
     """CREATE TABLE IF NOT EXISTS baton_fence (
         name text PRIMARY KEY,
         token bigint NOT NULL,
@@ -91,7 +155,36 @@ _SCHEMA = (
         key text NOT NULL,
         value text NOT NULL,
         PRIMARY KEY (name, key))""",
+    # -- claim windows: new tables and indexes, and columns added in place (CREATE TABLE IF NOT EXISTS
+    # adds none to an existing table). In this order because every lock taken is held until the commit:
+    # the index builds block writes to baton_claims only, and baton_fence, which every renew reads, is
+    # locked last, for the moment its columns take (constant defaults: no table rewrite).
+    """CREATE TABLE IF NOT EXISTS baton_busy (
+        name text NOT NULL,
+        key text NOT NULL,
+        job_id text NOT NULL,
+        node_id text NOT NULL,
+        token bigint NOT NULL,
+        until_us bigint NOT NULL,
+        PRIMARY KEY (name, key))""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_job
+        ON baton_claims (name, split_part(key, '@', 1), claimed_at DESC, id DESC)""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_outcome
+        ON baton_claims (name, (result ->> 'outcome'), claimed_at DESC, id DESC) WHERE result IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS baton_claims_open
+        ON baton_claims (name, claimed_at DESC, id DESC) WHERE result IS NULL""",
+    """ALTER TABLE baton_fence
+        ADD COLUMN IF NOT EXISTS mark_token bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_since_us bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_until_us bigint NOT NULL DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS mark_sealed boolean NOT NULL DEFAULT false""",
 )
+# Every table there, and the newest column: the transaction makes all of _SCHEMA visible at once. (A later
+# change to the schema adds its newest object here.)
+_SCHEMA_CURRENT = """SELECT to_regclass('baton_fence') IS NOT NULL AND to_regclass('baton_claims') IS NOT NULL
+    AND to_regclass('baton_settings') IS NOT NULL AND to_regclass('baton_busy') IS NOT NULL
+    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('baton_fence') AND attname = 'mark_sealed'
+                AND NOT attisdropped)"""
 
 # pg_locks shows a bigint advisory key as its high half in classid, low half in objid, objsubid 1.
 _GRANTED = """l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
@@ -139,35 +232,192 @@ FROM (SELECT set_config('lock_timeout', %(lock_timeout)s, true)) AS settings"""
 
 _HOLDER_LOCKED = f"EXISTS (SELECT 1 FROM pg_locks l WHERE {_GRANTED} AND l.pid = f.holder_pid)"
 
+# The lease is current: its token is the fence row's and the holder's session is granted the lock now.
+_FENCED = f"f.name = %(name)s AND f.token = %(token)s AND {_HOLDER_LOCKED}"
+
 _LEADER = f"SELECT f.node_id, f.url FROM baton_fence f WHERE f.name = %(name)s AND {_HOLDER_LOCKED}"
 
-# FOR SHARE makes a claim racing an acquire wait for the fence bump and re-check the new token.
-_CLAIM = f"""
-WITH current AS (
-    SELECT f.name FROM baton_fence f
-    WHERE f.name = %(name)s AND f.token = %(token)s AND {_HOLDER_LOCKED}
-    FOR SHARE OF f
+_SERVER_TIME = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+_NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+
+# A mark the rules below may act on: anything else was not written by them (see CorruptValue).
+_SOUND_MARK = "(f.mark_token >= 0 AND 0 <= f.mark_since_us AND f.mark_since_us <= f.mark_until_us" \
+              " AND f.mark_sealed IS NOT NULL) IS TRUE"
+
+_BUSY_JSON = """coalesce(jsonb_agg(jsonb_build_object('key', b.key, 'job_id', b.job_id, 'node_id', b.node_id,
+    'token', b.token, 'until_us', b.until_us) ORDER BY b.key), '[]'::jsonb)"""
+
+# base.next_window in SQL, then its consequences, in one statement (see the module docstring). ``step``
+# names the rule that applied: 'first' (the lock's first window), 'grow' (the same token, further),
+# 'follow' (a new token, from where the previous window ends), 'keep' (nothing moves) or 'corrupt'.
+_CLAIM_WINDOW = f"""
+WITH cur AS MATERIALIZED (
+    SELECT f.mark_token AS t, f.mark_since_us AS s, f.mark_until_us AS u, f.mark_sealed AS sealed,
+        {_SOUND_MARK} AS sound
+    FROM baton_fence f WHERE {_FENCED}
+    FOR NO KEY UPDATE OF f
+), rule AS (
+    SELECT cur.*, CASE
+        WHEN NOT cur.sound THEN 'corrupt'
+        WHEN cur.t = 0 THEN 'first'
+        WHEN cur.t > %(token)s OR (cur.t = %(token)s AND cur.sealed) OR %(until_us)s <= cur.u THEN 'keep'
+        WHEN cur.t = %(token)s THEN 'grow'
+        ELSE 'follow' END AS step
+    FROM cur
+), nxt AS MATERIALIZED (
+    SELECT r.step,
+        CASE WHEN r.step IN ('keep', 'corrupt') THEN r.t ELSE %(token)s END AS t,
+        CASE r.step WHEN 'first' THEN least(%(start_us)s, %(until_us)s) WHEN 'follow' THEN r.u ELSE r.s END AS s,
+        CASE WHEN r.step IN ('keep', 'corrupt') THEN r.u ELSE %(until_us)s END AS u,
+        r.step IN ('keep', 'corrupt') AND r.sealed AS sealed
+    FROM rule r
+), moved AS (
+    UPDATE baton_fence f SET mark_token = n.t, mark_since_us = n.s, mark_until_us = n.u, mark_sealed = n.sealed
+    FROM nxt n WHERE f.name = %(name)s AND n.step IN ('first', 'grow', 'follow')
+), intents AS (
+    INSERT INTO baton_claims AS c (name, key, token, node_id, claimed_at, expires_at)
+    SELECT %(name)s, k.key, %(token)s, %(node_id)s, clock_timestamp(),
+        clock_timestamp() + make_interval(secs => %(retention)s)
+    FROM nxt n, unnest(%(intents)s::text[]) AS k(key)
+    WHERE n.step <> 'corrupt' AND n.t = %(token)s AND NOT n.sealed
+    ON CONFLICT (name, key) DO UPDATE SET token = EXCLUDED.token, node_id = EXCLUDED.node_id,
+        claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
+        WHERE c.result IS NULL
+), expired AS (
+    DELETE FROM baton_busy b USING nxt WHERE b.name = %(name)s AND b.until_us <= {_NOW_US}
 )
-INSERT INTO baton_claims AS c (name, key, token, node_id, claimed_at, expires_at)
-SELECT %(name)s, k.key, %(token)s, %(node_id)s, clock_timestamp(),
-       clock_timestamp() + make_interval(secs => %(retention)s)
-FROM current, unnest(%(claim_keys)s::text[]) AS k(key)
-ON CONFLICT (name, key) DO UPDATE SET token = EXCLUDED.token, node_id = EXCLUDED.node_id,
-    claimed_at = EXCLUDED.claimed_at, result = NULL, expires_at = EXCLUDED.expires_at
-    WHERE c.expires_at < clock_timestamp()
-RETURNING c.key
+SELECT n.step, n.t, n.s, n.u, n.sealed,
+    (SELECT {_BUSY_JSON} FROM baton_busy b WHERE b.name = %(name)s AND b.until_us > {_NOW_US})
+FROM nxt n
 """
 
+# base.handed_back in SQL: the mark's token is the condition, not the lease's lock (a corrupt mark is
+# reported whoever's it seems to be). The busy runs read back are the new ones (RETURNING) and the
+# older rows of other keys: the statement's snapshot does not see its own writes.
+_HAND_BACK = f"""
+WITH cur AS MATERIALIZED (
+    SELECT f.mark_token AS t, f.mark_since_us AS s, f.mark_until_us AS u, f.mark_sealed AS sealed,
+        {_SOUND_MARK} AS sound
+    FROM baton_fence f WHERE f.name = %(name)s AND (f.mark_token = %(token)s OR NOT {_SOUND_MARK})
+    FOR NO KEY UPDATE OF f
+), nxt AS MATERIALIZED (
+    SELECT cur.sound, cur.sealed AS was_sealed, cur.t, cur.s,
+        CASE WHEN cur.sealed OR NOT cur.sound THEN cur.u
+             ELSE greatest(cur.s, least(cur.u, %(at_us)s)) END AS u
+    FROM cur
+), moved AS (
+    UPDATE baton_fence f SET mark_until_us = n.u, mark_sealed = true
+    FROM nxt n WHERE f.name = %(name)s AND n.sound AND NOT n.was_sealed
+), given AS (
+    INSERT INTO baton_busy AS b (name, key, job_id, node_id, token, until_us)
+    SELECT %(name)s, r.key, r.job_id, r.node_id, r.token, r.until_us
+    FROM nxt n, jsonb_to_recordset(%(busy)s::jsonb)
+        AS r(key text, job_id text, node_id text, token bigint, until_us bigint)
+    WHERE n.sound
+    ON CONFLICT (name, key) DO UPDATE SET job_id = EXCLUDED.job_id, node_id = EXCLUDED.node_id,
+        token = EXCLUDED.token, until_us = EXCLUDED.until_us
+    RETURNING b.key, b.job_id, b.node_id, b.token, b.until_us
+), dropped AS (
+    DELETE FROM baton_claims c USING nxt n
+    WHERE n.sound AND c.name = %(name)s AND c.key = ANY(%(drop)s::text[]) AND c.token = %(token)s
+        AND c.result IS NULL
+), busy AS (
+    SELECT * FROM given
+    UNION ALL
+    SELECT o.key, o.job_id, o.node_id, o.token, o.until_us FROM baton_busy o
+    WHERE o.name = %(name)s AND o.key NOT IN (SELECT key FROM given)
+)
+SELECT CASE WHEN n.sound THEN 'handed back' ELSE 'corrupt' END, n.t, n.s, n.u, true,
+    (SELECT {_BUSY_JSON} FROM busy b WHERE b.until_us > {_NOW_US})
+FROM nxt n
+"""
+
+# FOR SHARE makes a claim racing an acquire wait for the fence bump and re-check the new token. A key
+# is taken when it is free or its claim expired, and answered True again when this token holds it.
+_CLAIM = f"""
+WITH current AS MATERIALIZED (
+    SELECT f.name FROM baton_fence f WHERE {_FENCED}
+    FOR SHARE OF f
+), taken AS (
+    INSERT INTO baton_claims AS c (name, key, token, node_id, claimed_at, expires_at)
+    SELECT %(name)s, k.key, %(token)s, %(node_id)s, clock_timestamp(),
+        clock_timestamp() + make_interval(secs => %(retention)s)
+    FROM current, unnest(%(claim_keys)s::text[]) AS k(key)
+    ON CONFLICT (name, key) DO UPDATE SET token = EXCLUDED.token, node_id = EXCLUDED.node_id,
+        claimed_at = EXCLUDED.claimed_at, result = NULL, expires_at = EXCLUDED.expires_at
+        WHERE c.expires_at < clock_timestamp()
+    RETURNING c.key
+)
+SELECT key FROM taken
+UNION
+SELECT c.key FROM current, baton_claims c
+WHERE c.name = %(name)s AND c.key = ANY(%(claim_keys)s::text[]) AND c.token = %(token)s
+    AND c.expires_at >= clock_timestamp()
+"""
+
+# The batch as one array per column, sent in binary (no escaping on either side), and the results
+# as one JSON array (one json.dumps, one parse), zipped back into rows by ROWS FROM. Rows are written
+# in key order, so two batches sharing keys lock them in one order.
 _RECORD = """
-UPDATE baton_claims c SET result = r.value
-FROM jsonb_each(%(results)s::jsonb) AS r(key, value)
-WHERE c.name = %(name)s AND c.key = r.key
+WITH r AS MATERIALIZED (
+    SELECT * FROM ROWS FROM (unnest(%(keys)b::text[]), unnest(%(tokens)b::int8[]), unnest(%(node_ids)b::text[]),
+                             unnest(%(claimed_at)b::float8[]), jsonb_array_elements(%(results)s::jsonb))
+        AS r(key, token, node_id, claimed_at, result)
+), freed AS (
+    DELETE FROM baton_busy b USING r WHERE b.name = %(name)s AND b.key = r.key
+)
+INSERT INTO baton_claims AS c (name, key, token, node_id, claimed_at, result, expires_at)
+SELECT %(name)s, r.key, r.token, r.node_id, to_timestamp(r.claimed_at), nullif(r.result, 'null'::jsonb),
+    to_timestamp(r.claimed_at) + make_interval(secs => %(retention)s)
+FROM r ORDER BY r.key COLLATE "C"
+ON CONFLICT (name, key) DO UPDATE SET token = EXCLUDED.token, node_id = EXCLUDED.node_id,
+    claimed_at = EXCLUDED.claimed_at, result = EXCLUDED.result, expires_at = EXCLUDED.expires_at
 """
 
-_RUNS = """
-SELECT key, token, node_id, extract(epoch FROM claimed_at)::float8, result FROM baton_claims
-WHERE name = %(name)s AND expires_at > clock_timestamp()
-ORDER BY claimed_at DESC, id DESC LIMIT %(limit)s
+# Expiry is checked again on the row deleted: a claim may have taken an expired key over meanwhile.
+_PURGE = """
+DELETE FROM baton_claims c
+USING (SELECT name, key FROM baton_claims WHERE expires_at < clock_timestamp() LIMIT %(batch)s) old
+WHERE c.name = old.name AND c.key = old.key AND c.expires_at < clock_timestamp()
+"""
+
+# What Baton writes: a result that is an object (a record) or none (an intent), at a finite instant.
+# Written so that the planner estimates it true for nearly every row (as it is): an estimate of "few
+# rows pass" would make it read and sort all the matching rows instead of walking an index in order.
+_SHAPE = """coalesce(jsonb_typeof(c.result), 'object') NOT IN ('array', 'string', 'number', 'boolean', 'null')
+    AND c.claimed_at > '-infinity' AND c.claimed_at < 'infinity'"""
+_RUN_COLUMNS = "s.key, s.token, s.node_id, extract(epoch FROM s.claimed_at)::float8, s.result"
+
+# A listing: the first ``limit`` runs down the index that serves its filters (``{filters}``), newest
+# first, then every other run at the instant of the page's last one (the ``ties``, down the same
+# index), so that the next page (``before`` that instant) skips none.
+_RUNS = f"""
+WITH page AS MATERIALIZED (
+    SELECT c.id, c.key, c.token, c.node_id, c.claimed_at, c.result FROM baton_claims c
+    WHERE c.name = %(name)s AND c.expires_at > clock_timestamp() AND {_SHAPE}{{filters}}
+    ORDER BY c.claimed_at DESC, c.id DESC LIMIT %(limit)s
+), last AS (
+    SELECT claimed_at, id FROM page ORDER BY claimed_at, id LIMIT 1
+), ties AS (
+    SELECT c.id, c.key, c.token, c.node_id, c.claimed_at, c.result FROM last, baton_claims c
+    WHERE c.name = %(name)s AND c.expires_at > clock_timestamp() AND {_SHAPE}{{filters}}
+        AND c.claimed_at = last.claimed_at AND c.id < last.id
+    ORDER BY c.id DESC LIMIT {MAX_LISTING}
+)
+SELECT {_RUN_COLUMNS} FROM (SELECT * FROM page UNION ALL SELECT * FROM ties) s
+ORDER BY s.claimed_at DESC, s.id DESC LIMIT {MAX_LISTING}
+"""
+_JOB_FILTER = " AND split_part(c.key, '@', 1) = %(job)s"  # the expression of index baton_claims_job
+_OUTCOME_FILTER = " AND c.result IS NOT NULL AND c.result ->> 'outcome' = %(outcome)s"  # baton_claims_outcome
+_SINCE_FILTER = " AND c.claimed_at >= to_timestamp(%(since)s::float8)"
+_BEFORE_FILTER = " AND c.claimed_at < to_timestamp(%(before)s::float8)"
+
+_UNFINISHED = f"""
+SELECT {_RUN_COLUMNS} FROM baton_claims s
+WHERE s.name = %(name)s AND s.result IS NULL AND s.expires_at > clock_timestamp()
+    AND s.claimed_at > '-infinity' AND s.claimed_at < 'infinity'
+ORDER BY s.claimed_at DESC, s.id DESC LIMIT %(limit)s
 """
 
 
@@ -192,6 +442,14 @@ def _session_settings(ttl: float) -> dict[str, str]:
         "tcp_keepalives_count": "2",
         "tcp_user_timeout": str(ttl_ms),
     }
+
+
+def _listing(query: RunQuery) -> str:
+    """The listing statement for ``query``'s filters."""
+    filters = "".join(part for part, used in ((_JOB_FILTER, query.job), (_OUTCOME_FILTER, query.outcome),
+                                              (_SINCE_FILTER, query.since), (_BEFORE_FILTER, query.before))
+                      if used is not None)
+    return _RUNS.format(filters=filters)
 
 
 class PostgresBackend:
@@ -257,8 +515,8 @@ class PostgresBackend:
             raise BackendUnavailable(f"{what} failed: {_brief(exc)}", backend=self.kind,
                                      address=self.address) from None
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.errors.UndefinedTable):
-                self._schema_ready = False  # somebody dropped our tables: recreate on next connect
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+                self._schema_ready = False  # somebody dropped (or restored old) tables: redo them on next use
             raise LockBackendError(f"{what} failed: {_brief(exc)}", backend=self.kind,
                                    address=self.address) from None
 
@@ -323,17 +581,32 @@ class PostgresBackend:
         finally:
             lock.release()
 
-    async def _connect(self, deadline: float) -> Conn:
+    async def _connect(self, deadline: float) -> tuple[Conn, float]:
+        """A new session with the tables ready, and the operation's deadline (see ``_ensure_schema``)."""
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         try:
-            if not self._schema_ready:
-                await self._run(conn, _ensure_schema, deadline)
-                self._schema_ready = True
+            deadline = await self._ensure_schema(conn, deadline)
         except BaseException:
             self._abandon(conn)
             raise
-        return conn
+        return conn, deadline
+
+    async def _ensure_schema(self, conn: Conn, deadline: float, *, shared: bool = False) -> float:
+        """Create or upgrade the tables if this instance has not seen them current yet.
+
+        The check takes the operation's deadline; an upgrade (which may build indexes over a
+        large ``baton_claims``) takes up to MIGRATION_TIMEOUT, once, and the deadline returned for
+        the rest of the operation is moved on by the time it took.
+        """
+        if self._schema_ready:
+            return deadline
+        if not await self._run(conn, _schema_current, deadline, abandon_on_cancel=not shared):
+            started = time.monotonic()
+            await self._run(conn, _migrate, max(deadline, started + MIGRATION_TIMEOUT), abandon_on_cancel=not shared)
+            deadline += time.monotonic() - started
+        self._schema_ready = True
+        return deadline
 
     async def _shared_call(self, fn: Callable[[Conn], Awaitable[T]], deadline: float, slot: str = "shared") -> T:
         """Run on a shared connection, reopening it once if the server had dropped it."""
@@ -342,8 +615,11 @@ class PostgresBackend:
             async with self._guard(slot, deadline):
                 conn = self._shared.get(slot)
                 if conn is None or conn.closed:
-                    conn = self._shared[slot] = await self._connect(deadline)
+                    conn, deadline = await self._connect(deadline)
+                    self._shared[slot] = conn
                     fresh = True
+                else:
+                    deadline = await self._ensure_schema(conn, deadline, shared=True)
             try:
                 return await self._run(conn, fn, deadline, abandon_on_cancel=False)
             except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -354,25 +630,26 @@ class PostgresBackend:
                     raise
         raise AssertionError("unreachable")
 
-    async def _lock_conn(self, name: str, deadline: float) -> tuple[Conn, bool]:
-        """The session dedicated to ``name`` (opened if need be) and whether it is new."""
+    async def _lock_conn(self, name: str, deadline: float) -> tuple[Conn, bool, float]:
+        """The session dedicated to ``name`` (opened if need be), whether it is new, and the deadline."""
         conn = self._locks.get(name)
         if conn is not None and not conn.closed:
-            return conn, False
+            return conn, False, deadline
         if conn is not None:
             self._abandon(conn)
-        conn = self._locks[name] = await self._connect(deadline)
-        return conn, True
+        conn, deadline = await self._connect(deadline)
+        self._locks[name] = conn
+        return conn, True, deadline
 
-    # -- protocol --------------------------------------------------------------------
+    # -- the lease ---------------------------------------------------------------------
 
     async def acquire(self, name: str, holder: Holder, ttl: float) -> Lease | None:
-        t_sent = time.monotonic()
+        t_sent = clock.monotonic()
         params = {**_key_params(name), **_session_settings(ttl), "node_id": holder.node_id, "url": holder.url}
-        row: tuple[Any, ...] | None = None
+        row: Row | None = None
         async with self._op("acquire") as deadline, self._guard(f"lock:{name}", deadline):
             for attempt in (0, 1):
-                conn, fresh = await self._lock_conn(name, deadline)
+                conn, fresh, deadline = await self._lock_conn(name, deadline)
                 try:
                     row = await self._run(conn, lambda c: _fetchone(c, _ACQUIRE, params), deadline)
                     break
@@ -382,12 +659,15 @@ class PostgresBackend:
                     # a contender's idle session is ended by idle_session_timeout: reopen once
                     if fresh or attempt or not isinstance(exc, psycopg.OperationalError):
                         raise
+            if row is not None and (not isinstance(row[0], int) or row[0] < 1):
+                self._abandon(conn)  # the lock was taken under no valid token: give it up with the session
+                raise self._corrupt(f"the fencing token is {row[0]!r}", f"baton_fence/{name}")
         if row is None:
             return None
-        return Lease(name, holder, int(row[0]), ttl, local_deadline(t_sent, ttl), handle=f"pid:{row[1]}")
+        return Lease(name, holder, row[0], ttl, local_deadline(t_sent, ttl), handle=f"pid:{row[1]}")
 
     async def renew(self, lease: Lease) -> Lease | None:
-        t_sent = time.monotonic()
+        t_sent = clock.monotonic()
         params = {**_key_params(lease.name), "token": lease.token}
         async with self._op("renew") as deadline, self._guard(f"lock:{lease.name}", deadline):
             conn = self._locks.get(lease.name)
@@ -425,7 +705,13 @@ class PostgresBackend:
         params = _key_params(name)
         async with self._op("leader") as deadline:
             row = await self._shared_call(lambda c: _fetchone(c, _LEADER, params), deadline)
-        return Holder(node_id=row[0], url=row[1]) if row else None
+        return None if row is None else self._holder(name, row)
+
+    def _holder(self, name: str, row: Row) -> Holder:
+        node_id, url = row
+        if not isinstance(node_id, str) or not isinstance(url, str):
+            raise self._corrupt(f"the holder (node_id {node_id!r}, url {url!r}) is no holder", f"baton_fence/{name}")
+        return Holder(node_id=node_id, url=url)
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
         """Wait in the lock's queue, on this node's lock session, until the holder's lock goes."""
@@ -439,61 +725,131 @@ class PostgresBackend:
         try:
             async with (self._op("wait_for_change", extra=timeout) as deadline,
                         self._guard(f"lock:{name}", deadline)):
-                conn, _ = await self._lock_conn(name, deadline)
+                conn, _, deadline = await self._lock_conn(name, deadline)
                 await self._run(conn, wait, deadline)
         except LockBackendError:  # an unreachable server is waited out, not raised: the loop retries
             await asyncio.sleep(max(0.0, started + timeout - time.monotonic()))
             return
         await asyncio.sleep(max(0.0, started + MIN_WAIT - time.monotonic()))
 
+    async def server_time(self) -> float | None:
+        async with self._op("server_time") as deadline:
+            row = await self._shared_call(lambda c: _fetchone(c, _SERVER_TIME, {}), deadline)
+        return float(row[0]) if row else None
+
+    # -- claims ------------------------------------------------------------------------
+
+    async def claim_window(self, lease: Lease, until_us: int, start_us: int,
+                           intents: Sequence[str] = ()) -> Window | None:
+        params = {**_key_params(lease.name), "token": lease.token, "until_us": until_us, "start_us": start_us,
+                  "node_id": lease.holder.node_id, "intents": sorted(set(intents)),
+                  "retention": self.options.claim_retention}
+        async with self._op("claim_window") as deadline:
+            row = await self._shared_call(lambda c: _fetchone(c, _CLAIM_WINDOW, params), deadline, slot="claims")
+        return None if row is None else self._window(lease.name, row)
+
+    async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
+                        drop: Sequence[str] = ()) -> Window | None:
+        given = {run.key: run.to_dict() for run in busy}  # one row per key, the last one given wins
+        params = {"name": lease.name, "token": lease.token, "at_us": at_us,
+                  "busy": _json(list(given.values())), "drop": sorted(set(drop))}
+        async with self._op("hand_back") as deadline:
+            row = await self._shared_call(lambda c: _fetchone(c, _HAND_BACK, params), deadline, slot="claims")
+        return None if row is None else self._window(lease.name, row)
+
+    def _window(self, name: str, row: Row) -> Window:
+        """The mark and busy runs a window statement answered, or CorruptValue naming what is wrong."""
+        step, token, since_us, until_us, sealed, busy = row
+        if step == "corrupt":
+            raise self._corrupt(f"the claim mark (token {token}, since {since_us}, until {until_us}, "
+                                f"sealed {sealed}) is no window: nothing was changed", f"baton_fence/{name}")
+        try:
+            if not isinstance(busy, list):
+                raise ValueError("busy runs are not a list")
+            runs = tuple(BusyRun.from_dict(entry) for entry in busy)
+        except ValueError as exc:
+            raise self._corrupt(f"a busy run does not decode: {exc}", f"baton_busy/{name}") from None
+        return Window(int(token), int(since_us), int(until_us), bool(sealed), runs)
+
     async def claim(self, lease: Lease, key: str) -> bool:
         return bool(await self.claim_many(lease, [key]))
 
     async def claim_many(self, lease: Lease, keys: Sequence[str]) -> set[str]:
-        unique = list(dict.fromkeys(keys))  # ON CONFLICT cannot touch one row twice in a statement
+        # ON CONFLICT cannot touch one row twice in a statement; sorted, two batches lock rows in one order
+        unique = sorted(set(keys))
         if not unique:
             return set()
         params = {**_key_params(lease.name), "token": lease.token, "claim_keys": unique,
                   "node_id": lease.holder.node_id, "retention": self.options.claim_retention}
 
-        async def insert(conn: Conn) -> list[tuple[Any, ...]]:
+        async def insert(conn: Conn) -> list[Row]:
             cur = await conn.execute(_CLAIM, params)
             return await cur.fetchall()
 
         async with self._op("claim") as deadline:
             rows = await self._shared_call(insert, deadline, slot="claims")
-        if time.monotonic() - self._last_purge > PURGE_INTERVAL:
-            self._last_purge = time.monotonic()
-            # after the claim, and never failing it: a purge that fails is retried next interval
-            with contextlib.suppress(LockBackendError):
-                async with self._op("purge expired claims") as deadline:
-                    await self._shared_call(
-                        lambda c: c.execute("DELETE FROM baton_claims WHERE expires_at < clock_timestamp()"),
-                        deadline)
-        return {row[0] for row in rows}
+        return {str(row[0]) for row in rows}
 
-    async def record(self, name: str, key: str, result: dict[str, Any]) -> None:
-        await self.record_many(name, {key: result})
+    # -- runs ----------------------------------------------------------------------------
 
-    async def record_many(self, name: str, results: Mapping[str, dict[str, Any]]) -> None:
-        if not results:
+    async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+        """One statement for the whole batch (``_RECORD``): one round trip, whatever its size.
+
+        Measured cost of 5,000 records with small results (PostgreSQL 15 on loopback, on a 2-core
+        test machine shared with other work): about 35 ms of client CPU (the column arrays and one
+        JSON text) and 200-250 ms of server CPU (about 40% for the heap, the parsing of the results
+        and the primary key, the rest for the five other indexes), so 0.3-0.5 s from call to answer
+        at a quiet moment, and close to the 1 s default operation timeout under heavy contention
+        (load 6 on 2 cores). A caller with a larger backlog should send it in batches of a few
+        thousand.
+        """
+        if not records:
             return
-        # one JSON object of key -> result: an array of jsonb would be escaped element by element in Python
-        params = {"name": name, "results": Jsonb(dict(results))}
+        latest = {run.key: run for run in records}  # a key given twice: the last record wins
+        batch = [latest[key] for key in sorted(latest)]
+        params = {"name": name, "keys": [r.key for r in batch], "tokens": [r.token for r in batch],
+                  "node_ids": [r.node_id for r in batch], "claimed_at": [float(r.claimed_at) for r in batch],
+                  "results": _json([r.result for r in batch]),
+                  "retention": self.options.claim_retention}
         async with self._op("record") as deadline:
             await self._shared_call(lambda c: c.execute(_RECORD, params), deadline)
+        if time.monotonic() - self._last_purge > PURGE_INTERVAL:
+            await self._purge()
 
-    async def runs(self, name: str, limit: int = 50) -> list[RunRecord]:
-        params = {"name": name, "limit": max(limit, 0)}
+    async def _purge(self) -> None:
+        """Delete one batch of expired runs; never fails the caller (a failed purge is retried later)."""
+        self._last_purge = time.monotonic()
 
-        async def fetch(conn: Conn) -> list[tuple[Any, ...]]:
-            cur = await conn.execute(_RUNS, params)
-            return await cur.fetchall()
+        async def delete(conn: Conn) -> int:
+            cur = await conn.execute(_PURGE, {"batch": PURGE_BATCH})
+            return cur.rowcount
 
+        with contextlib.suppress(LockBackendError):
+            async with self._op("purge expired runs") as deadline:
+                if await self._shared_call(delete, deadline) >= PURGE_BATCH:
+                    self._last_purge = 0.0  # a backlog: the next batch after the next record
+
+    async def runs(self, name: str, query: RunQuery) -> list[RunRecord]:
+        limit = min(query.limit, MAX_LISTING)
+        if limit <= 0:
+            return []
+        params = {"name": name, "limit": limit, "job": query.job, "outcome": query.outcome,
+                  "since": query.since, "before": query.before}
+        statement = _listing(query)
         async with self._op("runs") as deadline:
-            rows = await self._shared_call(fetch, deadline)
-        return [RunRecord(key=r[0], token=int(r[1]), node_id=r[2], claimed_at=float(r[3]), result=r[4])
-                for r in rows]
+            # never a prepared, generic plan: the index to walk depends on the values (a job, a limit)
+            rows = await self._shared_call(lambda c: _fetchall(c, statement, params, prepare=False), deadline)
+        return _decode_runs(rows)
+
+    async def unfinished(self, name: str, limit: int) -> list[RunRecord]:
+        if limit <= 0:
+            return []
+        params = {"name": name, "limit": limit}
+        async with self._op("unfinished") as deadline:
+            rows = await self._shared_call(lambda c: _fetchall(c, _UNFINISHED, params, prepare=False), deadline)
+        return _decode_runs(rows)
+
+    # -- settings ----------------------------------------------------------------------------
 
     async def set_setting(self, name: str, key: str, value: str | None) -> None:
         params = {"name": name, "key": key, "value": value}
@@ -511,7 +867,10 @@ class PostgresBackend:
 
         async with self._op("settings") as deadline:
             rows = await self._shared_call(fetch, deadline)
-        return {str(k): str(v) for k, v in rows}
+        for key, value in rows:
+            if not isinstance(value, str):
+                raise self._corrupt(f"setting {key!r} is {value!r}", f"baton_settings/{name}")
+        return {str(k): v for k, v in rows}
 
     async def close(self) -> None:
         """Drop every session; the server frees their advisory locks, so call ``release`` first."""
@@ -520,24 +879,77 @@ class PostgresBackend:
             self._abandon(conn)
         self._guards.clear()
 
+    def _corrupt(self, message: str, key: str) -> CorruptValue:
+        return CorruptValue(message, key=key, backend=self.kind, address=self.address)
+
     def __repr__(self) -> str:
         return f"PostgresBackend({redact(self.url)!r})"
 
 
-async def _ensure_schema(conn: Conn) -> None:
-    cur = await conn.execute("SELECT to_regclass('baton_settings') IS NOT NULL")
-    row = await cur.fetchone()
-    if row and row[0]:
-        return
-    async with conn.transaction():  # concurrent first users would race on the catalog
+async def _schema_current(conn: Conn) -> bool:
+    row = await _fetchone(conn, _SCHEMA_CURRENT, {})
+    return bool(row and row[0])
+
+
+async def _migrate(conn: Conn) -> None:
+    """Create or upgrade the tables, one node at a time; the others wait for it, then find them current."""
+    limit = f"{int(MIGRATION_TIMEOUT * 1000)}"
+    async with conn.transaction():
+        # index builds may take long on a big table, and so may the wait for another node doing them
+        await conn.execute(f"SET LOCAL statement_timeout = {limit}")
+        await conn.execute(f"SET LOCAL lock_timeout = {limit}")
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _SCHEMA_LOCK)
+        if await _schema_current(conn):  # another node did it while this one waited
+            return
+        # but a wait for a table lock keeps the operation's lock_timeout (the session's), so that an
+        # upgrade never queues the live traffic behind it for long
+        await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
         for statement in _SCHEMA:
             await conn.execute(statement)
 
 
-async def _fetchone(conn: Conn, query: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+async def _fetchone(conn: Conn, query: str, params: dict[str, Any]) -> Row | None:
     cur = await conn.execute(query, params)
     return await cur.fetchone()
+
+
+async def _fetchall(conn: Conn, query: str, params: dict[str, Any], *, prepare: bool | None = None) -> list[Row]:
+    cur = await conn.execute(query, params, prepare=prepare)
+    return await cur.fetchall()
+
+
+def _decode_runs(rows: list[Row]) -> list[RunRecord]:
+    """Rows of ``_RUN_COLUMNS`` as run records, skipping any that are not what Baton writes."""
+    runs: list[RunRecord] = []
+    for key, token, node_id, claimed_at, result in rows:
+        if (isinstance(key, str) and isinstance(token, int) and isinstance(node_id, str)
+                and isinstance(claimed_at, float) and math.isfinite(claimed_at)
+                and (result is None or isinstance(result, dict))):
+            runs.append(RunRecord(key, token, node_id, claimed_at, result))
+    return runs
+
+
+def _json(value: Any) -> str:
+    """JSON that ``jsonb`` accepts: no NaN, and strings cleaned of what jsonb refuses.
+
+    jsonb refuses ``\\u0000`` and unpaired surrogates; one such string in a run's result (the text of
+    an exception, say) would otherwise fail its whole batch on every retry. They are replaced (by
+    U+FFFD and ``?``). Raises ValueError or TypeError, before any change, for what JSON cannot hold.
+    """
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    if "\\u0000" in text or "\\ud" in text:  # rare: check the strings (pairs of surrogates are fine)
+        text = json.dumps(_clean(value), separators=(",", ":"), allow_nan=False)
+    return text
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_clean(k) if isinstance(k, str) else k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 def _finish(conn: Conn) -> None:
