@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from lock_backends.base import DEFAULT_CLAIM_RETENTION, DEFAULT_OP_TIMEOUT
 from lock_backends.errors import BackendURLError
@@ -42,15 +42,26 @@ def _bad(url: str, why: str) -> BackendURLError:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, safe for logs and error messages."""
+    """The URL with any password replaced, safe for logs and error messages.
+
+    Hides the password of the user info and the value of every query option
+    whose name looks secret (``?password=``, ``?sslpassword=``, ``?token=``, ...).
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable>"
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    if query:
+        secret = ("pass", "pwd", "secret", "token", "key", "auth", "credential")
+        items = [item.partition("=") for item in query.split("&")]
+        query = "&".join(f"{name}=***" if equals and value and any(s in unquote_plus(name).lower() for s in secret)
+                         else f"{name}{equals}{value}" for name, equals, value in items)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def parse_options(url: str, extra: tuple[str, ...] = ()) -> tuple[BackendOptions, dict[str, str]]:
