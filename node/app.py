@@ -52,7 +52,7 @@ class Node:
         self.backend = InstrumentedBackend(raw_backend, self.metrics)
         self.holder = Holder(settings.node_id, settings.advertise_url)
         self.started_at = time.monotonic()
-        self.skew = SkewMonitor(self.backend, self.metrics, max_skew=getattr(settings, "max_clock_skew", 1.0),
+        self.skew = SkewMonitor(self.backend, self.metrics, max_skew=settings.max_clock_skew,
                                 period=max(1.0, settings.retry_period * 5))
         naive = settings.claims == "off"  # the checker's negative control: see node.naive
         elector_cls = NaiveElector if naive else Elector
@@ -72,8 +72,8 @@ class Node:
             jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,
             lock_name=settings.lock_name, node_id=settings.node_id, timezone=ZoneInfo(settings.timezone),
             misfire_grace=settings.misfire_grace, sync_period=settings.retry_period,
-            claim_ahead=settings.claim_ahead, shutdown_grace=getattr(settings, "shutdown_grace", 30.0),
-            sync_workers=getattr(settings, "sync_workers", 8))
+            claim_ahead=settings.claim_ahead, shutdown_grace=settings.shutdown_grace,
+            sync_workers=settings.sync_workers)
         self._handing_over: asyncio.Task[None] | None = None
 
     def http(self) -> httpx.AsyncClient:
