@@ -81,6 +81,8 @@ class Elector:
         self.observed_leader: Holder | None = None
         #: True while a renew has failed and the lease is riding on its remaining time.
         self.renew_failing = False
+        #: Set while this node leads (from winning until the stopped-leading callback), for waiters.
+        self.leading = asyncio.Event()
 
     # -- what callers read ----------------------------------------------------------
 
@@ -200,12 +202,14 @@ class Elector:
         self.renew_failing = False
         self.observed_leader = cfg.holder
         log.info("started leading", extra={"token": lease.token})
+        self.leading.set()
         try:
             await _call(self._on_started, lease)
             await self._renew_until_lost()
         finally:
             lost = self._lease
             self._lease = None
+            self.leading.clear()
             self.renew_failing = False
             if self.observed_leader == cfg.holder:
                 self.observed_leader = None

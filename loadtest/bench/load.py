@@ -127,7 +127,7 @@ def run_backend(ctx: BenchContext, kind: str, counts: list[int], idle_s: float, 
     """Every measurement on one backend, against one server started for them (and the baseline, on Redis)."""
     work = ctx.work / f"load-{kind}"
     perrun = kind == "redis"
-    windows = len(counts) * (2 * idle_s + load_s * (2 if perrun else 1)) + 2 * idle_s
+    windows = len(counts) * (2 * idle_s + load_s * (2 if perrun else 1)) + 2 * idle_s + len(SCALE_JOBS) * load_s
     tick = ctx.step(f"backend load: {kind}", total=windows)
     rows: list[dict[str, Any]] = []
     server = start_backend(kind, work / "server")
@@ -159,10 +159,60 @@ def run_backend(ctx: BenchContext, kind: str, counts: list[int], idle_s: float, 
             load.update(count_runs(collector.out, since, until, LOAD_JOBS, LOAD_INTERVAL))
             if perrun:
                 rows.append(run_perrun(work, server, counter, n, load_s, tick))
+        for jobs in SCALE_JOBS:
+            rows.append(leading_with_jobs(server, counter, jobs, load_s, tick))
     finally:
         counter.close()
         server.close()
     return rows
+
+
+#: Jobs a leader runs for the "claim cost does not grow with the job count" rows, every ``SCALE_PERIOD`` s.
+SCALE_JOBS = (10, 10_000)
+SCALE_PERIOD = 5.0
+
+
+def leading_with_jobs(server: Cluster, counter: OpsCounter, jobs: int, seconds: float,
+                      tick: Callable[[float], None]) -> dict[str, Any]:
+    """A leader alone, in process, running ``jobs`` no-op jobs spread over ``SCALE_PERIOD``: what its
+    claim windows, renewals and record batches cost the server. Claims are per window of time, so this
+    must not grow with the job count (the records do, in batches)."""
+    import asyncio
+
+    from node.app import Node
+    from node.config import Settings
+    from node.jobs import INTERVAL_EPOCH as epoch
+    from node.jobs import JobRegistry, JobSpec, RunContext
+
+    async def body(run: RunContext) -> None:
+        return None
+
+    registry = JobRegistry()
+    for i in range(jobs):
+        start = epoch + timedelta(seconds=SCALE_PERIOD * i / jobs)
+        registry.add(JobSpec(f"scale-{i:05d}", body, lambda tz, s=start: _every(SCALE_PERIOD, s, tz)))
+
+    async def measure_leader() -> dict[str, Any]:
+        settings = Settings(node_id="bench-scale", lock_url=server.url, lock_name=f"scale-{jobs}",
+                            lease_ttl=TIMING.ttl, renew_deadline=TIMING.renew_deadline,
+                            retry_period=TIMING.retry_period, demo_jobs=False, log_level="warning")
+        node = Node(settings, registry)
+        await node.start()
+        try:
+            await asyncio.wait_for(node.elector.leading.wait(), 60)
+            await asyncio.sleep(2.0)  # past the first window and the catch-up
+            return await asyncio.to_thread(row, "baton", server.kind, 1, "leading",
+                                           f"{jobs:,} x 1/{SCALE_PERIOD:g}s", counter, seconds, tick)
+        finally:
+            await node.stop()
+
+    return asyncio.run(measure_leader())
+
+
+def _every(period: float, start: datetime, tz: Any) -> Any:
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    return IntervalTrigger(seconds=period, start_date=start, timezone=tz)
 
 
 def run_perrun(work: Path, server: Cluster, counter: OpsCounter, nodes: int, seconds: float,
@@ -211,7 +261,10 @@ def summarize(rows: list[dict[str, Any]], backends: list[str], counts: list[int]
                 each = (idle - alone) / (n - 1)
                 followers[n] = {"leader_alone_ops_s": alone, "per_follower_ops_s": round(each, 2),
                                 "follower_over_leader": ratio(each, alone)}
+        few, many = (ops(backend=kind, system="baton", state="leading", jobs=f"{j:,} x 1/{SCALE_PERIOD:g}s")
+                     for j in SCALE_JOBS)
         out[kind] = {
+            "leading_many_jobs_over_few": ratio(many, few),
             "idle_100_jobs_over_0_jobs": ratio(ops(backend=kind, system="baton", nodes=first, state="idle",
                                                    jobs=f"{IDLE_JOBS} registered"), zero),
             "followers": followers,
@@ -245,6 +298,11 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], units: dict[st
         md.append(f"| {r['system']} | {r['backend']} | {r['nodes']} | {r['state']} | {r['jobs']} | "
                   f"{r['requests_s']:.1f} | {r['commands_s']:.1f} | {r.get('runs', '')} | "
                   f"{r.get('duplicates', '')} | {r.get('missed', '')} |")
+    md += ["", f"Claim cost against the job count: a leader alone runs {SCALE_JOBS[0]:,} or {SCALE_JOBS[1]:,} jobs, "
+           f"each every {SCALE_PERIOD:g} s (the `leading` rows); the ratio is the second's ops/s over the "
+           "first's. Claims are per window of time, so only the run records (written in batches) grow.", "",
+           "| backend | leading ops/s, many jobs / few |", "| --- | ---: |",
+           *[f"| {kind} | {s['leading_many_jobs_over_few']} |" for kind, s in summary.items()]]
     md += ["", "| backend | nodes | idle ops/s, 100 jobs / 0 jobs | leader alone ops/s | per follower ops/s | "
            "follower / leader | Baton / per-run lock under load: ops/s (commands/s) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
