@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--claims", choices=("on", "off"), default="on",
                     help="off: no fencing, for the checker's negative control only")
     up.add_argument("--admin-token", default="local-admin-token")
-    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                    help="where the collector's records, the logs and the state file go (default .baton)")
+    up.add_argument("--replace", action="store_true",
+                    help="stop a cluster still running from the same --state-dir first (default: refuse)")
     up.add_argument("--duration", type=positive(float), help="stop by itself after this many seconds")
     up.add_argument("--no-live", dest="live", action="store_false", help="no live table, just a final one")
     up.add_argument("--seed", type=int, default=0, help="seed for random faults")
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UpError, ServerError, ChaosError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if args.command == "up" else 1
+    except KeyboardInterrupt:  # before `up` handles signals itself, or during a chaos round
+        return 130
 
 
 if __name__ == "__main__":

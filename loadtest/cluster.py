@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from loadtest.proxy import ProxyHub
-from loadtest.servers import Cluster, ServerError, free_port, port_open, start_backend
+from loadtest.servers import Cluster, ServerError, free_port, owned_popen, port_open, start_backend
 
 BACKENDS = ("file", "redis", "postgres", "etcd")
 
@@ -70,9 +70,9 @@ class NodeProc:
         if port_open(self.port):
             raise ServerError(f"port {self.port} for {self.node_id} is already in use")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "node"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            # owned: dies with this process (see owned_popen), from whichever thread restarts it
+            self.proc = owned_popen([sys.executable, "-m", "node"], env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.paused = False
 
     def wait_healthy(self, timeout: float = 30.0) -> None:

@@ -10,15 +10,19 @@ silent skip.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import queue
 import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,86 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+PR_SET_PDEATHSIG = 1
+
+
+class _Spawner:
+    """Forks every child of :func:`owned_popen` from one thread that lives as long as this process.
+
+    Each child asks the kernel for a SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), so it
+    cannot outlive this process however the process ends, ``kill -9`` included. The kernel means
+    the *thread* that forked: a child forked from a short-lived thread (a control request that
+    restarts a node) would be killed when that thread ends, hence this one long-lived thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0  # the pid whose thread this is (a forked copy of this process starts its own)
+        self._jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[subprocess.Popen[bytes]]]] = \
+            queue.SimpleQueue()
+        try:
+            self._prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # not Linux: children are stopped only by a clean exit
+            self._prctl = None
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._owner != os.getpid():
+                self._owner = os.getpid()
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._jobs,), name="owned-popen",
+                                 daemon=True).start()
+            done: Future[subprocess.Popen[bytes]] = Future()
+            self._jobs.put((argv, kwargs, done))
+        try:
+            return done.result()
+        except BaseException:
+            # interrupted while the child was being forked (a signal in the caller): do not lose it
+            done.add_done_callback(_kill_started)
+            raise
+
+    def _serve(self, jobs: queue.SimpleQueue[tuple[list[str], dict[str, Any], Future[subprocess.Popen[bytes]]]],
+               ) -> None:
+        while True:
+            argv, kwargs, done = jobs.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(subprocess.Popen(argv, preexec_fn=self._die_with(os.getpid()), **kwargs))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+    def _die_with(self, parent: int) -> Callable[[], None] | None:
+        prctl = self._prctl
+        if prctl is None:
+            return None
+
+        def preexec() -> None:  # in the child, between fork and exec: nothing that takes a lock
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before the line above: die with it
+                os._exit(1)
+        return preexec
+
+
+def _kill_started(done: Future[subprocess.Popen[bytes]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        with contextlib.suppress(OSError):
+            done.result().kill()
+
+
+_spawner = _Spawner()
+
+
+def owned_popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **kwargs)`` for a child that dies with this process, however it ends.
+
+    Callers still stop their children cleanly when they can (a node hands its lease over on
+    SIGTERM); this is the guarantee for when they cannot: SIGKILL of this process, an uncaught
+    exception, a signal nobody handles. Safe to call from any thread.
+    """
+    return _spawner.popen(argv, **kwargs)
+
+
 def find_binary(name: str) -> str:
     path = shutil.which(name)
     if path:
@@ -145,9 +229,9 @@ class Server:
             raise ServerError(f"port {self.port} for {self.kind} is already in use")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         as_user = {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
-        self.proc = subprocess.Popen(
+        self.proc = owned_popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.workdir if not self.user else "/", **as_user,  # type: ignore[call-overload]
+            start_new_session=True, cwd=self.workdir if not self.user else "/", **as_user,
         )
         log.close()
         try:
@@ -259,8 +343,8 @@ class Cluster:
         # members of a new cluster wait for each other: launch all, then wait for all
         for m in self.members:
             log = open(m.log_path, "ab")  # noqa: SIM115
-            m.proc = subprocess.Popen(m.argv, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=m.workdir)
+            m.proc = owned_popen(m.argv, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=m.workdir)
             log.close()
         for m in self.members:
             wait_until(lambda m=m: m._alive_or_raise() and m.ready(), 60, f"etcd member on {m.port}")
