@@ -40,7 +40,7 @@ QUICK_SIZES = (1_000, 5_000)
 ROUNDS = 2
 QUICK_ROUNDS = 1
 #: Seconds between two bursts of the same jobs; the misfire grace is the same.
-PERIOD = 60.0
+PERIOD = 10.0
 GRACE = 60.0
 TARGET_SIZE = 50_000
 TARGET_RATIO = 1.5
