@@ -26,8 +26,9 @@ from lock_backends import Holder, LockBackendError, from_url
 from node.config import Settings
 from node.election import ElectionConfig, Elector
 from node.instrumented import InstrumentedBackend
-from node.jobs import JobRegistry, add_probe_jobs, demo_registry
+from node.jobs import JobRegistry, demo_registry
 from node.metrics import Metrics
+from node.probes import add_probe_jobs
 from node.scheduler import GatedScheduler
 
 JobId = Annotated[str, Path(min_length=1, max_length=200)]

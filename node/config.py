@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lock_backends import ACCEPTED_URL_FORMS, BackendURLError, from_url
+from node.probes import SPEC_FORM, ProbeShapesText
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,8 @@ ACCEPTED = {
     "probe_url": "an http:// URL of a probe collector, or empty",
     "probe_jobs": "an integer 0 or more",
     "probe_interval": "seconds, a positive number",
+    "probe_shapes": f"{SPEC_FORM}; COUNT defaults to BATON_PROBE_JOBS, INTERVAL to BATON_PROBE_INTERVAL "
+                    "(empty: BATON_PROBE_JOBS basic probes)",
     "claims": "on or off (off disables fencing, claims and the deadline re-check alike: "
               "for the checker's negative control only)",
     "claim_ahead": "seconds, 0 or more and below BATON_LEASE_TTL: the longest lead with which the leader "
@@ -77,6 +80,7 @@ class Settings(BaseSettings):
     probe_url: str = ""
     probe_jobs: int = Field(0, ge=0, le=100_000)
     probe_interval: float = Field(1.0, gt=0)
+    probe_shapes: ProbeShapesText = ""
     claims: Literal["on", "off"] = "on"
     claim_ahead: float = Field(0.25, ge=0)
     demo_jobs: bool = True
