@@ -648,7 +648,8 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
         "missed": len(missed),
         "missed_fire_times": [{"job": job, "scheduled_at": iso(EPOCH + timedelta(microseconds=us)), "reason": why}
                               for us, job, why in missed[:LIST_LIMIT]],
-        "excused": excused,
+        # "coalesced": the catch-up count under its pre-#12 name, for readers of older reports (bench/peers)
+        "excused": {**excused, "coalesced": excused["catch_up"]},
         "excused_gaps": group_excuses(excuses, grids)[:LIST_LIMIT],
         "lost_to_crash": {"count": len(crashed), "list": group_crashes(crashed, grids)[:LIST_LIMIT]},
         "gaps": {"count": len(gaps), **stats(gap_durations),
@@ -915,7 +916,7 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("at-least-once recovery", f"{result['at_least_once']['count']} (a recovery run after a kill)")
     table.add_row("fenced-sink duplicates", str(result["fenced_sink_duplicates"]))
     table.add_row("early runs", str(result["early"]))
-    excused = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["excused"].items())
+    excused = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["excused"].items() if k != "coalesced")
     table.add_row("missed fire times", f"{result['missed']} (excused: {excused})")
     table.add_row("lost to a crash", f"{result['lost_to_crash']['count']} (claimed, never started: at-most-once)")
     if gaps["count"]:

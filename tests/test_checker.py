@@ -194,7 +194,7 @@ def test_gap_longer_than_grace_is_leaderless_beyond_the_grace() -> None:
     result = judge(failover(), grace=2.0)
     assert result["missed"] == 0
     # 4, 5 and 6 lie more than the grace before the new leader's first run (8.9): no catch-up could reach them
-    assert result["excused"] == {"catch_up": JOBS, "leaderless": 3 * JOBS, "window_end": 0}
+    assert result["excused"] == {"catch_up": JOBS, "leaderless": 3 * JOBS, "window_end": 0, "coalesced": JOBS}
     leaderless = [g for g in result["excused_gaps"] if g["excuse"] == "leaderless"]
     assert {(g["first"], g["last"]) for g in leaderless} == {(at(4).isoformat(), at(6).isoformat())}
     assert leaderless[0]["covered_by"]["node"] == "node-2" and leaderless[0]["no_leader_s"] == pytest.approx(4.9)
@@ -287,7 +287,7 @@ def test_finding_1_sigterm_before_a_fire_time_is_24_misses(tmp_path: Path, capsy
     result = json.loads(capsys.readouterr().out)
     assert code == 1 and result["verdict"] == "fail"
     assert result["missed"] == 24 and result["duplicates"] == 0
-    assert result["excused"] == {"catch_up": 0, "leaderless": 0, "window_end": 0}
+    assert result["excused"] == {"catch_up": 0, "leaderless": 0, "window_end": 0, "coalesced": 0}
     assert result["lost_to_crash"]["count"] == 0  # a SIGTERM is a graceful handoff, not a crash
     missed = {(m["job"], m["scheduled_at"]) for m in result["missed_fire_times"]}
     assert missed == {(f"probe-{j:03d}", e["fire_time"]) for e in chaos for j in range(JOBS)}
