@@ -76,6 +76,8 @@ Missed fire times (strict)
     catch-up would legitimately stand for a fire time nobody claimed).
 
     Everything else is a miss, listed with the reason no excuse applied.
+    (``excused`` also carries ``coalesced``, the catch-up count under its
+    pre-#12 name, for readers of older reports.)
 
 Leaderless gaps
     On the finest grid (the jobs with the smallest interval): an instant is
