@@ -7,18 +7,19 @@
 #   partition        disconnect the leader's container from its networks, hold, reconnect
 #   restart-backend  restart the lock server (one etcd member at random, or redis, or postgres)
 #   term             SIGTERM the leader (graceful handoff), then start it again
+#   step-down        POST /admin/leader/step-down on the leader (BATON_ADMIN_TOKEN): a handoff through the API
 # Each fault is appended to a JSONL chaos log (start and end lines, the shape loadtest/chaos.py writes),
 # which `python -m loadtest check --chaos-log` reads. The leader is found through the nodes' /status on
 # their published ports. Needs bash, curl and docker (compose v2 plugin or docker-compose).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-KNOWN_FAULTS="kill pause partition restart-backend term"
+KNOWN_FAULTS="kill pause partition restart-backend term step-down"
 PROG=chaos.sh
 
 usage() {
     cat <<EOF
-usage: deploy/chaos.sh [--rounds N] [--faults LIST] [--interval SECONDS] [--hold SECONDS]
+usage: deploy/chaos.sh [--rounds N] [--faults LIST] [--interval SECONDS] [--hold SECONDS] [--aim SECONDS]
                        [--backend etcd|redis|postgres] [--ports LIST] [--log FILE]
 
 Each round applies every fault in LIST once to the compose cluster, pausing --interval seconds
@@ -28,6 +29,8 @@ after each fault; the script stops by itself after the last round.
   --faults LIST      comma-separated, from: ${KNOWN_FAULTS// /, } (default kill,pause,partition,restart-backend)
   --interval SECONDS pause after each fault (default 30)
   --hold SECONDS     how long pause and partition last (default 1.5 x BATON_LEASE_TTL + 0.5)
+  --aim SECONDS      fire each fault SECONDS before a probe fire time (2000-01-01 UTC + k x BATON_PROBE_INTERVAL),
+                     as python -m loadtest chaos --aim before-fire:SECONDS; docker adds its own delay
   --backend NAME     what restart-backend restarts (default: from BATON_LOCK_URL in deploy/.env, else etcd)
   --ports LIST       the nodes' published API ports, node-1 first (default 8001,8002,8003)
   --log FILE         chaos log to append to (default deploy/data/chaos.jsonl)
@@ -63,6 +66,7 @@ rounds=3
 faults=kill,pause,partition,restart-backend
 interval=30
 hold=""
+aim=""
 backend=""
 ports=8001,8002,8003
 log="$HERE/data/chaos.jsonl"
@@ -70,13 +74,14 @@ log="$HERE/data/chaos.jsonl"
 while [ $# -gt 0 ]; do
     case $1 in
         -h | --help) usage; exit 0 ;;
-        --rounds | --faults | --interval | --hold | --backend | --ports | --log)
+        --rounds | --faults | --interval | --hold | --aim | --backend | --ports | --log)
             [ $# -ge 2 ] || die_usage "$1 needs a value"
             case $1 in
                 --rounds) rounds=$2 ;;
                 --faults) faults=$2 ;;
                 --interval) interval=$2 ;;
                 --hold) hold=$2 ;;
+                --aim) aim=$2 ;;
                 --backend) backend=$2 ;;
                 --ports) ports=$2 ;;
                 --log) log=$2 ;;
@@ -92,6 +97,10 @@ ttl=$(setting BATON_LEASE_TTL 10)
 is_number "$ttl" || die_usage "BATON_LEASE_TTL must be a number of seconds, got '$ttl'"
 [ -n "$hold" ] || hold=$(awk -v t="$ttl" 'BEGIN { printf "%.1f", t * 1.5 + 0.5 }')
 is_number "$hold" || die_usage "--hold must be a number of seconds, got '$hold'"
+[ -z "$aim" ] || is_number "$aim" || die_usage "--aim must be a number of seconds, got '$aim'"
+probe_interval=$(setting BATON_PROBE_INTERVAL 1)
+is_number "$probe_interval" || die_usage "BATON_PROBE_INTERVAL must be a number of seconds, got '$probe_interval'"
+admin_token=$(setting BATON_ADMIN_TOKEN "")
 IFS=, read -r -a fault_list <<<"$faults"
 [ "${#fault_list[@]}" -gt 0 ] || die_usage "--faults is empty"
 for f in "${fault_list[@]}"; do
@@ -186,6 +195,22 @@ container_of() {
     "${compose[@]}" ps -q "$1"
 }
 
+# The published API port of node-N (--ports lists node-1 first).
+port_of() {
+    echo "${port_list[$((${1##*-} - 1))]}"
+}
+
+# Sleep until --aim seconds before the next probe fire time at least a second away; print that fire time.
+wait_for_aim() {
+    local wait fire
+    read -r wait fire < <(awk -v now="$(now_s)" -v i="$probe_interval" -v a="$aim" 'BEGIN {
+        epoch = 946684800; f = epoch + (int((now - epoch) / i) + 1) * i
+        while (f - a - now < 1) f += i
+        printf "%.6f %.6f\n", f - a - now, f }')
+    sleep "$wait"
+    date -u -d "@$fire" +%Y-%m-%dT%H:%M:%S.%6N+00:00
+}
+
 # Undo a pause or a partition if the script is stopped in the middle of one.
 restore_cmds=()
 restore() {
@@ -212,8 +237,12 @@ run_fault() {
     else
         target=$leader
     fi
+    local aimed=""
+    if [ -n "$aim" ]; then
+        aimed=", \"aim\": \"before-fire:$aim\", \"fire_time\": \"$(wait_for_aim)\""
+    fi
     start=$(now_s)
-    log_event "$fault" "$target" start
+    log_event "$fault" "$target" start "$aimed"
     case $fault in
         kill)
             say "kill: SIGKILL $leader (the leader)"
@@ -228,6 +257,15 @@ run_fault() {
             new=$(wait_leader "$leader" 90) || die "no new leader within 90s after stopping $leader"
             failover=$(elapsed_since "$start")
             "${compose[@]}" start "$leader" >/dev/null
+            ;;
+        step-down)
+            [ -n "$admin_token" ] || die "step-down needs BATON_ADMIN_TOKEN (deploy/.env or the environment)"
+            say "step-down: POST /admin/leader/step-down on $leader (the leader), graceful handoff"
+            printf 'Authorization: Bearer %s\n' "$admin_token" |
+                curl -fsS --max-time 30 -X POST -H @- "http://127.0.0.1:$(port_of "$leader")/admin/leader/step-down" \
+                    >/dev/null || die "step-down on $leader failed"
+            new=$(wait_leader "$leader" 90) || die "no new leader within 90s after $leader stepped down"
+            failover=$(elapsed_since "$start")
             ;;
         pause)
             say "pause: freeze $leader (the leader) for ${hold}s"

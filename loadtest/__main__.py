@@ -2,6 +2,7 @@
 
     python -m loadtest up --backend redis --nodes 3        # a local cluster with a live table
     python -m loadtest chaos --fault kill --rounds 3        # faults against it, from another terminal
+    python -m loadtest chaos --fault term,step-down --aim before-fire:0.08   # ... 80 ms before a fire time
     python -m loadtest check                                # what the collector saw: duplicates, misses, gaps
     python -m loadtest bench --quick                        # benchmarks: report.md, report.json, plots in bench/
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loadtest.chaos import FAULTS, ChaosError
+from loadtest.chaos import FAULTS, Aim, ChaosError, parse_skew
 from loadtest.cluster import BACKENDS
 from loadtest.servers import ServerError
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lock-url", help="use this lock server instead of starting one")
     up.add_argument("--probe-jobs", type=int, default=3)
     up.add_argument("--probe-interval", type=positive(float), default=1.0)
+    up.add_argument("--probes", metavar="SPEC", help="probe shapes, e.g. basic:2@1,sparse:1@8,long:1@8/2.5,"
+                    "recover:1@4 (COUNT defaults to --probe-jobs, INTERVAL to --probe-interval; default: "
+                    "--probe-jobs basic probes)")
     up.add_argument("--ttl", type=positive(float), default=5.0, help="lease TTL in seconds (default 5)")
     up.add_argument("--misfire-grace", type=positive(float), default=30.0)
     up.add_argument("--base-port", type=int, default=None, help="first node port (default: free ports)")
@@ -66,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--rounds", type=positive(int), default=1)
     chaos.add_argument("--interval", type=float, default=5.0, help="seconds between faults (default 5)")
     chaos.add_argument("--target", help="node id (default: the current leader)")
-    chaos.add_argument("--hold", type=positive(float), help="seconds a pause/partition/latency lasts")
+    chaos.add_argument("--hold", type=positive(float), help="seconds a pause/partition/latency/skew lasts")
+    chaos.add_argument("--aim", metavar="before-fire:SECONDS[:SHAPE]",
+                       help="fire each fault SECONDS (or LOW..HIGH, drawn per fault) before a fire time of the "
+                       "probe SHAPE (default: the sparsest), e.g. before-fire:0.08")
+    chaos.add_argument("--skew", default="+30s", help="the skew fault's clock offset, e.g. +30s or -30s (default +30s)")
     chaos.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
 
     check = sub.add_parser("check", help="count duplicates and misses from the collector's records",
@@ -113,23 +121,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             if args.backend not in BACKENDS:
                 raise UpError(f"unknown backend {args.backend!r}; expected one of {', '.join(BACKENDS)}")
+            if args.probes:
+                from node.probes import SPEC_FORM, ProbeSpecError, parse_shapes
+
+                try:
+                    parse_shapes(args.probes, count=args.probe_jobs or 1, interval=args.probe_interval)
+                except ProbeSpecError as exc:
+                    raise UpError(f"--probes: {exc}; expected {SPEC_FORM}") from None
             return run(args, console)
         faults = [f.strip() for f in args.fault.split(",") if f.strip()]
         unknown = [f for f in faults if f not in (*FAULTS, "random")]
         if unknown:
             raise UpError(f"unknown fault(s) {', '.join(unknown)}; expected {', '.join(FAULTS)} or random")
         state_path = Path(args.state_dir) / "state.json"
+        aim = Aim.parse(args.aim).text() if args.aim else None
+        skew = parse_skew(args.skew) if "skew" in faults else None
         total = args.rounds * len(faults)
         done = 0
         for _ in range(args.rounds):
             for fault in faults:
                 stamp = datetime.now().astimezone().isoformat(timespec="seconds")
                 console.print(f"{stamp} [{done + 1}/{total}] {fault} ...")
-                result = post_fault(state_path, fault, args.target, args.hold, timeout=600)
+                result = post_fault(state_path, fault, args.target, args.hold, timeout=600, aim=aim, skew=skew)
                 done += 1
                 took = f" in {result['failover_s']}s" if result.get("failover_s") is not None else ""
+                details = result.get("details") or {}
+                aimed = (f" (aimed at the fire time {details['fire_time']}, {details['aim_late_s']}s late)"
+                         if "fire_time" in details else "")
                 console.print(f"{result['ended_at']} {result['fault']} {result['target']}: "
-                              f"leader now {result['new_leader']}{took}")
+                              f"leader now {result['new_leader']}{took}{aimed}")
                 if done < total:
                     import time
 

@@ -4,67 +4,90 @@ The checker reads the collector's JSONL file (and, optionally, the chaos log);
 it never asks the nodes anything, because the nodes are what is on trial.
 
 Schedule
-    Jobs ``probe-000`` .. ``probe-{N-1}`` fire every ``interval`` seconds at
-    ``EPOCH + k * interval`` (the same instants on every node, see
-    ``node.jobs.every``). An *instant* is one such fire time; the *expected*
-    runs are every (job, instant) with ``start <= instant <= end``.
+    The probe jobs come from a shape spec (``--probes``, ``node.probes``): per
+    shape, ``COUNT`` jobs (``probe-000`` .., ``sparse-000`` .., ``long-000`` ..,
+    ``recover-000`` ..), each firing every ``INTERVAL`` seconds at ``EPOCH + k *
+    INTERVAL`` (the same instants on every node). ``--jobs N --interval S`` is
+    ``basic:N@S``. Each job has its own grid; an expected run is a (job, fire
+    time) in the job's window.
+
+Records
+    A probe record is ``{job, scheduled_at, node, token, started_at}`` plus, from
+    newer probes, ``kind`` (scheduled, catch_up, recovery, manual; missing means
+    scheduled) and ``shape``; the collector adds ``received_at`` (its own clock).
+    Manual runs (``POST /admin/jobs/{id}/run``) are off the schedule: counted,
+    never judged.
 
 Window
-    ``start`` defaults to the earliest ``scheduled_at`` in the records. Fire
-    times before the earliest record are cluster start-up (no leader elected
-    yet) and never count, so an explicit ``start`` can only narrow the window
-    (e.g. past an earlier run's records in an appended file); records
-    scheduled before it are ignored. ``end`` defaults to the latest
-    ``scheduled_at`` in the records (or now, when there are none). Runs
-    scheduled after ``end`` still count as evidence that an earlier fire time
-    was coalesced, never as expected runs.
+    Per job, from the last fire time at or before the earliest ``started_at`` in
+    the records (the first leader's first run: what came before it was cluster
+    start-up, and its catch-up ran that fire time) to the last fire time at or
+    before ``end``. An explicit ``start`` can only narrow the window (e.g. past an
+    earlier run's records in an appended file): records scheduled before it are
+    ignored. ``end`` defaults to the latest ``scheduled_at`` (or now). Runs
+    scheduled after ``end`` are still evidence, never expected runs.
 
 Duplicate starts
-    A (job, scheduled_at) pair (timestamps compared in UTC) with more than one
-    record. ``duplicates`` counts pairs, not extra starts.
+    A (job, scheduled_at) pair with more than one record. Exception, reported
+    under *at-least-once recovery*: a recoverable job's second start whose later
+    start is a ``recovery`` run, after a ``kill`` (chaos log) of the node of the
+    start before it, between the two starts (Quartz's ``requestsRecovery``: the
+    body may have run before its node died). Any other double start is a
+    duplicate. ``duplicates`` counts pairs, not extra starts.
 
 Fenced-sink duplicates
     Per job, records in ``started_at`` order; a sink accepts a record iff its
     token is >= the highest token it has seen for that job. Pairs accepted more
-    than once are counted. A stale leader's late run is a duplicate start but
-    not a fenced-sink duplicate.
+    than once are counted, at-least-once recoveries aside. A stale leader's late
+    run is a duplicate start but not a fenced-sink duplicate.
+
+Early runs
+    A run that started before its fire time by more than ``--early-tolerance``
+    (default 0.05 s): by the node's own ``started_at``, or by the collector's
+    ``received_at``, which a node with a clock running ahead cannot fake (a run
+    is received after it started). Manual runs aside. Every early run fails.
+
+Missed fire times (strict)
+    An expected (job j, fire time t) without a run (of any kind but manual) is
+    excused only with evidence, and each excuse names it:
+
+    (a) leaderless: the cluster had no leader for longer than the grace after
+        t: the first run of any later fire time started more than
+        ``misfire_grace`` after t, under a newer token than every run started
+        up to t. The catch-up cannot reach that far back. Names that first run.
+    (b) catch_up: j's next run after t is a ``catch_up`` run (the record says so)
+        that started within ``misfire_grace`` (+1 s for the claims) of t, under a
+        newer token than j's run before t, and no older leader ran any later fire
+        time than t (a leader that skips a fire time while it keeps firing has
+        missed it). Names that catch-up run.
+    (c) lost to a crash, reported apart (``lost_to_crash``), not as excused: t
+        lies in ``[fault - crash_slack, fault + claim_ahead + crash_slack]`` of a
+        ``kill``, ``pause`` or ``partition`` that hit the leader (the node that
+        holds the highest token started before the fault), j is not recoverable,
+        and j's next run carries a newer token than that leader's. That leader
+        may have claimed t ahead and never started it: at-most-once by design
+        (``BATON_CLAIM_AHEAD``). Names the fault and the window.
+    (d) window_end: j has no run after t at all and ``end - t <= misfire_grace
+        + interval``: its run, or the catch-up that covers it, may still come.
+
+    A recoverable job's fire time in such a crash window needs a run of its own
+    (a recovery run counts): (a) to (c) do not apply to it. This assumes the
+    failover takes less than the job's interval (else a later fire time's
+    catch-up would legitimately stand for a fire time nobody claimed).
+
+    Everything else is a miss, listed with the reason no excuse applied.
+    (``excused`` also carries ``coalesced``, the catch-up count under its
+    pre-#12 name, for readers of older reports.)
 
 Leaderless gaps
-    An instant is *run* if at least one job has a record for it. A gap is a
-    maximal run of instants that are not run, bounded on both sides by run
-    instants. Its ``start`` is its first missing instant, its ``end`` the
-    closing instant (the first run one after it, normally the new leader's
-    catch-up), ``duration_s = end - start`` (= missing instants x interval),
-    and ``wall_s`` is the wall time from the last ``started_at`` at the
-    instant before the gap to the first ``started_at`` at the closing instant.
-    Percentiles are nearest-rank over ``duration_s``. Missing instants after
-    the last run instant form the ``open_gap`` (no successor yet), reported
-    apart and not in the statistics.
-
-Missed fire times
-    An expected (job j, instant t) without a record is excused, in this order:
-
-    Both (a) and (b) apply only across a handoff: j's next run after t carries a
-    higher token than j's last run before t (or j had not run yet). Coalescing
-    is what the new leader's catch-up does; a leader that skips a fire time
-    while it keeps its lease has missed it.
-
-    (a) coalesced: j has a run scheduled in ``(t, t + misfire_grace]``
-        (APScheduler's coalesce: a later run within the grace stands for it);
-    (b) leaderless: j has a later run at instant n, no job at all has a run at
-        any instant strictly between t and n, and either no job ran at t
-        either or at least one such empty instant lies between them. That is:
-        t fell inside a leaderless gap (or into the dying leader's last,
-        partly fired instant just before one), and j resumed at the gap's
-        closing instant, as the catch-up makes it. A job that the catch-up
-        left out, or a fire time a live leader skipped while firing other
-        jobs, is not excused by (b);
-    (c) window end: ``end - t <= misfire_grace + interval`` (the run, or the
-        run it will be coalesced into, may still be in flight).
-
-    Everything else is a miss. ``--strict`` drops (b), so a gap longer than
-    the grace yields misses (what the catch-up, which looks back only
-    ``misfire_grace``, cannot run).
+    On the finest grid (the jobs with the smallest interval): an instant is
+    *run* if one of those jobs has a record for it. A gap is a maximal run of
+    instants that are not run, bounded on both sides by run instants; ``start``
+    is its first missing instant, ``end`` the closing instant, ``duration_s =
+    end - start``, ``wall_s`` the wall time between the last start before it
+    and the first start at its closing instant. Percentiles are nearest-rank
+    over ``duration_s``. Missing instants after the last run instant form the
+    ``open_gap``, reported apart.
 
 Handoffs
     Records in ``started_at`` order; each record whose token exceeds every
@@ -75,14 +98,16 @@ Faults (with ``--chaos-log``)
     For each fault entry whose ``phase`` is not ``end``: the failover time is
     from its ``ts`` to the first record started after it whose token exceeds
     every token started at or before ``ts``, if that record starts before the
-    next fault; otherwise none was observed (e.g. a follower was hit).
+    next fault; otherwise none was observed (e.g. a follower was hit). An aimed
+    fault's entry carries ``aim`` and the ``fire_time`` it was aimed at.
 
 Verdict
-    ``fail`` (exit 1) when there is a duplicate start or a miss, or when there
-    is no record at all (nothing proven); ``pass`` (exit 0) otherwise. Bad
-    input exits 2 with one line naming the file and line. A last line without
-    its newline that does not parse is a torn write the collector never
-    acknowledged: it is ignored with a warning.
+    ``fail`` (exit 1) on a duplicate start, a miss or an early run, or when
+    there is no record at all (nothing proven); ``pass`` (exit 0) otherwise,
+    with what was lost to a crash and what was recovered at least once listed
+    under their own headings. Bad input exits 2 with one line naming the file
+    and line. A last line without its newline that does not parse is a torn
+    write the collector never acknowledged: it is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -91,7 +116,7 @@ import argparse
 import json
 import math
 import sys
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,13 +124,28 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-#: Interval fire times count from here. Must equal ``node.jobs.INTERVAL_EPOCH``; kept apart so the
-#: checker depends on no node code (a test asserts they agree).
+# The probe schedule (shapes, job ids, intervals) is a description of the workload, shared with the nodes
+# that run it; nothing of how a node behaves is imported.
+from node.probes import SPEC_FORM, ProbeShape, ProbeSpecError, parse_shapes, spec_text
+
+#: Interval fire times count from here. Must equal ``node.jobs.INTERVAL_EPOCH`` (a test asserts they agree).
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 #: A scheduled_at this close to a grid instant is that instant (float intervals, clock formatting).
 GRID_TOLERANCE_US = 1000
 #: Lists in the report are cut here; the counts next to them are complete.
 LIST_LIMIT = 100
+#: The nodes' default ``BATON_CLAIM_AHEAD`` (a test asserts they agree): the longest lead of a claim.
+DEFAULT_CLAIM_AHEAD = 0.25
+#: Seconds around a crash window: the fault is logged just before it is applied, and runs start a little late.
+CRASH_SLACK = 0.1
+#: A run may start this much before its fire time (clock reading, formatting) before it is early.
+EARLY_TOLERANCE = 0.05
+#: A catch-up looks back the grace from the moment its node won; its runs start a little after that.
+CATCH_UP_SLACK_US = 1_000_000
+#: Run kinds (``node.outcomes.RunKind``; a test asserts they agree). A record without one is scheduled.
+KINDS = ("scheduled", "catch_up", "recovery", "manual")
+#: Faults after which the leader may hold claims it never starts: the at-most-once window of a crash.
+CRASH_FAULTS = ("kill", "pause", "partition")
 
 REQUIRED_FIELDS: dict[str, type] = {"job": str, "scheduled_at": str, "node": str, "token": int, "started_at": str}
 
@@ -125,7 +165,11 @@ def parse_time(value: object) -> datetime:
 
 
 def probe_problem(obj: object) -> str | None:
-    """Why ``obj`` is not a probe record, or None. Shared with the collector, which refuses what this refuses."""
+    """Why ``obj`` is not a probe record, or None. Shared with the collector, which refuses what this refuses.
+
+    ``kind`` and ``shape`` are optional (older probes do not send them); when present they must be non-empty
+    strings. An unknown kind is accepted here (a newer node may know more kinds) and warned about by the check.
+    """
     if not isinstance(obj, dict):
         return "a probe record must be a JSON object"
     for key, kind in REQUIRED_FIELDS.items():
@@ -137,7 +181,10 @@ def probe_problem(obj: object) -> str | None:
                 return f"field {key!r} must be an integer"
         elif not isinstance(value, str) or not value:
             return f"field {key!r} must be a non-empty string"
-    for key in ("scheduled_at", "started_at"):
+    for key in ("kind", "shape"):
+        if key in obj and (not isinstance(obj[key], str) or not obj[key]):
+            return f"field {key!r} must be a non-empty string when present"
+    for key in ("scheduled_at", "started_at", *(("received_at",) if "received_at" in obj else ())):
         try:
             parse_time(obj[key])
         except ValueError as exc:
@@ -154,6 +201,8 @@ class Probe:
     started_at: datetime
     order: int  # position in the input, to keep sorts stable and reproducible
     sched_us: int  # scheduled_at as microseconds since EPOCH: exact, hashable, cheap to compare
+    kind: str = "scheduled"
+    received_at: datetime | None = None
 
     @classmethod
     def from_dict(cls, obj: object, order: int, where: str) -> Probe:
@@ -162,8 +211,20 @@ class Probe:
             raise InputError(f"{where}: {problem}")
         assert isinstance(obj, dict)
         scheduled_at = parse_time(obj["scheduled_at"])
+        received = parse_time(obj["received_at"]) if "received_at" in obj else None
         return cls(obj["job"], scheduled_at, obj["node"], obj["token"], parse_time(obj["started_at"]), order,
-                   Grid.micros(scheduled_at))
+                   Grid.micros(scheduled_at), str(obj.get("kind", "scheduled")), received)
+
+    @property
+    def early_by(self) -> float:
+        """Seconds this run started before its fire time, by the node's clock or by the collector's."""
+        starts = [self.started_at] + ([self.received_at] if self.received_at is not None else [])
+        return (self.scheduled_at - min(starts)).total_seconds()
+
+    def ref(self) -> dict[str, Any]:
+        """The run as evidence: which job, which fire time, which node and token, what kind."""
+        return {"job": self.job, "scheduled_at": iso(self.scheduled_at), "node": self.node, "token": self.token,
+                "kind": self.kind, "started_at": iso(self.started_at)}
 
 
 @dataclass(frozen=True)
@@ -201,8 +262,32 @@ class Grid:
 
 
 def job_names(jobs: int) -> list[str]:
-    """The probe job ids, as ``node.jobs.add_probe_jobs`` names them."""
+    """The basic probe job ids, as ``node.probes`` names them."""
     return [f"probe-{i:03d}" for i in range(jobs)]
+
+
+def schedule_of(probes: str | list[ProbeShape] | None, jobs: int | None, interval: float | None) -> list[ProbeShape]:
+    """The probe shapes to judge: a spec (or parsed shapes), else ``jobs`` basic probes every ``interval``."""
+    if isinstance(probes, str):
+        try:
+            shapes = parse_shapes(probes, count=jobs if jobs is not None else 1,
+                                  interval=interval if interval is not None else 1.0)
+        except ProbeSpecError as exc:
+            raise InputError(f"--probes: {exc}; expected {SPEC_FORM}") from None
+    elif probes is not None:
+        shapes = list(probes)
+    else:
+        if jobs is None or interval is None:
+            raise InputError("no probe schedule: give --probes, or --jobs and --interval")
+        if jobs < 1:
+            raise InputError("--jobs must be at least 1")
+        if not interval > 0:
+            raise InputError("--interval must be positive")
+        shapes = [ProbeShape("basic", jobs, interval)]
+    shapes = [s for s in shapes if s.count > 0]
+    if not shapes:
+        raise InputError("--probes: no probe jobs in the spec")
+    return shapes
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -224,50 +309,178 @@ def stats(values: list[float], prefix: str = "") -> dict[str, float | None]:
             f"{prefix}max_s": r(max(values) if values else None)}
 
 
-def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: datetime | None,
-          end: datetime | None, misfire_grace: float, chaos: list[dict[str, Any]] | None = None,
-          strict: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CrashWindow:
+    """Fire times a leader hit by a crash-like fault may have claimed ahead and never started."""
+
+    fault: str
+    target: str
+    ts: datetime
+    leader_token: int
+    start_us: int
+    end_us: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"fault": {"fault": self.fault, "target": self.target, "ts": iso(self.ts),
+                          "leader_token": self.leader_token},
+                "window": {"start": iso(EPOCH + timedelta(microseconds=self.start_us)),
+                           "end": iso(EPOCH + timedelta(microseconds=self.end_us))}}
+
+
+def fault_starts(chaos: list[dict[str, Any]]) -> list[tuple[datetime, dict[str, Any]]]:
+    """The fault entries that start a fault, in time order; a bad entry is an :class:`InputError`."""
+    starts: list[tuple[datetime, dict[str, Any]]] = []
+    for i, entry in enumerate(chaos):
+        problem = chaos_problem(entry)
+        if problem is not None:
+            raise InputError(f"chaos entry {i + 1}: {problem}")
+        if entry.get("phase", "start") != "end":
+            starts.append((parse_time(entry["ts"]), entry))
+    starts.sort(key=lambda s: s[0])
+    return starts
+
+
+class Evidence:
+    """Questions about who ran what when, answered from all judged records (including those after ``end``)."""
+
+    def __init__(self, probes: list[Probe]) -> None:
+        self.by_sched = sorted(probes, key=lambda p: (p.sched_us, p.started_at, p.order))
+        self.sched_keys = [p.sched_us for p in self.by_sched]
+        n = len(self.by_sched)
+        # suffix minima over fire time order: the first start, and the oldest token, of any later fire time
+        self.first_start_after: list[Probe | None] = [None] * (n + 1)
+        self.min_token_after: list[int | None] = [None] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            p, best = self.by_sched[i], self.first_start_after[i + 1]
+            self.first_start_after[i] = p if best is None or (p.started_at, p.order) < (best.started_at,
+                                                                                         best.order) else best
+            low = self.min_token_after[i + 1]
+            self.min_token_after[i] = p.token if low is None else min(low, p.token)
+        self.by_started = sorted(probes, key=lambda p: (p.started_at, p.order))
+        self.started_keys = [p.started_at for p in self.by_started]
+        self.top_token_until: list[int | None] = []
+        top: int | None = None
+        for p in self.by_started:
+            top = p.token if top is None else max(top, p.token)
+            self.top_token_until.append(top)
+
+    def _after(self, us: int) -> int:
+        return bisect_right(self.sched_keys, us + GRID_TOLERANCE_US)
+
+    def first_run_of_a_later_fire_time(self, us: int) -> Probe | None:
+        return self.first_start_after[self._after(us)]
+
+    def older_leader_fired_later(self, us: int, token: int) -> bool:
+        """Did a token older than ``token`` start a run of any fire time later than ``us``?"""
+        low = self.min_token_after[self._after(us)]
+        return low is not None and low < token
+
+    def top_token_started_by(self, t: datetime) -> int | None:
+        i = bisect_right(self.started_keys, t)
+        return self.top_token_until[i - 1] if i else None
+
+    def leader_at(self, t: datetime) -> Probe | None:
+        """The run that shows who led at ``t``: the highest token started by then (latest of them)."""
+        i = bisect_right(self.started_keys, t)
+        before = self.by_started[:i]
+        return max(before, key=lambda p: (p.token, p.started_at, p.order)) if before else None
+
+
+def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetime | None, misfire_grace: float,
+          jobs: int | None = None, interval: float | None = None, probes: str | list[ProbeShape] | None = None,
+          chaos: list[dict[str, Any]] | None = None, strict: bool = True,
+          claim_ahead: float = DEFAULT_CLAIM_AHEAD, crash_slack: float = CRASH_SLACK,
+          early_tolerance: float = EARLY_TOLERANCE) -> dict[str, Any]:
     """Everything the checker reports, as one JSON-ready dict, by the rules of this module's docstring.
 
-    ``records`` are probe objects as the collector stores them (extra keys are ignored). Raises
-    :class:`InputError` on a bad record or schedule, so callers in-process get the same one-line errors.
+    ``records`` are probe objects as the collector stores them (extra keys are ignored). The schedule is
+    ``probes`` (a spec or shapes), else ``jobs`` basic probes every ``interval``. ``strict`` is accepted for
+    old callers and ignored: the rules are strict. Raises :class:`InputError` on a bad record or schedule,
+    so callers in-process get the same one-line errors.
     """
-    if jobs < 1:
-        raise InputError("--jobs must be at least 1")
-    if not interval > 0:
-        raise InputError("--interval must be positive")
+    del strict
+    shapes = schedule_of(probes, jobs, interval)
     if misfire_grace < 0:
         raise InputError("--misfire-grace must not be negative")
-    grid = Grid.of(interval)
-    probes = [Probe.from_dict(r, i, f"record {i + 1}") for i, r in enumerate(records)]
+    if claim_ahead < 0 or crash_slack < 0 or early_tolerance < 0:
+        raise InputError("--claim-ahead, --crash-slack and --early-tolerance must not be negative")
+    shape_of = {job: s for s in shapes for job in s.job_ids()}
+    grids = {job: Grid.of(s.interval) for job, s in shape_of.items()}
+    finest = min(s.interval for s in shapes)
+    fine_grid = Grid.of(finest)
+    fine_jobs = {job for job, s in shape_of.items() if s.interval == finest}
+    starts = fault_starts(chaos) if chaos is not None else []
+
+    everything = [Probe.from_dict(r, i, f"record {i + 1}") for i, r in enumerate(records)]
     if start is not None:
-        probes = [p for p in probes if p.scheduled_at >= start - timedelta(microseconds=GRID_TOLERANCE_US)]
+        everything = [p for p in everything if p.scheduled_at >= start - timedelta(microseconds=GRID_TOLERANCE_US)]
     warnings: list[str] = []
+    manual = [p for p in everything if p.kind == "manual"]
+    probes_ = [p for p in everything if p.kind != "manual"]
+    unknown_kinds = sorted({p.kind for p in probes_} - set(KINDS))
+    if unknown_kinds:
+        warnings.append(f"record kind(s) {', '.join(unknown_kinds)} unknown: judged as scheduled runs")
 
     # -- window --------------------------------------------------------------------------
-    earliest = min((p.scheduled_at for p in probes), default=None)
-    win_start = max(t for t in (start, earliest) if t is not None) if (start or earliest) else None
-    win_end = end or max((p.scheduled_at for p in probes), default=None) or datetime.now(UTC)
-    if win_start is not None and win_end < win_start:
-        raise InputError(f"--end {iso(win_end)} is before the window start {iso(win_start)}")
-    end_us = grid.micros(win_end)
-    in_window = [p for p in probes if p.sched_us <= end_us + GRID_TOLERANCE_US]
-    k_first = grid.first_at_or_after(win_start) if win_start is not None else 0
-    k_last = grid.last_at_or_before(win_end) if win_start is not None else -1
-    instants = max(0, k_last - k_first + 1)
-    names = job_names(jobs)
-    known = set(names)
+    first_start = min((p.started_at for p in probes_), default=None)
+    win_end = end or max((p.scheduled_at for p in probes_), default=None) or datetime.now(UTC)
+    end_us = Grid.micros(win_end)
+    bounds: dict[str, tuple[int, int]] = {}
+    for job, grid in grids.items():
+        lows = ([grid.first_at_or_after(start)] if start is not None else []) + (
+            [grid.last_at_or_before(first_start)] if first_start is not None else [])
+        k_last = grid.last_at_or_before(win_end)
+        bounds[job] = (max(lows) if lows else k_last + 1, k_last)
+    win_start = min((grids[j].time(lo) for j, (lo, hi) in bounds.items() if lo <= hi), default=None)
+    if start is not None and end is not None and end < start:
+        raise InputError(f"--end {iso(end)} is before the window start {iso(start)}")
+    in_window = [p for p in probes_ if p.sched_us <= end_us + GRID_TOLERANCE_US]
+    evidence = Evidence(probes_)
 
-    # -- duplicate starts, fenced sink ---------------------------------------------------
+    # -- faults: crash windows, kills ------------------------------------------------------
+    crash_windows: list[CrashWindow] = []
+    kills: list[tuple[datetime, str]] = []
+    for ts, entry in starts:
+        if entry["fault"] == "kill":
+            kills.append((ts, str(entry.get("target"))))
+        if entry["fault"] in CRASH_FAULTS:
+            leader = evidence.leader_at(ts)
+            if leader is not None and entry.get("target") == leader.node:
+                ts_us = Grid.micros(ts)
+                crash_windows.append(CrashWindow(
+                    entry["fault"], leader.node, ts, leader.token, ts_us - round(crash_slack * 1e6),
+                    ts_us + round((claim_ahead + crash_slack) * 1e6)))
+
+    # -- duplicate starts, at-least-once recoveries, fenced sink -------------------------------
     by_pair: dict[tuple[str, int], list[Probe]] = defaultdict(list)
     for p in in_window:
         by_pair[(p.job, p.sched_us)].append(p)
-    duplicate_pairs = {pair: runs for pair, runs in by_pair.items() if len(runs) > 1}
-    duplicate_starts = [
-        {"job": job, "scheduled_at": iso(runs[0].scheduled_at), "starts": len(runs),
-         "runs": [{"node": p.node, "token": p.token, "started_at": iso(p.started_at)}
-                  for p in sorted(runs, key=lambda p: (p.started_at, p.order))]}
-        for (job, _), runs in sorted(duplicate_pairs.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+    def recovered_after_kill(first: Probe, later: Probe) -> tuple[datetime, str] | None:
+        if later.kind != "recovery":
+            return None
+        for ts, target in kills:
+            if target == first.node and first.started_at <= ts <= later.started_at:
+                return ts, target
+        return None
+
+    duplicate_starts: list[dict[str, Any]] = []
+    at_least_once: list[dict[str, Any]] = []
+    recovered_pairs: set[tuple[str, int]] = set()
+    for (job, us), runs in sorted(((k, v) for k, v in by_pair.items() if len(v) > 1),
+                                  key=lambda kv: (kv[0][1], kv[0][0])):
+        runs = sorted(runs, key=lambda p: (p.started_at, p.order))
+        shape = shape_of.get(job)
+        kills_seen = [recovered_after_kill(a, b) for a, b in pairwise(runs)] if shape and shape.recover else [None]
+        entry = {"job": job, "shape": shape.shape if shape else None, "scheduled_at": iso(runs[0].scheduled_at),
+                 "starts": len(runs), "runs": [{"node": p.node, "token": p.token, "started_at": iso(p.started_at),
+                                                "kind": p.kind} for p in runs]}
+        if all(kills_seen):
+            recovered_pairs.add((job, us))
+            at_least_once.append({**entry, "kills": [{"fault": "kill", "target": target, "ts": iso(ts)}
+                                                     for ts, target in kills_seen if ts is not None]})
+        else:
+            duplicate_starts.append(entry)
 
     by_started = sorted(in_window, key=lambda p: (p.started_at, p.order))
     highest: dict[str, int] = {}
@@ -276,34 +489,45 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
         if p.token >= highest.get(p.job, p.token):
             highest[p.job] = p.token
             accepted[(p.job, p.sched_us)] += 1
-    fenced_sink_duplicates = sum(1 for n in accepted.values() if n > 1)
+    fenced_sink_duplicates = sum(1 for pair, n in accepted.items() if n > 1 and pair not in recovered_pairs)
 
-    # -- which instants ran --------------------------------------------------------------
-    runs_of: dict[str, set[int]] = defaultdict(set)  # all records from start on, for look-ahead
-    token_of: dict[tuple[str, int], int] = {}  # (job, instant) -> highest token that ran it
-    at_instant: dict[int, list[Probe]] = defaultdict(list)
+    # -- early runs ----------------------------------------------------------------------------
+    early = sorted((p for p in probes_ if p.early_by > early_tolerance), key=lambda p: (p.started_at, p.order))
+    early_runs = [{**p.ref(), "received_at": iso(p.received_at), "early_by_s": round(p.early_by, 3)}
+                  for p in early]
+
+    # -- which fire times ran ----------------------------------------------------------------
+    recs_at: dict[tuple[str, int], list[Probe]] = defaultdict(list)
+    runs_of: dict[str, set[int]] = defaultdict(set)
     off_schedule: list[Probe] = []
     unexpected_jobs: set[str] = set()
-    for p in probes:
-        k = grid.index(p.sched_us)
-        if p.job not in known:
+    for p in probes_:
+        if p.job not in shape_of:
             unexpected_jobs.add(p.job)
-        elif k is None:
+            continue
+        k = grids[p.job].index(p.sched_us)
+        if k is None:
             off_schedule.append(p)
-        else:
-            runs_of[p.job].add(k)
-            token_of[(p.job, k)] = max(p.token, token_of.get((p.job, k), p.token))
-            at_instant[k].append(p)
-    run_instants = sorted(at_instant)
+            continue
+        runs_of[p.job].add(k)
+        recs_at[(p.job, k)].append(p)
     if unexpected_jobs:
-        warnings.append(f"{len(unexpected_jobs)} job id(s) outside probe-000..{names[-1]} ignored for misses: "
-                        + ", ".join(sorted(unexpected_jobs)[:5]))
+        warnings.append(f"{len(unexpected_jobs)} job id(s) outside the probe schedule ({spec_text(shapes)}) "
+                        "ignored for misses: " + ", ".join(sorted(unexpected_jobs)[:5]))
     if off_schedule:
-        warnings.append(f"{len(off_schedule)} record(s) scheduled off the {interval:g}s grid, e.g. "
+        warnings.append(f"{len(off_schedule)} record(s) scheduled off their job's grid, e.g. "
                         f"{off_schedule[0].job}@{iso(off_schedule[0].scheduled_at)}")
 
-    # -- gaps ----------------------------------------------------------------------------
-    window_runs = [k for k in run_instants if k_first <= k <= k_last]
+    # -- gaps (finest grid) ---------------------------------------------------------------------
+    at_instant: dict[int, list[Probe]] = defaultdict(list)
+    for job in fine_jobs:
+        for k in runs_of.get(job, ()):
+            at_instant[k].extend(recs_at[(job, k)])
+    fine_bounds = [bounds[j] for j in fine_jobs]
+    k_first = min(lo for lo, _ in fine_bounds)
+    k_last = max(hi for _, hi in fine_bounds)
+    instants = max(0, k_last - k_first + 1)
+    window_runs = sorted(k for k in at_instant if k_first <= k <= k_last)
     gaps: list[dict[str, Any]] = []
     for before, after in pairwise(window_runs):
         if after - before <= 1:
@@ -311,9 +535,9 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
         last = max(at_instant[before], key=lambda p: (p.started_at, p.order))
         first = min(at_instant[after], key=lambda p: (p.started_at, p.order))
         gaps.append({
-            "start": iso(grid.time(before + 1)), "end": iso(grid.time(after)),
+            "start": iso(fine_grid.time(before + 1)), "end": iso(fine_grid.time(after)),
             "missing_fire_times": after - before - 1,
-            "duration_s": round((after - before - 1) * grid.interval_us / 1e6, 6),
+            "duration_s": round((after - before - 1) * fine_grid.interval_us / 1e6, 6),
             "wall_s": round((first.started_at - last.started_at).total_seconds(), 3),
             "before": {"node": last.node, "token": last.token, "started_at": iso(last.started_at)},
             "after": {"node": first.node, "token": first.token, "started_at": iso(first.started_at)},
@@ -321,35 +545,75 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
         })
     open_gap = None
     if window_runs and window_runs[-1] < k_last:
-        open_gap = {"start": iso(grid.time(window_runs[-1] + 1)), "missing_fire_times": k_last - window_runs[-1]}
+        open_gap = {"start": iso(fine_grid.time(window_runs[-1] + 1)), "missing_fire_times": k_last - window_runs[-1]}
 
-    # -- misses --------------------------------------------------------------------------
+    # -- misses, strictly ----------------------------------------------------------------------
     grace_us = round(misfire_grace * 1_000_000)
-    tail_us = grace_us + grid.interval_us
-    excused = {"coalesced": 0, "leaderless": 0, "window_end": 0}
-    missed: list[tuple[int, str]] = []
-    for job in names:
-        ran = runs_of.get(job, set())
-        ran_sorted = sorted(ran)
-        for k in range(k_first, k_last + 1):
-            if k in ran:
+    excused = {"catch_up": 0, "leaderless": 0, "window_end": 0}
+    excuses: list[tuple[str, int, str, dict[str, Any]]] = []  # (job, k, excuse, evidence)
+    crashed: list[tuple[str, int, CrashWindow]] = []
+    missed: list[tuple[int, str, str]] = []  # (fire time us, job, reason)
+    for job, (lo, hi) in bounds.items():
+        shape, grid = shape_of[job], grids[job]
+        ran = sorted(runs_of.get(job, ()))
+        for k in range(lo, hi + 1):
+            if k in runs_of.get(job, ()):
                 continue
-            i = bisect_right(ran_sorted, k)
-            nxt = ran_sorted[i] if i < len(ran_sorted) else None
-            prev = ran_sorted[i - 1] if i > 0 else None
-            # Skipping a fire time is the catch-up's coalescing only across a handoff: the job's next
-            # run carries a newer token than its previous one. A leader that skips while it lives misses.
-            handed_over = nxt is not None and (prev is None or token_of[(job, nxt)] > token_of[(job, prev)])
-            if handed_over and nxt is not None and (nxt - k) * grid.interval_us <= grace_us:
-                excused["coalesced"] += 1
-            elif (handed_over and nxt is not None and not strict
-                  and bisect_left(run_instants, nxt) == bisect_right(run_instants, k)  # nothing ran in (k, nxt)
-                  and (nxt - k > 1 or k not in at_instant)):
-                excused["leaderless"] += 1
-            elif end_us - k * grid.interval_us <= tail_us:
+            t_us = k * grid.interval_us
+            t = grid.time(k)
+            i = bisect_right(ran, k)
+            nxt = ran[i] if i < len(ran) else None
+            prev = ran[i - 1] if i > 0 else None
+            prev_token = max(p.token for p in recs_at[(job, prev)]) if prev is not None else None
+            windows = [w for w in crash_windows if w.start_us <= t_us <= w.end_us]
+            at_end = nxt is None and end_us - t_us <= grace_us + grid.interval_us
+            if at_end:
                 excused["window_end"] += 1
-            else:
-                missed.append((k, job))
+                excuses.append((job, k, "window_end", {}))
+                continue
+            if nxt is None:
+                missed.append((t_us, job, "no later run of the job"))
+                continue
+            following = recs_at[(job, nxt)]
+            next_token = max(p.token for p in following)
+            if shape.recover and windows:
+                w = windows[0]
+                missed.append((t_us, job, f"recoverable, in the crash window of {w.fault} {w.target} at "
+                                          f"{iso(w.ts)}: a claimed fire time must run again (recovery)"))
+                continue
+            first = evidence.first_run_of_a_later_fire_time(t_us)
+            before = evidence.top_token_started_by(t)
+            if (first is not None and Grid.micros(first.started_at) - t_us > grace_us
+                    and (before is None or first.token > before)):
+                excused["leaderless"] += 1
+                excuses.append((job, k, "leaderless", first.ref()))
+                continue
+            catch_ups = sorted((p for p in following if p.kind == "catch_up"), key=lambda p: (p.started_at, p.order))
+            reason = None
+            if catch_ups:
+                cu = catch_ups[0]
+                if Grid.micros(cu.started_at) - t_us > grace_us + CATCH_UP_SLACK_US:
+                    reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} came more than the grace later"
+                elif prev_token is not None and cu.token <= prev_token:
+                    reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} is not a newer leader's"
+                elif evidence.older_leader_fired_later(t_us, cu.token):
+                    reason = "an older leader still ran later fire times: it skipped this one"
+                else:
+                    excused["catch_up"] += 1
+                    excuses.append((job, k, "catch_up", cu.ref()))
+                    continue
+            crash = next((w for w in windows if next_token > w.leader_token), None)
+            if crash is not None:
+                crashed.append((job, k, crash))
+                continue
+            if reason is None:
+                if prev_token is not None and next_token <= prev_token:
+                    reason = "the leader that ran the job before and after it skipped it"
+                else:
+                    after = min(following, key=lambda p: (p.started_at, p.order))
+                    reason = (f"the job's next run ({after.job}@{iso(after.scheduled_at)}, {after.kind}) is "
+                              "not a catch-up")
+            missed.append((t_us, job, reason))
     missed.sort()
 
     # -- handoffs ------------------------------------------------------------------------
@@ -365,18 +629,31 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
         elif p.token < top.token:
             stale += 1
 
+    expected = sum(max(0, hi - lo + 1) for lo, hi in bounds.values())
     gap_durations = [g["duration_s"] for g in gaps]
     result: dict[str, Any] = {
         "window": {"start": iso(win_start), "end": iso(win_end), "fire_times": instants},
-        "schedule": {"jobs": jobs, "interval_s": interval, "misfire_grace_s": misfire_grace, "strict": strict},
+        "schedule": {"probes": spec_text(shapes), "jobs": len(shape_of), "interval_s": finest,
+                     "shapes": [{"shape": s.shape, "count": s.count, "interval_s": s.interval, "body_s": s.body,
+                                 "recover": s.recover} for s in shapes],
+                     "misfire_grace_s": misfire_grace, "claim_ahead_s": claim_ahead, "crash_slack_s": crash_slack,
+                     "early_tolerance_s": early_tolerance},
         "records": len(in_window),
-        "expected": jobs * instants,
-        "duplicates": len(duplicate_pairs),
+        "manual_runs": len(manual),
+        "expected": expected,
+        "duplicates": len(duplicate_starts),
         "duplicate_starts": duplicate_starts[:LIST_LIMIT],
+        "at_least_once": {"count": len(at_least_once), "list": at_least_once[:LIST_LIMIT]},
         "fenced_sink_duplicates": fenced_sink_duplicates,
+        "early": len(early_runs),
+        "early_runs": early_runs[:LIST_LIMIT],
         "missed": len(missed),
-        "missed_fire_times": [{"job": job, "scheduled_at": iso(grid.time(k))} for k, job in missed[:LIST_LIMIT]],
-        "excused": excused,
+        "missed_fire_times": [{"job": job, "scheduled_at": iso(EPOCH + timedelta(microseconds=us)), "reason": why}
+                              for us, job, why in missed[:LIST_LIMIT]],
+        # "coalesced": the catch-up count under its pre-#12 name, for readers of older reports (bench/peers)
+        "excused": {**excused, "coalesced": excused["catch_up"]},
+        "excused_gaps": group_excuses(excuses, grids)[:LIST_LIMIT],
+        "lost_to_crash": {"count": len(crashed), "list": group_crashes(crashed, grids)[:LIST_LIMIT]},
         "gaps": {"count": len(gaps), **stats(gap_durations),
                  **stats([g["wall_s"] for g in gaps], "wall_"), "list": gaps[:LIST_LIMIT]},
         "open_gap": open_gap,
@@ -386,11 +663,38 @@ def check(records: list[dict[str, Any]], *, jobs: int, interval: float, start: d
         "warnings": warnings,
     }
     if chaos is not None:
-        result["faults"] = failovers(chaos, by_started)
+        result["faults"] = failovers(starts, by_started)
     if not in_window:
         warnings.append("no probe records in the window: nothing was proven")
-    result["verdict"] = "fail" if (duplicate_pairs or missed or not in_window) else "pass"
+    result["verdict"] = "fail" if (duplicate_starts or missed or early_runs or not in_window) else "pass"
     return result
+
+
+def group_excuses(excuses: list[tuple[str, int, str, dict[str, Any]]], grids: dict[str, Grid]) -> list[dict[str, Any]]:
+    """Consecutive excused fire times of one job with the same excuse and evidence, as one gap each."""
+    out: list[dict[str, Any]] = []
+    last: tuple[str, int, str, str] | None = None
+    for job, k, excuse, evidence in sorted(excuses, key=lambda e: (e[0], e[1])):
+        key = json.dumps(evidence, sort_keys=True)
+        if out and last is not None and last[0] == job and last[1] == k - 1 and last[2:] == (excuse, key):
+            out[-1]["last"] = iso(grids[job].time(k))
+            out[-1]["fire_times"] += 1
+        else:
+            out.append({"job": job, "excuse": excuse, "first": iso(grids[job].time(k)),
+                        "last": iso(grids[job].time(k)), "fire_times": 1, "covered_by": evidence or None})
+            if excuse == "leaderless":  # from the first fire time of the gap to the first run after it
+                out[-1]["no_leader_s"] = round((parse_time(evidence["started_at"]) - grids[job].time(k))
+                                               .total_seconds(), 3)
+        last = (job, k, excuse, key)
+    out.sort(key=lambda g: (g["first"], g["job"]))
+    return out
+
+
+def group_crashes(crashed: list[tuple[str, int, CrashWindow]], grids: dict[str, Grid]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for job, k, window in sorted(crashed, key=lambda c: (c[2].ts, c[0], c[1])):
+        out.append({"job": job, "scheduled_at": iso(grids[job].time(k)), **window.describe()})
+    return out
 
 
 def chaos_problem(entry: object) -> str | None:
@@ -406,16 +710,8 @@ def chaos_problem(entry: object) -> str | None:
     return None
 
 
-def failovers(chaos: list[dict[str, Any]], by_started: list[Probe]) -> dict[str, Any]:
+def failovers(starts: list[tuple[datetime, dict[str, Any]]], by_started: list[Probe]) -> dict[str, Any]:
     """Per fault start: seconds until a record with a token newer than any before the fault."""
-    starts: list[tuple[datetime, dict[str, Any]]] = []
-    for i, entry in enumerate(chaos):
-        problem = chaos_problem(entry)
-        if problem is not None:
-            raise InputError(f"chaos entry {i + 1}: {problem}")
-        if entry.get("phase", "start") != "end":
-            starts.append((parse_time(entry["ts"]), entry))
-    starts.sort(key=lambda s: s[0])
     started = [p.started_at for p in by_started]
     out: list[dict[str, Any]] = []
     per_kind: dict[str, list[float]] = defaultdict(list)
@@ -437,11 +733,15 @@ def failovers(chaos: list[dict[str, Any]], by_started: list[Probe]) -> dict[str,
         seconds = None if newer is None else round((newer.started_at - ts).total_seconds(), 3)
         if seconds is not None:
             per_kind[kind].append(seconds)
-        out.append({"ts": iso(ts), "fault": kind, "target": entry.get("target"),
-                    "leader": leader.node if leader else None, "hit_leader": bool(leader)
-                    and entry.get("target") == leader.node,
-                    "failover_s": seconds, "new_leader": newer.node if newer else None,
-                    "new_token": newer.token if newer else None})
+        row = {"ts": iso(ts), "fault": kind, "target": entry.get("target"),
+               "leader": leader.node if leader else None, "hit_leader": bool(leader)
+               and entry.get("target") == leader.node,
+               "failover_s": seconds, "new_leader": newer.node if newer else None,
+               "new_token": newer.token if newer else None}
+        for key in ("aim", "fire_time", "skew_s"):
+            if key in entry:
+                row[key] = entry[key]
+        out.append(row)
     by_kind = {kind: {"faults": counts[kind], "failovers": len(per_kind[kind]), **stats(per_kind[kind])}
                for kind in sorted(counts)}
     return {"list": out[:LIST_LIMIT], "by_kind": by_kind}
@@ -498,16 +798,25 @@ def load_chaos(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest check",
                                 description="Judge a load test from the probe collector's records alone.")
-    p.add_argument("--state", type=Path, help="harness state JSON: probe_jobs, probe_interval, misfire_grace, "
-                   "started_at, collector_file, chaos_log, optionally ended_at (explicit flags win)")
+    p.add_argument("--state", type=Path, help="harness state JSON: probe_shapes (or probe_jobs, probe_interval), "
+                   "misfire_grace, claim_ahead, started_at, collector_file, chaos_log, optionally ended_at "
+                   "(explicit flags win)")
     p.add_argument("--records", type=Path, help="the collector's JSONL file")
     p.add_argument("--chaos-log", type=Path, help="JSONL of injected faults")
-    p.add_argument("--jobs", type=int, help="number of probe jobs (probe-000..)")
-    p.add_argument("--interval", type=float, help="probe interval, seconds")
+    p.add_argument("--probes", metavar="SPEC", help=f"the probe jobs: {SPEC_FORM} (COUNT defaults to --jobs, "
+                   "INTERVAL to --interval)")
+    p.add_argument("--jobs", type=int, help="number of basic probe jobs (probe-000..), or COUNT's default")
+    p.add_argument("--interval", type=float, help="basic probe interval, seconds, or INTERVAL's default")
     p.add_argument("--misfire-grace", type=float, help="the nodes' misfire grace, seconds")
-    p.add_argument("--start", help="ISO 8601 start of the window (default: earliest record)")
+    p.add_argument("--claim-ahead", type=float, help="the nodes' BATON_CLAIM_AHEAD: how far after a crash a "
+                   f"claimed fire time may be lost (default {DEFAULT_CLAIM_AHEAD})")
+    p.add_argument("--crash-slack", type=float, default=CRASH_SLACK,
+                   help=f"seconds around a crash window (default {CRASH_SLACK})")
+    p.add_argument("--early-tolerance", type=float, default=EARLY_TOLERANCE,
+                   help=f"seconds a run may start before its fire time before it is early (default {EARLY_TOLERANCE})")
+    p.add_argument("--start", help="ISO 8601 start of the window (default: the first run)")
     p.add_argument("--end", help="ISO 8601 end of the window (default: latest record, or now)")
-    p.add_argument("--strict", action="store_true", help="do not excuse fire times in gaps longer than the grace")
+    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the rules are strict; kept for scripts
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -558,15 +867,36 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     chaos = args.chaos_log or (_state_path(state.get("chaos_log"), args.state) if args.state else None)
     if not args.chaos_log and chaos is not None and not chaos.exists():
         chaos = None  # the cluster's log is written on its first fault: none yet means no faults
-    inputs = {"records": records, "chaos": chaos, "jobs": pick(args.jobs, "probe_jobs", int),
-              "interval": pick(args.interval, "probe_interval", float),
+    jobs = pick(args.jobs, "probe_jobs", int)
+    interval = pick(args.interval, "probe_interval", float)
+    # --probes wins; --jobs/--interval alone mean basic probes; else the state's spec, else its basic probes
+    spec = args.probes
+    if spec is None and args.jobs is None and args.interval is None:
+        spec = pick(None, "probe_shapes", str) or None
+    if spec is None:
+        for value, flag in ((jobs, "--jobs"), (interval, "--interval")):
+            if value is None:
+                raise InputError(f"missing --probes, or {flag} (or a --state file that has them)")
+    inputs = {"records": records, "chaos": chaos, "probes": spec, "jobs": jobs, "interval": interval,
               "misfire_grace": pick(args.misfire_grace, "misfire_grace", float),
+              "claim_ahead": pick(args.claim_ahead, "claim_ahead", float),
               "start": when(args.start, "started_at", "--start"), "end": when(args.end, "ended_at", "--end")}
-    flags = {"records": "--records", "jobs": "--jobs", "interval": "--interval", "misfire_grace": "--misfire-grace"}
-    for key, flag in flags.items():
+    if inputs["claim_ahead"] is None:
+        inputs["claim_ahead"] = DEFAULT_CLAIM_AHEAD
+    for key, flag in {"records": "--records", "misfire_grace": "--misfire-grace"}.items():
         if inputs[key] is None:
             raise InputError(f"missing {flag} (or a --state file that has it)")
     return inputs
+
+
+#: Excused gaps and crash losses printed under the table; --json lists them all (up to LIST_LIMIT).
+TABLE_LINES = 12
+
+
+def _run_ref(run: dict[str, Any] | None) -> str:
+    if not run:
+        return "no later run yet"
+    return f"{run['job']}@{run['scheduled_at']} on {run['node']} (token {run['token']}, {run['kind']})"
 
 
 def render(result: dict[str, Any]) -> None:
@@ -581,11 +911,16 @@ def render(result: dict[str, Any]) -> None:
     table.add_column()
     window = result["window"]
     table.add_row("window", f"{window['start']} .. {window['end']} ({window['fire_times']} fire times)")
-    table.add_row("records / expected", f"{result['records']} / {result['expected']}")
+    table.add_row("probes", result["schedule"]["probes"])
+    table.add_row("records / expected", f"{result['records']} / {result['expected']}"
+                  + (f" (+{result['manual_runs']} manual)" if result["manual_runs"] else ""))
     table.add_row("duplicate starts", str(result["duplicates"]))
+    table.add_row("at-least-once recovery", f"{result['at_least_once']['count']} (a recovery run after a kill)")
     table.add_row("fenced-sink duplicates", str(result["fenced_sink_duplicates"]))
-    excused = ", ".join(f"{k} {v}" for k, v in result["excused"].items())
+    table.add_row("early runs", str(result["early"]))
+    excused = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["excused"].items() if k != "coalesced")
     table.add_row("missed fire times", f"{result['missed']} (excused: {excused})")
+    table.add_row("lost to a crash", f"{result['lost_to_crash']['count']} (claimed, never started: at-most-once)")
     if gaps["count"]:
         table.add_row("leaderless gaps", f"{gaps['count']}; p50 {gaps['p50_s']}s, p99 {gaps['p99_s']}s, "
                       f"max {gaps['max_s']}s (wall max {gaps['wall_max_s']}s)")
@@ -594,10 +929,29 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("handoffs / stale records", f"{result['handoffs']} / {result['stale_records']}")
     console.print(table)
     for dup in result["duplicate_starts"][:5]:
-        runs = ", ".join(f"{r['node']} (token {r['token']})" for r in dup["runs"])
-        console.print(f"[red]duplicate[/red] {dup['job']} @ {dup['scheduled_at']}: {runs}")
+        runs = ", ".join(f"{r['node']} (token {r['token']}, {r['kind']})" for r in dup["runs"])
+        console.print(f"[red]duplicate[/red] {dup['job']} @ {dup['scheduled_at']}: {runs}", soft_wrap=True)
     for miss in result["missed_fire_times"][:5]:
-        console.print(f"[red]missed[/red] {miss['job']} @ {miss['scheduled_at']}")
+        console.print(f"[red]missed[/red] {miss['job']} @ {miss['scheduled_at']}: {miss['reason']}", soft_wrap=True)
+    for run in result["early_runs"][:5]:
+        console.print(f"[red]early[/red] {run['job']} @ {run['scheduled_at']} on {run['node']} "
+                      f"(token {run['token']}): {run['early_by_s']}s before its fire time", soft_wrap=True)
+    for rec in result["at_least_once"]["list"][:5]:
+        kills = ", ".join(f"kill {k['target']} at {k['ts']}" for k in rec["kills"])
+        console.print(f"[cyan]at-least-once[/cyan] {rec['job']} @ {rec['scheduled_at']}: "
+                      f"{rec['starts']} starts, recovered after {kills}", soft_wrap=True)
+    for gap in result["excused_gaps"][:TABLE_LINES]:
+        span = gap["first"] if gap["fire_times"] == 1 else f"{gap['first']} .. {gap['last']} ({gap['fire_times']})"
+        console.print(f"[dim]excused {gap['excuse'].replace('_', '-')}[/dim] {gap['job']} @ {span}: "
+                      f"{_run_ref(gap['covered_by'])}", soft_wrap=True)
+    for lost in result["lost_to_crash"]["list"][:TABLE_LINES]:
+        fault, window = lost["fault"], lost["window"]
+        console.print(f"[yellow]lost to a crash[/yellow] {lost['job']} @ {lost['scheduled_at']}: {fault['fault']} "
+                      f"{fault['target']} at {fault['ts']}, window {window['start']} .. {window['end']}",
+                      soft_wrap=True)
+    more = max(0, len(result["excused_gaps"]) - TABLE_LINES) + max(0, result["lost_to_crash"]["count"] - TABLE_LINES)
+    if more:
+        console.print(f"[dim]... {more} more excused or lost; --json lists them[/dim]")
     if "faults" in result:
         faults = Table(title="failover after faults")
         for column in ("fault", "faults", "failovers", "p50_s", "p99_s", "max_s"):
@@ -610,7 +964,7 @@ def render(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m loadtest check``: 0 pass, 1 duplicate or miss, 2 bad input."""
+    """``python -m loadtest check``: 0 pass, 1 duplicate, miss or early run, 2 bad input."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line; in-process callers get the code back
@@ -622,8 +976,10 @@ def main(argv: list[str] | None = None) -> int:
         if inputs["chaos"] is not None:
             chaos, chaos_warnings = load_chaos(inputs["chaos"])
             warnings += chaos_warnings
-        result = check(records, jobs=inputs["jobs"], interval=inputs["interval"], start=inputs["start"],
-                       end=inputs["end"], misfire_grace=inputs["misfire_grace"], chaos=chaos, strict=args.strict)
+        result = check(records, probes=inputs["probes"], jobs=inputs["jobs"], interval=inputs["interval"],
+                       start=inputs["start"], end=inputs["end"], misfire_grace=inputs["misfire_grace"], chaos=chaos,
+                       claim_ahead=inputs["claim_ahead"], crash_slack=args.crash_slack,
+                       early_tolerance=args.early_tolerance)
     except InputError as exc:
         print(f"check: {exc}", file=sys.stderr)
         return 2

@@ -22,8 +22,12 @@ import httpx
 
 from loadtest.proxy import ProxyHub
 from loadtest.servers import Cluster, ServerError, free_port, owned_popen, port_open, start_backend
+from node.probes import effective_shapes, spec_text
 
 BACKENDS = ("file", "redis", "postgres", "etcd")
+#: One client for every poll of the nodes: ``httpx.get`` builds a client (an SSL context included) per call,
+#: CPU under the GIL that delays whatever else the harness does at that moment (an aimed fault).
+HTTP = httpx.Client(timeout=2.0)
 
 
 @dataclass
@@ -82,7 +86,7 @@ class NodeProc:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
                 raise ServerError(f"{self.node_id} exited with {self.proc and self.proc.returncode}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code < 500:
+                if HTTP.get(f"{self.url}/healthz", timeout=0.5).status_code < 500:
                     return
             time.sleep(0.05)
         raise ServerError(f"{self.node_id} not healthy within {timeout}s")
@@ -115,7 +119,7 @@ class NodeProc:
         if not self.alive or self.paused:
             return None
         try:
-            response = httpx.get(f"{self.url}/status", timeout=timeout)
+            response = HTTP.get(f"{self.url}/status", timeout=timeout)
             return dict(response.json()) if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -133,6 +137,8 @@ class LocalCluster:
     lock_url: str | None = None
     probe_jobs: int = 0
     probe_interval: float = 1.0
+    #: Probe shapes (``node.probes``); empty: ``probe_jobs`` basic probes every ``probe_interval``.
+    probe_shapes: str = ""
     probe_url: str = ""
     claims: bool = True
     base_port: int | None = None
@@ -212,13 +218,20 @@ class LocalCluster:
             "BATON_LOCK_URL": self.node_lock_url(index), "BATON_LEASE_TTL": str(t.ttl),
             "BATON_RENEW_DEADLINE": str(t.renew_deadline), "BATON_RETRY_PERIOD": str(t.retry_period),
             "BATON_MISFIRE_GRACE": str(t.misfire_grace), "BATON_ADMIN_TOKEN": self.admin_token,
-            "BATON_PROBE_JOBS": str(self.probe_jobs), "BATON_PROBE_INTERVAL": str(self.probe_interval),
+            "BATON_PROBE_JOBS": str(self.probe_jobs or int(bool(self.probe_shapes))),
+            "BATON_PROBE_INTERVAL": str(self.probe_interval), "BATON_PROBE_SHAPES": self.probe_spec(),
             "BATON_PROBE_URL": self.probe_url, "BATON_CLAIMS": "on" if self.claims else "off",
             "BATON_DEMO_JOBS": "false", "BATON_LOG_FORMAT": "json",
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
         })
         env.update(self.extra_env)
         return env
+
+    def probe_spec(self) -> str:
+        """The probe spec with every count and interval explicit ("" without shapes: the basic probes)."""
+        if not self.probe_shapes:
+            return ""
+        return spec_text(effective_shapes(self.probe_shapes, self.probe_jobs or 1, self.probe_interval))
 
     def stop(self) -> None:
         for node in self.members:
@@ -267,6 +280,7 @@ class LocalCluster:
         return {
             "backend": self.backend, "lock_url": self.lock_url, "workdir": str(self.workdir),
             "timing": vars(self.timing), "probe_jobs": self.probe_jobs, "probe_interval": self.probe_interval,
+            "probe_shapes": self.probe_spec(),
             "probe_url": self.probe_url, "claims": self.claims, "admin_token": self.admin_token,
             "nodes": [{"node_id": n.node_id, "port": n.port, "url": n.url, "pid": n.pid,
                        "log": str(n.log_path)} for n in self.members],

@@ -9,7 +9,11 @@ event loop.
 
 The file is opened in append mode and never truncated, so a harness can
 restart the collector on the same file. Each stored line is the probe's JSON
-object plus ``received_at`` (ISO 8601, UTC), as set by the collector.
+object plus ``received_at`` (ISO 8601, UTC), as set by the collector: the
+checker's witness of when a run started that no node's clock can fake. A probe
+record is ``{job, scheduled_at, node, token, started_at}`` and, from newer
+probes, ``kind`` and ``shape`` (``node.probes``); older records without them
+are accepted as they are.
 
 A body that is not a valid probe record gets a 400 with a JSON error and is
 not stored; a write error gets a 503 (the probe sees a failure, never a

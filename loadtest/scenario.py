@@ -2,7 +2,7 @@
 
 The failover suite (tests/test_failover.py) and the failover benchmark
 (loadtest.bench.failover) both run this; they differ only in the numbers
-(probe interval, rounds, pauses) and in what they do with the verdict.
+(probe shapes, rounds, pauses, aim) and in what they do with the verdict.
 The verdict comes from the collector's records and the chaos log alone.
 """
 
@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from loadtest.chaos import Chaos, ChaosLog, FaultResult, run_rounds
+from loadtest.chaos import Aim, Chaos, ChaosLog, FaultResult, run_rounds
 from loadtest.checker import check, load_chaos, load_records
 from loadtest.cluster import LocalCluster, Timing
 from loadtest.up import Collector
@@ -30,6 +30,8 @@ class Scenario:
     timing: Timing
     probe_jobs: int = 3
     probe_interval: float = 1.0
+    #: Probe shapes (``node.probes`` spec); empty: ``probe_jobs`` basic probes every ``probe_interval``.
+    probe_shapes: str = ""
     claims: bool = True
     seed: int = 7
     nodes: int = 3
@@ -37,8 +39,14 @@ class Scenario:
     warmup: float = 2.0
     settle: float = 2.0
     drain: float = 3.0
-    #: The checked window ends this long before the scenario did (in-flight runs are not misses).
+    #: The checked window ends this long before the scenario did (in-flight runs are not misses). At least
+    #: the longest probe interval and a second: every fire time judged then has a later one to judge it by.
     tail: float = 2.0
+    #: Fire the faults in ``aimed`` (all when None) this way before a probe fire time (``loadtest.chaos.Aim``).
+    aim: str | None = None
+    aimed: tuple[str, ...] | None = None
+    #: Seconds the ``skew`` fault shifts a node's clock by.
+    skew: float = 30.0
 
 
 def run_scenario(workdir: Path, scenario: Scenario, *, records_dir: Path | None = None,
@@ -53,17 +61,20 @@ def run_scenario(workdir: Path, scenario: Scenario, *, records_dir: Path | None 
     collector = Collector(records, workdir / "collector.log")
     cluster = LocalCluster(workdir / "cluster", backend=scenario.backend, nodes=scenario.nodes,
                            timing=scenario.timing, probe_jobs=scenario.probe_jobs,
-                           probe_interval=scenario.probe_interval, probe_url=collector.url, claims=scenario.claims)
+                           probe_interval=scenario.probe_interval, probe_shapes=scenario.probe_shapes,
+                           probe_url=collector.url, claims=scenario.claims)
     chaos_log = ChaosLog(workdir / "chaos.jsonl")
+    chaos = Chaos(cluster, chaos_log, seed=scenario.seed, skew=scenario.skew)
+    tail = max([scenario.tail] + [s.interval + 1.0 for s in chaos.shapes()])
     try:
         cluster.start()
         cluster.wait_for_leader(timeout=60)
         time.sleep(scenario.warmup)
-        run_rounds(Chaos(cluster, chaos_log, seed=scenario.seed), scenario.faults, scenario.rounds,
-                   scenario.settle, on_result=on_fault)
+        run_rounds(chaos, scenario.faults, scenario.rounds, scenario.settle, on_result=on_fault,
+                   aim=Aim.parse(scenario.aim) if scenario.aim else None, aimed=scenario.aimed)
         cluster.wait_for_leader(timeout=60)
-        time.sleep(scenario.drain)  # the last catch-up and in-flight probes land
-        end = datetime.now(UTC) - timedelta(seconds=scenario.tail)
+        time.sleep(scenario.drain + tail - scenario.tail)  # the last catch-up and in-flight probes land
+        end = datetime.now(UTC) - timedelta(seconds=tail)
     finally:
         cluster.close()
         collector.stop()
@@ -71,7 +82,7 @@ def run_scenario(workdir: Path, scenario: Scenario, *, records_dir: Path | None 
             records = Path(shutil.move(records, workdir / "probes.jsonl"))
     found, warnings = load_records(records)
     events, _ = load_chaos(chaos_log.path)
-    result = check(found, jobs=scenario.probe_jobs, interval=scenario.probe_interval, start=None, end=end,
-                   misfire_grace=scenario.timing.misfire_grace, chaos=events)
-    result["warnings"] = warnings
+    result = check(found, probes=chaos.shapes(), start=None, end=end, misfire_grace=scenario.timing.misfire_grace,
+                   chaos=events)
+    result["warnings"] = warnings + result["warnings"]
     return result

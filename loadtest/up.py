@@ -42,7 +42,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from loadtest.chaos import Chaos, ChaosError, ChaosLog, result_dict
+from loadtest.chaos import Aim, Chaos, ChaosError, ChaosLog, result_dict
 from loadtest.cluster import LocalCluster, NodeProc, Timing
 from loadtest.servers import ServerError, free_port, owned_popen, port_open
 
@@ -153,7 +153,10 @@ class _ControlHandler(BaseHTTPRequestHandler):
             chaos = self.server.chaos
             if req.get("hold") is not None:
                 chaos.hold = float(req["hold"])
-            self._reply(200, result_dict(chaos.run(fault, req.get("target"))))
+            if req.get("skew") is not None:
+                chaos.skew = float(req["skew"])
+            aim = Aim.parse(str(req["aim"])) if req.get("aim") else None
+            self._reply(200, result_dict(chaos.run(fault, req.get("target"), aim)))
         except (ChaosError, ServerError) as exc:
             self._reply(400, {"detail": str(exc)})
         finally:
@@ -526,6 +529,7 @@ def _run(args: Any, console: Console, output: GuardedOutput, stopper: Stopper, s
     collector = Collector(records, state_dir / "collector.log")  # a stop signal in here: it dies with us
     cluster = LocalCluster(state_dir / "cluster", backend=args.backend, nodes=args.nodes, timing=timing,
                            lock_url=args.lock_url, probe_jobs=args.probe_jobs, probe_interval=args.probe_interval,
+                           probe_shapes=args.probes or "",
                            probe_url=collector.url, claims=args.claims == "on", base_port=args.base_port,
                            admin_token=args.admin_token, etcd_members=args.etcd_members)
     control: Control | None = None
@@ -632,7 +636,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def post_fault(state_path: Path, fault: str, target: str | None, hold: float | None, timeout: float) -> dict[str, Any]:
+def post_fault(state_path: Path, fault: str, target: str | None, hold: float | None, timeout: float,
+               aim: str | None = None, skew: float | None = None) -> dict[str, Any]:
     """For ``chaos``: ask the running ``up`` to apply one fault."""
     if not state_path.exists():
         raise UpError(f"no cluster state at {state_path}; start a cluster with `python -m loadtest up`")
@@ -645,8 +650,8 @@ def post_fault(state_path: Path, fault: str, target: str | None, hold: float | N
         raise UpError(f"the cluster in {state_path} is gone (its `up` process {up_pid} is not running); "
                       "start it again with `python -m loadtest up`")
     try:
-        response = httpx.post(f"{control_url}/chaos", json={"fault": fault, "target": target, "hold": hold},
-                              timeout=timeout)
+        response = httpx.post(f"{control_url}/chaos", json={"fault": fault, "target": target, "hold": hold,
+                                                            "aim": aim, "skew": skew}, timeout=timeout)
     except httpx.HTTPError as exc:
         raise UpError(f"the cluster in {state_path} does not answer at {control_url}: {exc}") from None
     body = response.json()

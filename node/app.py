@@ -29,10 +29,11 @@ from lock_backends.clock import from_us
 from node.config import Settings
 from node.election import ElectionConfig, Elector
 from node.instrumented import InstrumentedBackend
-from node.jobs import JobRegistry, add_probe_jobs, demo_registry
+from node.jobs import JobRegistry, demo_registry
 from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
+from node.probes import add_probe_jobs
 from node.scheduler import GatedScheduler
 from node.skew import SkewMonitor
 
@@ -64,9 +65,9 @@ class Node:
             eligible=self.skew.refusal)
         registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
         self._http: httpx.AsyncClient | None = None
-        if settings.probe_jobs and settings.probe_url:
+        if (settings.probe_jobs or settings.probe_shapes) and settings.probe_url:
             add_probe_jobs(registry, settings.probe_jobs, settings.probe_interval, settings.probe_url,
-                           self.http)
+                           self.http, settings.probe_shapes)
         scheduler_cls = NaiveScheduler if naive else GatedScheduler
         self.scheduler: GatedScheduler = scheduler_cls(
             jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,
@@ -88,7 +89,7 @@ class Node:
         await self.scheduler.on_stopped_leading()
 
     async def start(self) -> None:
-        if self.settings.probe_jobs and self.settings.probe_url:
+        if (self.settings.probe_jobs or self.settings.probe_shapes) and self.settings.probe_url:
             # built now, not by the first probe run: building a client blocks the loop for tens of ms
             # (it loads the CA bundle), which would land right after winning and delay the first runs
             self.http()

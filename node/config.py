@@ -28,6 +28,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from lock_backends import ACCEPTED_URL_FORMS, BackendURLError, from_url, kind_of, redact
+from node.probes import SPEC_FORM, ProbeShapesText
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,8 @@ ACCEPTED = {
     "probe_url": "an http:// or https:// URL of a probe collector, or empty",
     "probe_jobs": "an integer 0 to 100000",
     "probe_interval": _range("probe_interval"),
+    "probe_shapes": f"{SPEC_FORM}; COUNT defaults to BATON_PROBE_JOBS, INTERVAL to BATON_PROBE_INTERVAL "
+                    "(empty: BATON_PROBE_JOBS basic probes)",
     "claims": "on or off (off disables fencing, claims and the deadline re-check alike: "
               "for the checker's negative control only)",
     "claim_ahead": f"{_range('claim_ahead')} and below BATON_LEASE_TTL: the longest lead with which the leader "
@@ -192,6 +195,7 @@ class Settings(BaseSettings):
     probe_url: str = ""
     probe_jobs: int = Field(0, ge=0, le=100_000)
     probe_interval: float = _seconds(1.0, "probe_interval")
+    probe_shapes: ProbeShapesText = ""
     claims: Literal["on", "off"] = "on"
     claim_ahead: float = _seconds(0.25, "claim_ahead")
     shutdown_grace: float = _seconds(30.0, "shutdown_grace")

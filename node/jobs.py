@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 
-import httpx
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -195,26 +194,3 @@ def write_fenced(path: Path, token: int, payload: dict[str, object]) -> bool:
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
     return True
-
-
-#: Probe runs of one job allowed at once.
-PROBE_MAX_INSTANCES = 4
-
-
-def add_probe_jobs(jobs: JobRegistry, count: int, interval: float, url: str,
-                   client: Callable[[], httpx.AsyncClient]) -> None:
-    """Probe jobs for the harness: report each start to an outside collector, nothing else."""
-    for i in range(count):
-        job_id = f"probe-{i:03d}"
-
-        async def probe(run: RunContext) -> None:
-            record = {"job": run.job_id, "scheduled_at": run.scheduled_at.isoformat(),
-                      "node": run.node_id, "token": run.token,
-                      "started_at": datetime.now(UTC).isoformat()}
-            response = await client().post(url, json=record)
-            response.raise_for_status()
-
-        # A probe's body is its POST to the collector: a slow collector must not make the scheduler skip
-        # the next fire time (that would be a miss of the harness, not of the cluster), hence 4 at once.
-        jobs.add(JobSpec(job_id, probe, lambda tz, s=interval: every(s, tz), False, "probe for the checker",
-                         max_instances=PROBE_MAX_INSTANCES))

@@ -13,6 +13,8 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# the harness's skew fault starts a node under libfaketime
+command -v faketime >/dev/null || need+=(faketime)
 if ! command -v pg_ctl >/dev/null && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
     need+=(postgresql)
 fi

@@ -35,6 +35,8 @@ COLUMNS = (  # (VerdictRow field, heading, format)
 )
 
 VERDICT_NOTE = (
+    "Duplicates and misses: the strict checker (`loadtest.checker`) over each section's runs; for Baton, the "
+    "failover section's plain faults (its aimed faults have rows of their own there). "
     "Failover p99: the crash (kill) fault, from the fault to the first run the new leader started, as a "
     "multiple of the lease TTL (every fault in its section). Fire-lag ratio: p99 of scheduled-to-start lag "
     "at 1,000 runs/s divided by plain single-process APScheduler 3's p99, same machine, same run. "
