@@ -404,7 +404,7 @@ class Chaos:
             node.start()
         finally:
             node.env = saved
-        node.wait_healthy()
+        node.wait_healthy(path="/status")  # a skewed node is up, and unhealthy on purpose: it must not lead
 
     def _lead_with(self, node: NodeProc) -> bool:
         """Step the leadership down until ``node`` leads; False if it still does not after a few handoffs."""

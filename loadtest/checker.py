@@ -19,10 +19,11 @@ Records
     never judged.
 
 Window
-    Per job, from the last fire time at or before the earliest ``started_at`` in
-    the records (the first leader's first run: what came before it was cluster
-    start-up, and its catch-up ran that fire time) to the last fire time at or
-    before ``end``. An explicit ``start`` can only narrow the window (e.g. past an
+    Per job, from its first fire time at or after the earliest ``scheduled_at``
+    in the records (the first fire time the cluster's first leader ran: what came
+    before was cluster start-up; a new cluster does not run fire times from
+    before it existed, as APScheduler does not for a job added now) to the last
+    fire time at or before ``end``. An explicit ``start`` can only narrow the window (e.g. past an
     earlier run's records in an appended file): records scheduled before it are
     ignored. ``end`` defaults to the latest ``scheduled_at`` (or now). Runs
     scheduled after ``end`` are still evidence, never expected runs.
@@ -422,13 +423,13 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
         warnings.append(f"record kind(s) {', '.join(unknown_kinds)} unknown: judged as scheduled runs")
 
     # -- window --------------------------------------------------------------------------
-    first_start = min((p.started_at for p in probes_), default=None)
+    first_fire = min((p.scheduled_at for p in probes_), default=None)
     win_end = end or max((p.scheduled_at for p in probes_), default=None) or datetime.now(UTC)
     end_us = Grid.micros(win_end)
     bounds: dict[str, tuple[int, int]] = {}
     for job, grid in grids.items():
         lows = ([grid.first_at_or_after(start)] if start is not None else []) + (
-            [grid.last_at_or_before(first_start)] if first_start is not None else [])
+            [grid.first_at_or_after(first_fire)] if first_fire is not None else [])
         k_last = grid.last_at_or_before(win_end)
         bounds[job] = (max(lows) if lows else k_last + 1, k_last)
     win_start = min((grids[j].time(lo) for j, (lo, hi) in bounds.items() if lo <= hi), default=None)

@@ -79,14 +79,15 @@ class NodeProc:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.paused = False
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
+    def wait_healthy(self, timeout: float = 30.0, path: str = "/healthz") -> None:
+        """Until ``path`` answers below 500 (``/status`` for a node that is up but may not lead: a skewed one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
                 raise ServerError(f"{self.node_id} exited with {self.proc and self.proc.returncode}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
-                if HTTP.get(f"{self.url}/healthz", timeout=0.5).status_code < 500:
+                if HTTP.get(f"{self.url}{path}", timeout=0.5).status_code < 500:
                     return
             time.sleep(0.05)
         raise ServerError(f"{self.node_id} not healthy within {timeout}s")

@@ -246,7 +246,7 @@ class Elector:
             if (why := self._eligible()) is not None:
                 log.warning("stepping down: %s", why)
                 return
-            if self._clock() >= min(give_up, lease.deadline):
+            if self._clock() >= give_up:
                 log.warning("lease deadline passed before a renew could run (starved loop?); stepping down")
                 return
             try:

@@ -9,6 +9,7 @@ default anchor is "now", which differs per node).
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -67,7 +68,7 @@ class JobSpec:
     #: going is skipped and counted (APScheduler's ``max_instances``).
     max_instances: int = 1
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         """Whether the body is a coroutine function (a plain ``def`` runs in the job thread pool)."""
         return inspect.iscoroutinefunction(self.func)

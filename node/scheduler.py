@@ -167,8 +167,8 @@ class GatedScheduler:
         #: The token of the current leadership, None while following.
         self.token: int | None = None
         self._lease: Lease | None = None
-        #: Fire times handed to ``fire`` and not yet started or refused (key -> fire time in us).
-        self._pending: dict[str, int] = {}
+        #: Fire times handed to ``fire`` and not yet started or refused: (job id, fire time in us) -> fire time.
+        self._pending: dict[tuple[str, int], int] = {}
         #: Set each time a pending fire time is settled (started or refused).
         self._settled = asyncio.Event()
         #: The latest fire time started under the current token (us; 0 before the first).
@@ -302,7 +302,7 @@ class GatedScheduler:
         # fire times before the hand-back point are ours: let those already handed to us start
         for job in self.scheduler.get_jobs():
             nxt = job.next_run_time
-            if nxt is not None and to_us(nxt) < at and claim_key(job.id, nxt) not in self._pending:
+            if nxt is not None and to_us(nxt) < at and (job.id, to_us(nxt)) not in self._pending:
                 self.spawn(self.fire(job.id, nxt))
         give_up = clocks.monotonic() + min(STRAGGLER_WAIT, max(0.0, lease.remaining() - lease.ttl * 0.1))
         while any(t < at for t in self._pending.values()) and (left := give_up - clocks.monotonic()) > 0:
@@ -355,7 +355,8 @@ class GatedScheduler:
 
     def _submitted(self, job_id: str, run_times: list[datetime]) -> None:
         for t in run_times:
-            self._pending[claim_key(job_id, t)] = to_us(t)
+            t_us = to_us(t)
+            self._pending[(job_id, t_us)] = t_us
 
     async def _fire_scheduled(self, job_id: str, scheduled_at: datetime) -> None:
         await self.fire(job_id, scheduled_at)
@@ -369,23 +370,23 @@ class GatedScheduler:
         spec = self.jobs.specs.get(job_id)
         if spec is None:
             raise UnknownJob(job_id)
-        key = claim_key(job_id, scheduled_at)
-        pending_key = key
+        t_us = to_us(scheduled_at)
+        pending_key = (job_id, t_us)
         if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
-            self._pending.setdefault(key, to_us(scheduled_at))
+            self._pending.setdefault(pending_key, t_us)
         try:
             admitted = await self._admit(spec, scheduled_at, kind, force)
             if isinstance(admitted, Refusal):
-                return self._count(spec.id, admitted.outcome, key, admitted.detail)
-            lease, key = admitted
-            return await self._run(spec, scheduled_at, kind, key, lease)
+                return self._count(spec.id, admitted.outcome, claim_key(job_id, scheduled_at), admitted.detail)
+            lease, suffix = admitted
+            return await self._run(spec, scheduled_at, t_us, kind, suffix, lease)
         finally:
             if self._pending.pop(pending_key, None) is not None:
                 self._settled.set()
 
     async def _admit(self, spec: JobSpec, scheduled_at: datetime, kind: RunKind,
                      force: bool) -> Refusal | tuple[Lease, str]:
-        """Whether this node may start the run now: a refusal, or the lease and key to run it under.
+        """Whether this node may start the run now: a refusal, or the lease and the key's suffix to run it under.
 
         Whatever returns admission does so after its last await, so the caller
         starts the body with every check still true.
@@ -418,7 +419,7 @@ class GatedScheduler:
         limit = self._over_limit(spec)
         if limit is not None:
             return limit
-        return lease, claim_key(spec.id, scheduled_at)
+        return lease, ""
 
     def _outside_window(self, t_us: int, lease: Lease) -> Refusal | None:
         """None when ``t_us`` is this leadership's to start now; else why not."""
@@ -464,13 +465,14 @@ class GatedScheduler:
         limit = self._over_limit(spec)
         if limit is not None:
             return limit
-        return lease, claim_key(spec.id, now) + "#manual"
+        return lease, "#manual"
 
     async def _admit_recovery(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
         lease = self._current_lease()
         if lease is None:
             return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        key = f"{claim_key(spec.id, scheduled_at)}#recovery-{lease.token}"
+        suffix = f"#recovery-{lease.token}"
+        key = claim_key(spec.id, scheduled_at) + suffix
         delay = 0.05
         while True:
             try:
@@ -491,18 +493,21 @@ class GatedScheduler:
         limit = self._over_limit(spec)
         if limit is not None:
             return limit
-        return lease, key
+        return lease, suffix
 
-    async def _run(self, spec: JobSpec, scheduled_at: datetime, kind: RunKind, key: str, lease: Lease) -> RunOutcome:
+    async def _run(self, spec: JobSpec, scheduled_at: datetime, t_us: int, kind: RunKind, suffix: str,
+                   lease: Lease) -> RunOutcome:
         """Run the body and queue its record. Only a manual run waits for the record (its caller reads runs next)."""
-        t_us = to_us(scheduled_at)
         started = clocks.utcnow()
         plain_key = claim_key(spec.id, scheduled_at)
+        key = plain_key + suffix
         if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
-            self._started_max_us = max(self._started_max_us, t_us)
-            if self._pending.pop(plain_key, None) is not None:
+            if t_us > self._started_max_us:
+                self._started_max_us = t_us
+            if self._pending.pop((spec.id, t_us), None) is not None:
                 self._settled.set()
-        self._intents.pop(plain_key, None)
+        if spec.recover:
+            self._intents.pop(plain_key, None)
         entry = self.running[key] = Running(spec.id, key, t_us, kind, lease.token)
         self._running_keys.setdefault(spec.id, set()).add(key)
         self.metrics.fire_lag.observe(max(0.0, (started - scheduled_at).total_seconds()))
@@ -526,8 +531,8 @@ class GatedScheduler:
         self.metrics.duration_of(spec.id).observe(duration)
         self._count(spec.id, outcome, key, error or "", token=lease.token, duration=round(duration, 6))
         result: dict[str, Any] = {"outcome": str(outcome), "kind": str(kind), "node_id": self.node_id,
-                                  "token": lease.token, "scheduled_at": scheduled_at.isoformat(),
-                                  "started_at": started.isoformat(), "duration_s": round(duration, 6),
+                                  "token": lease.token, "started_at": started.isoformat(),
+                                  "duration_s": round(duration, 6),
                                   "duration_ms": round(duration * 1000, 3)}
         if error:
             result["error"] = error

@@ -8,14 +8,12 @@ times (default 1; the issue's bar is 20, which ``loadtest.bench.failover`` runs)
 the servers a ``partition`` and a ``restart-backend``) once. The checker reads only what the probe
 collector wrote and the chaos log.
 
-What holds on today's core is asserted plainly: no fire time of a non-recoverable job starts twice, and
-the aims went off before their fire times. That nothing is lost or run twice at all (0 misses, 0
-duplicates, 0 early runs) is asserted as the fixed behaviour of #12, marked ``xfail(strict=True)`` until
-the claim-window core lands: today a leader that gets SIGTERM after claiming a fire time ahead releases
-it unrun (hole 1), and its catch-up runs do not say they are catch-ups.
+Asserted: no fire time starts twice, the aims went off before their fire times, nothing is lost or
+run twice at all (0 misses, 0 duplicates, 0 early runs: the exactly-once promise of a graceful handoff),
+and what a kill loses of a non-recoverable job is reported under its own heading with the fault named.
 
-The skew case (#18) restarts a follower under a clock 30 s ahead and hands it the leadership: today it
-leads and fires early, and the checker must say so; that it refuses to lead is the fixed behaviour.
+The skew case (#18) restarts a follower under a clock 30 s ahead and tries to hand it the leadership: it
+must refuse to lead, so no run starts early.
 The negative control switches claims off and must make the checker fail.
 """
 
@@ -41,11 +39,6 @@ TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, m
 SHAPES = "basic:2@1,sparse:1@8,long:1@8/2.5,recover:1@4"
 AIMED = ("term", "step-down", "kill")
 BACKENDS = ["file", "redis", "postgres", "etcd"]
-
-FIXED_BY_THE_CORE = pytest.mark.xfail(
-    strict=True, reason="hole 1 of #12: fixed by the claim-window core (today SIGTERM releases a fire time "
-                        "claimed ahead unrun, catch-up runs are not labelled, recovery re-runs a graceful handoff)")
-
 
 def faults_for(backend: str) -> list[str]:
     plain = ["pause"] + (["partition", "restart-backend"] if backend != "file" else [])
@@ -102,7 +95,6 @@ def test_aimed_faults_never_start_a_fire_time_twice(aimed_run: tuple[str, dict[s
     assert {lost["fault"]["ts"] for lost in result["lost_to_crash"]["list"]} <= crash_ts
 
 
-@FIXED_BY_THE_CORE
 def test_aimed_faults_lose_nothing_and_start_nothing_twice(
         aimed_run: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
     """Done when of #12: through SIGTERM and step-down just before a fire time, and through everything
@@ -134,7 +126,7 @@ def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], di
     result, end = skewed_run
     assert end["skew_s"] == 30.0
     skewed = result["faults"]["list"][0]["target"]
-    if end["skewed_led"]:  # today: the node leads and fires 30 s early, and the checker says so
+    if end["skewed_led"]:  # without the guard the node leads and fires 30 s early, and the checker says so
         assert result["early"] > 0 and result["verdict"] == "fail", summary(result)
         assert {r["node"] for r in result["early_runs"]} == {skewed}
         assert all(r["early_by_s"] > 25 for r in result["early_runs"]), result["early_runs"][:3]
@@ -142,8 +134,6 @@ def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], di
         assert result["early"] == 0, summary(result)
 
 
-@pytest.mark.xfail(strict=True, reason="#18: a node whose wall clock is off must refuse to lead; the node-side "
-                                       "guard is not there yet")
 def test_skewed_node_never_leads(skewed_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     result, end = skewed_run
     assert not end["skewed_led"]
