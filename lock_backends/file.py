@@ -77,6 +77,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from lock_backends import file_records as records
+from lock_backends._common import compact_json, renewed
 from lock_backends.base import (
     BusyRun,
     Holder,
@@ -126,7 +127,7 @@ class LeaseVersion:
                                 "nonce": self.nonce, "expires": self.expires, "pid": self.pid}
         if self.mark is not None:
             data["mark"] = self.mark.to_dict()
-        return json.dumps(data, separators=(",", ":")).encode()
+        return compact_json(data).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> LeaseVersion:
@@ -379,8 +380,7 @@ class FileBackend:
                     return None
                 extended = dataclasses.replace(record, expires=time.monotonic() + lease.ttl)
                 if self._swap(directory, version, extended):
-                    return Lease(lease.name, lease.holder, lease.token, lease.ttl,
-                                 local_deadline(t_sent, lease.ttl), handle=lease.handle)
+                    return renewed(lease, t_sent)
             raise self._lease_changed("renew")
 
         return await self._run("renew", work, pool="lease", writes=lease.name)

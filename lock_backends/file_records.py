@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from lock_backends._common import listing_limit
 from lock_backends.base import MAX_LISTING, BusyRun, RunQuery, RunRecord
 from lock_backends.errors import CorruptValue
 
@@ -507,7 +508,7 @@ class _Page:
 
 def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]:
     """``runs``: newest ``claimed_at`` first; nothing older than ``horizon`` (the retention)."""
-    limit = max(0, min(query.limit, MAX_LISTING))
+    limit = listing_limit(query)
     if limit == 0:
         return []
     since = horizon if query.since is None else max(query.since, horizon)

@@ -29,7 +29,8 @@ from lock_backends import (
     RunRecord,
     from_url,
 )
-from lock_backends.etcd import EtcdBackend, _is_connection_error
+from lock_backends.etcd import EtcdBackend
+from lock_backends.etcd_client import is_connection_error
 from tests.conftest import OP_TIMEOUT, ServerPool, eventually, with_timeout
 
 Factory = Callable[[str], LockBackend]
@@ -430,7 +431,7 @@ async def test_record_many_batch_of_5000(etcd_url: str, make_backend: Factory, l
 
 async def test_listings_read_a_bounded_number_of_records(etcd_url: str, make_backend: Factory,
                                                          lock_name: str) -> None:
-    from lock_backends.etcd import _SCAN_CAP
+    from lock_backends.etcd_runs import SCAN_CAP
 
     backend = make_backend(etcd_url)
     lease = await backend.acquire(lock_name, Holder("a"), 30.0)
@@ -446,7 +447,7 @@ async def test_listings_read_a_bounded_number_of_records(etcd_url: str, make_bac
     ranges[:] = [0, 0]
     # a filter matching nothing recent reads up to the scan cap, not the whole retention
     assert await backend.runs(lock_name, RunQuery(limit=10, job="rare")) == []
-    assert ranges[1] <= _SCAN_CAP
+    assert ranges[1] <= SCAN_CAP
     # ... and a cursor past the recent runs reaches it
     rare = await backend.runs(lock_name, RunQuery(limit=10, job="rare", before=base))
     assert [r.key for r in rare] == ["rare@0"]
@@ -583,18 +584,18 @@ def test_channel_death_is_a_connection_error() -> None:
         return AioRpcError(code, Metadata(), Metadata(), details=details, debug_error_string=debug)
 
     died = status(grpc.StatusCode.INTERNAL, "Internal error from Core", 'Failed "execute_batch": (6)')
-    assert _is_connection_error(died)
+    assert is_connection_error(died)
     wrapped = InternalError("Internal error from Core")
     wrapped.__cause__ = died  # as aetcd raises it
-    assert _is_connection_error(wrapped)
-    assert _is_connection_error(status(grpc.StatusCode.UNKNOWN, "Stream removed"))
+    assert is_connection_error(wrapped)
+    assert is_connection_error(status(grpc.StatusCode.UNKNOWN, "Stream removed"))
     # a follower whose keepalive forwarded to the killed leader timed out (seen in the kill test)
-    assert _is_connection_error(status(grpc.StatusCode.UNKNOWN, "context deadline exceeded"))
-    assert _is_connection_error(status(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"))
-    assert not _is_connection_error(status(grpc.StatusCode.INVALID_ARGUMENT,
-                                           "etcdserver: too many operations in txn request"))
-    assert not _is_connection_error(status(grpc.StatusCode.UNKNOWN, "etcdserver: something else"))
-    assert not _is_connection_error(ValueError("a bug"))
+    assert is_connection_error(status(grpc.StatusCode.UNKNOWN, "context deadline exceeded"))
+    assert is_connection_error(status(grpc.StatusCode.UNAVAILABLE, "etcdserver: leader changed"))
+    assert not is_connection_error(status(grpc.StatusCode.INVALID_ARGUMENT,
+                                          "etcdserver: too many operations in txn request"))
+    assert not is_connection_error(status(grpc.StatusCode.UNKNOWN, "etcdserver: something else"))
+    assert not is_connection_error(ValueError("a bug"))
 
 
 def test_module_is_a_lock_backend() -> None:

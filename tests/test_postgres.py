@@ -37,6 +37,7 @@ from lock_backends import (
     Window,
     from_url,
     postgres,
+    postgres_sql,
 )
 from lock_backends.postgres import lock_key
 from tests.conftest import OP_TIMEOUT, TTL, ServerPool, eventually, with_timeout
@@ -436,7 +437,7 @@ async def test_an_upgrade_is_not_bounded_by_the_operation_timeout(scratch_db: st
     a = make_backend(scratch_db)
     url = scratch_db.split("?", 1)[0]
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as other, other.transaction():
-        await other.execute("SELECT pg_advisory_xact_lock(%s, %s)", postgres._SCHEMA_LOCK)
+        await other.execute("SELECT pg_advisory_xact_lock(%s, %s)", postgres_sql._SCHEMA_LOCK)
         first = asyncio.create_task(a.leader(lock_name))
         await asyncio.sleep(OP_TIMEOUT * 3)
         assert not first.done()
@@ -499,11 +500,11 @@ async def test_listings_walk_an_index_whatever_the_retention(pg_url: str, make_b
     for query, index in expected.items():
         params = {"name": lock_name, "limit": 50, "job": query.job, "outcome": query.outcome,
                   "since": query.since, "before": query.before}
-        plan = await explain(pg_url, postgres._listing(query), params)
+        plan = await explain(pg_url, postgres_sql.listing(query), params)
         assert f"Index Scan using {index}" in plan and "Seq Scan" not in plan and "Bitmap" not in plan, plan
         assert len(await a.runs(lock_name, RunQuery(limit=50, job=query.job, outcome=query.outcome,
                                                       since=query.since, before=query.before))) == 50
-    plan = await explain(pg_url, postgres._UNFINISHED, {"name": lock_name, "limit": 50})
+    plan = await explain(pg_url, postgres_sql.UNFINISHED, {"name": lock_name, "limit": 50})
     assert "Index Scan using baton_claims_open" in plan, plan
     await sql(pg_url, "DELETE FROM baton_claims WHERE name = %s", lock_name)
 
