@@ -204,8 +204,13 @@ class Elector:
         log.info("started leading", extra={"token": lease.token})
         self.leading.set()
         try:
-            await _call(self._on_started, lease)
-            await self._renew_until_lost()
+            if await _call(self._on_started, lease):
+                await self._renew_until_lost()
+            else:
+                # leading without what the callback sets up (a scheduler resumed, a window claimed) would hold
+                # the lease and fire nothing: step down, and sit out a retry period before campaigning again
+                log.error("stepping down: the started-leading callback failed")
+                self._step_down.set()
         finally:
             lost = self._lease
             self._lease = None
@@ -263,12 +268,15 @@ class Elector:
             self.renew_failing = False
 
 
-async def _call(callback: Callback | None, *args: object) -> None:
+async def _call(callback: Callback | None, *args: object) -> bool:
+    """Run a leader callback; False (and logged) if it raised."""
     if callback is None:
-        return
+        return True
     try:
         result = callback(*args)
         if inspect.isawaitable(result):
             await result
     except Exception:
         log.exception("leader callback %s failed", getattr(callback, "__name__", callback))
+        return False
+    return True

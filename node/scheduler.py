@@ -252,8 +252,10 @@ class GatedScheduler:
         self._handed_back = False
         self._intents.clear()
         self.keeper.reset()
-        with contextlib.suppress(LockBackendError, TimeoutError):
+        try:
             await self.refresh_settings()
+        except Exception as exc:  # the last paused set it knew stands; the sync loop reads it again soon
+            log.warning("could not read the shared settings on winning: %s", exc)
         now = clocks.utcnow()
         # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic
         await self.store.realign(now + timedelta(microseconds=1))

@@ -91,20 +91,27 @@ async def test_slow_store_cannot_stretch_the_lease() -> None:
     await a.stop()
 
 
-async def test_callback_errors_do_not_end_the_campaign() -> None:
+async def test_a_failing_started_callback_steps_down_and_campaigns_again() -> None:
+    """A node whose set-up on winning failed would hold the lease and fire nothing: it steps down instead."""
     store = Store()
     calls: list[str] = []
+    failing = [True]
 
-    def boom(lease: object) -> None:
+    def started(lease: object) -> None:
         calls.append("started")
-        raise RuntimeError("callback bug")
+        if failing[0]:
+            raise RuntimeError("callback bug")
 
     a = Elector(MemoryBackend(store), ElectionConfig("lock", Holder("a"), TTL, RENEW, RETRY),
-                on_started_leading=boom, on_stopped_leading=lambda: calls.append("stopped"))
+                on_started_leading=started, on_stopped_leading=lambda: calls.append("stopped"))
     a.start()
-    await until(lambda: a.is_leader)
+    await until(lambda: calls.count("stopped") >= 2)  # it let go, campaigned again, and let go again
+    failing[0] = False
+    await until(lambda: a.is_leader and calls[-1] == "started")
+    await asyncio.sleep(TTL * 2)
+    assert a.is_leader and calls[-1] == "started"  # once set up, it keeps leading
     await a.stop()
-    assert calls == ["started", "stopped"]
+    assert calls[-1] == "stopped"
 
 
 async def test_step_down_hands_over_and_sits_out() -> None:
