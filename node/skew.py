@@ -14,9 +14,11 @@ A node judges itself skewed only when even the most favourable reading within
 that uncertainty exceeds the bound, keeps the best (shortest round trip) of a
 few samples per measurement, and measures again every ``period``.
 
-Stores without a clock (``server_time`` answers None, as etcd's API offers
-none) cannot be checked: the gauge stays absent and nothing is refused; the
-README says to run NTP there.
+A store may answer None for "no reading yet" (etcd's clock comes from the
+edge of its HTTP ``Date`` second, which takes up to a second to find): the
+monitor asks again shortly. A store that never answers (``NO_CLOCK_AFTER``
+tries in a row, before any reading) has no clock to offer: the gauge stays
+absent and nothing is refused, and the README says to run NTP there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ log = logging.getLogger("baton.skew")
 
 #: Readings per measurement; the one with the shortest round trip counts.
 SAMPLES = 3
+#: Answers of None in a row, before any reading, after which the store is taken to have no clock.
+NO_CLOCK_AFTER = 10
+#: Seconds between asks while the store has no reading yet.
+NO_READING_RETRY = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,9 @@ class SkewMonitor:
         self.period = period
         #: The last measurement; None before the first, or when the store has no clock.
         self.skew: Skew | None = None
-        #: False once the store said it has no clock: then nothing is ever refused.
+        #: False once the store showed it has no clock: then nothing is ever refused.
         self.supported = True
+        self._no_reading = 0
         self._measured = asyncio.Event()
         self._warned = False
         self._task: asyncio.Task[None] | None = None
@@ -80,8 +87,7 @@ class SkewMonitor:
             server = await self.backend.server_time()
             rtt = clocks.monotonic() - t0
             if server is None:
-                self.supported = False
-                return None
+                return None  # no reading now
             sample = Skew(local + rtt / 2 - server, rtt / 2)
             if best is None or sample.uncertainty < best.uncertainty:
                 best = sample
@@ -112,11 +118,16 @@ class SkewMonitor:
                 log.error("measuring the clock skew failed: %s", exc, exc_info=exc)
                 await asyncio.sleep(self.period)
                 continue
-            if not self.supported:
-                log.info("the lock store offers no clock: clock skew is not checked (keep NTP running)")
-                self._measured.set()
-                return
-            assert skew is not None
+            if skew is None:
+                self._no_reading += 1
+                if self.skew is None and self._no_reading >= NO_CLOCK_AFTER:
+                    self.supported = False
+                    log.warning("the lock store offers no clock: clock skew is not checked (keep NTP running)")
+                    self._measured.set()
+                    return
+                await asyncio.sleep(NO_READING_RETRY)
+                continue
+            self._no_reading = 0
             self.skew = skew
             self.metrics.clock_skew.set(skew.seconds)
             self._measured.set()

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
 from lock_backends import clock
-from lock_backends.memory import drop_store
 from node.app import Node, create_app
 from node.config import Settings
 from node.jobs import JobRegistry
@@ -36,22 +33,22 @@ class ShiftedClock:
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[str]:
-    name = f"skew-{uuid.uuid4().hex[:8]}"
-    yield f"memory://{name}"
-    drop_store(name)
+def store(backend_url: str) -> str:
+    """Every backend: each offers a clock (Redis TIME, PostgreSQL clock_timestamp(), etcd's HTTP Date
+    header, the file system's timestamps, the in-memory store's own)."""
+    return backend_url
 
 
-def node(url: str, node_id: str) -> Node:
-    return Node(Settings(node_id=node_id, lock_url=url, lease_ttl=2, renew_deadline=1.4, retry_period=0.2,
-                         demo_jobs=False), JobRegistry())
+def node(url: str, node_id: str, lock_name: str) -> Node:
+    return Node(Settings(node_id=node_id, lock_url=url, lock_name=lock_name, lease_ttl=2, renew_deadline=1.4,
+                         retry_period=0.2, demo_jobs=False), JobRegistry())
 
 
 @pytest.mark.parametrize("offset", [30.0, -30.0])
-async def test_a_skewed_node_never_leads_and_says_why(store: str, offset: float) -> None:
-    healthy = node(store, "healthy")
+async def test_a_skewed_node_never_leads_and_says_why(store: str, lock_name: str, offset: float) -> None:
+    healthy = node(store, "healthy", lock_name)
     with clock.using(ShiftedClock(offset)):
-        skewed = node(store, "skewed")
+        skewed = node(store, "skewed", lock_name)
         await skewed.start()  # first, so it would win the lease if nothing stopped it
     try:
         await asyncio.sleep(1.0)
@@ -77,10 +74,10 @@ async def test_a_skewed_node_never_leads_and_says_why(store: str, offset: float)
         await skewed.stop()
 
 
-async def test_a_leader_whose_clock_jumps_steps_down(store: str) -> None:
+async def test_a_leader_whose_clock_jumps_steps_down(store: str, lock_name: str) -> None:
     jumpy = ShiftedClock(0.0)
     with clock.using(jumpy):
-        leader = node(store, "jumpy")
+        leader = node(store, "jumpy", lock_name)
         await leader.start()
     try:
         await eventually("it leads", lambda: asyncio.sleep(0, leader.elector.is_leader or None), within=10)
