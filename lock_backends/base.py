@@ -51,6 +51,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lock_backends import clock
@@ -236,6 +237,17 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "token": self.token, "node_id": self.node_id, "claimed_at": self.claimed_at,
                 "result": self.result}
+
+    def describe(self) -> dict[str, Any]:
+        """For people (the API): ``to_dict`` plus what derives from it, the job, times as text, milliseconds."""
+        out = self.to_dict()
+        job, _, rest = self.key.partition("@")
+        out["job"] = job
+        out["scheduled_at"] = rest.split("#", 1)[0] or None
+        out["claimed_at_iso"] = datetime.fromtimestamp(self.claimed_at, UTC).isoformat()
+        if self.result is not None and isinstance(self.result.get("duration_s"), int | float):
+            out["result"] = {**self.result, "duration_ms": round(self.result["duration_s"] * 1000, 3)}
+        return out
 
     @classmethod
     def from_dict(cls, key: str, data: Any) -> RunRecord:

@@ -95,8 +95,9 @@ class Node:
             self.http()
         await self.scheduler.start()
         for spec in self.scheduler.jobs:  # every job's series exists from the start, at zero
-            self.metrics.duration.labels(spec.id)
-            self.metrics.job_runs.labels(spec.id, str(RunOutcome.OK))
+            self.metrics.duration_of(spec.id)
+            self.metrics.runs_of(spec.id, RunOutcome.OK)
+            _ = spec.is_async  # computed now, not at the first fire time of a burst
         # What exists now lives as long as the node. Left in the collector, it makes every full
         # pass walk it: with thousands of jobs that is a stall of tens of ms, straight into fire lag.
         gc.freeze()
@@ -243,7 +244,7 @@ def create_app(node: Node) -> FastAPI:
                          since=since.timestamp() if since else None, before=before)
         found = await node.backend.runs(node.settings.lock_name, query)
         next_before = found[-1].claimed_at if len(found) == limit else None
-        return {"runs": [r.to_dict() for r in found], "next_before": next_before}
+        return {"runs": [r.describe() for r in found], "next_before": next_before}
 
     @app.post("/admin/jobs/{job_id}/run", dependencies=[Admin])
     async def run_now(job_id: JobId, request: Request,

@@ -172,10 +172,12 @@ class WindowKeeper:
             # never claim past what the lease can vouch for locally
             reach_us = now_us + int(max(0.0, lease.remaining()) * US)
             wanted = max((w.t_us + 1 for w in self._waiters), default=0)
-            target = min(max(now_us + lead_us, wanted), reach_us) if lead_us else min(wanted, reach_us)
             # the frontier: our window's end, or a predecessor's that reaches further ahead than we ask
             until = window.until_us if window is not None else 0
             nxt = self.next_fire()
+            # at least a lead past the next fire time, so it is covered with room to spare when it comes
+            ahead = max(now_us, nxt if nxt is not None and nxt >= until else 0) + lead_us
+            target = min(max(ahead, wanted), reach_us) if lead_us else min(wanted, reach_us)
             # refill while fire times keep coming inside the window; past it, only once the next one is near
             busy = nxt is not None and nxt < until
             due = nxt is not None and nxt < now_us + lead_us
