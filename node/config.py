@@ -48,6 +48,9 @@ ACCEPTED = {
     "claim_ahead": "seconds, 0 or more and below BATON_LEASE_TTL: the longest lead with which the leader "
                    "claims fire times before they come (0 claims each at its fire time)",
     "demo_jobs": "true or false",
+    "jobs": "an import string module:attribute naming a JobRegistry (or a function returning one), "
+            "e.g. myapp.jobs:registry",
+    "sync_workers": "an integer 1-1024: threads that run plain-def job bodies",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
 }
@@ -80,6 +83,8 @@ class Settings(BaseSettings):
     claims: Literal["on", "off"] = "on"
     claim_ahead: float = Field(0.25, ge=0)
     demo_jobs: bool = True
+    jobs: str = ""
+    sync_workers: int = Field(8, ge=1, le=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
@@ -91,6 +96,13 @@ class Settings(BaseSettings):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _import_string(cls, value: str) -> str:
+        from node.imports import check_format  # imported here: node.imports imports the job modules
+
+        return check_format(value.strip()) if value.strip() else ""
 
     @field_validator("node_id")
     @classmethod
