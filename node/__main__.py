@@ -62,11 +62,11 @@ class NodeServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = from_argv(argv)
+        node = Node(settings)  # imports BATON_JOBS
         sock = bind(settings)
     except ConfigError as exc:
         print(f"baton: configuration error: {exc}", file=sys.stderr)
         return 2
-    node = Node(settings)
     logs.setup(settings.log_level, settings.log_format, node.context)
     config = uvicorn.Config(create_app(node), log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
