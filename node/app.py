@@ -38,6 +38,7 @@ from node.election import ElectionConfig, Elector
 from node.imports import ImportStringError, load_jobs
 from node.instrumented import InstrumentedBackend
 from node.jobs import JobRegistry, add_probe_jobs, demo_registry
+from node.jobs_api import add_stored_job_routes
 from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
@@ -332,6 +333,8 @@ def build_router(node: Node) -> APIRouter:
             return redirect
         stepped = await node.step_down()
         return JSONResponse({"node_id": node.settings.node_id, "stepped_down": stepped})
+
+    add_stored_job_routes(app, node, Admin, known_job)
 
     @app.get("/metrics")
     async def metrics() -> Response:

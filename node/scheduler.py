@@ -76,6 +76,7 @@ from node.jobs import (
 from node.jobstore import BatonJobStore
 from node.metrics import Metrics
 from node.outcomes import RunKind, RunOutcome
+from node.stored_jobs import StoredJobs
 from node.triggers import OnceTrigger
 
 log = logging.getLogger("baton.scheduler")
@@ -184,6 +185,7 @@ class GatedScheduler:
         self._started_by_job: dict[str, int] = {}
         #: Set once this leadership's catch-up has taken its list of jobs: a job added later catches up alone.
         self._caught_up = False
+        self.stored = StoredJobs(self, backend, lock_name, jobs.job_defaults)
         #: The token of the current leadership, None while following.
         self.token: int | None = None
         self._lease: Lease | None = None
@@ -779,7 +781,9 @@ class GatedScheduler:
         self._apply_paused({*self.paused_jobs, job_id} if paused else self.paused_jobs - {job_id})
 
     async def refresh_settings(self) -> None:
+        """Read the shared settings: the runtime job store's jobs, then the paused set."""
         settings = await asyncio.wait_for(self.backend.settings(self.lock_name), timeout=self.sync_period * 2)
+        self.stored.apply(settings)
         self._apply_paused({k.removeprefix(PAUSED_PREFIX) for k in settings if k.startswith(PAUSED_PREFIX)})
 
     def _apply_paused(self, paused: set[str]) -> None:
