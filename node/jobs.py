@@ -131,8 +131,7 @@ class JobRegistry:
         check_job_id(spec.id)
         if not replace_existing and spec.id in self.specs:
             raise JobSpecError(spec.id, "id", "already registered (replace_existing=False)")
-        trigger = spec.make_trigger(UTC)
-        if getattr(trigger, "jitter", None):
+        if spec.schedule is None and getattr(spec.make_trigger(UTC), "jitter", None):  # hand-built: check it here
             raise JobSpecError(spec.id, "jitter", REFUSED["jitter"])
         self.specs[spec.id] = spec
 
