@@ -6,9 +6,11 @@ the verdict comes from those records and the nodes' own counters:
 * no fire time started twice (a ``recover=True`` job may run a crashed
   leader's run again, as a recovery, and only then);
 * every fire time of every job ran, except what a crash may lose (the dead
-  leader's claimed lead, at most once; a recoverable job loses nothing there)
-  and what a coalescing job folds into its catch-up run across a handoff; a
-  job with ``coalesce=False`` loses nothing to the leaderless gap;
+  leader's claimed lead, at most once; a recoverable job loses nothing there),
+  what a coalescing job folds into its catch-up run across a handoff, and what
+  a node skipped, and counted, because ``max_instances`` runs were still going
+  (a late catch-up run just before it); a job with ``coalesce=False`` loses
+  nothing to the leaderless gap;
 * every one-shot ran exactly once, and no node counted it duplicate, lost,
   missed or fenced; no node counted any job duplicate.
 """
@@ -120,6 +122,9 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
         later = [parse(s["started_at"]) for s in starts if parse(s["started_at"]) > hit]
         return min(later) if later else hit + timedelta(seconds=30)
 
+    totals: Counter[tuple[str, str]] = Counter()
+    for scraped in counters.values():
+        totals.update(scraped)
     problems: list[str] = []
     excuses: list[str] = []
     for spec in registry:
@@ -129,6 +134,9 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
         if not spec.recover:
             problems += [f"{spec.id} ran a recovery" for s in runs if s["kind"] == "recovery"]
         ran = {parse(s["scheduled_at"]) for s in runs}
+        # a fire time that found max_instances runs still going (a catch-up run just before it) is
+        # skipped, and counted so by the node: APScheduler's rule, not a miss
+        skips = int(totals[(spec.id, "skipped")])
         for t in fire_times(spec.make_trigger(UTC), begin, end):
             if t in ran:
                 continue
@@ -140,6 +148,8 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
                 folded = spec.coalesce and hit - timedelta(seconds=LOST_BEFORE) <= t <= gap_end
                 if (lost and not spec.recover) or folded:
                     excused = True
+            if not excused and skips > 0:
+                skips, excused = skips - 1, True
             if not excused:
                 problems.append(f"{spec.id} missed {t.isoformat()}")
             else:
@@ -153,9 +163,6 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
                for a, b in itertools.pairwise(overlapping)), "max_instances=2 never overlapped"
     assert {s["label"] for s in by_job["with-args"]} == {"x"} and {s["n"] for s in by_job["with-args"]} == {3}
 
-    totals: Counter[tuple[str, str]] = Counter()
-    for scraped in counters.values():
-        totals.update(scraped)
     false_alarms = {k: v for k, v in totals.items() if v and (k[1] == "duplicate" or (
         k[0] in ONE_SHOTS and k[1] in ALARMS))}
     assert problems == [] and false_alarms == {}, (problems, false_alarms, faults, excuses)
