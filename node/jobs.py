@@ -176,9 +176,6 @@ class JobRegistry:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self.specs
 
-    def __len__(self) -> int:
-        return len(self.specs)
-
 
 def check_job_id(job_id: object) -> None:
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):

@@ -198,8 +198,10 @@ class StoredJobs:
 
     async def create(self, body: Mapping[str, Any]) -> JobSpec:
         """Store a new job (``POST /admin/jobs``): ``JobConflict`` when the id is taken."""
-        job_id = str(body.get("id")) if isinstance(body, Mapping) else "?"
-        if isinstance(body, Mapping) and isinstance(body.get("id"), str):
+        if not isinstance(body, Mapping):
+            raise JobSpecError("?", "body", "a stored job is a JSON object")
+        job_id = body.get("id")
+        if isinstance(job_id, str):
             self._refuse_code_id(job_id)
             if JOB_PREFIX + job_id in await self.backend.settings(self.lock_name):
                 raise JobConflict(job_id, "a stored job with this id exists; PUT /admin/jobs/{id} replaces it")
