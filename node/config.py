@@ -100,9 +100,11 @@ class Settings(BaseSettings):
     @field_validator("jobs")
     @classmethod
     def _import_string(cls, value: str) -> str:
+        if not value.strip():
+            return ""
         from node.imports import check_format  # imported here: node.imports imports the job modules
 
-        return check_format(value.strip()) if value.strip() else ""
+        return check_format(value.strip())
 
     @field_validator("node_id")
     @classmethod
