@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baton: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        node = Node(settings)
+        node = Node(settings)  # imports BATON_JOBS
+    except ConfigError as exc:
+        sock.close()
+        print(f"baton: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
         logs.setup(settings.log_level, settings.log_format, node.context)
         config = uvicorn.Config(create_app(node), log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=5)

@@ -3,6 +3,12 @@
 The API reads state; only the admin routes change anything, and only with
 ``Authorization: Bearer $BATON_ADMIN_TOKEN``. With no token configured they
 answer 403: disabled, never open.
+
+Three ways to serve it: ``python -m node`` (``node.__main__``), uvicorn's
+factory (``uvicorn --factory node.app:create_app``, settings from the
+environment) or ``uvicorn node.app:app`` (the same app, built on first access:
+importing this module has no side effects), and inside an application of
+one's own (``node.embed.Baton``: its lifespan and ``build_router``).
 """
 
 from __future__ import annotations
@@ -18,18 +24,21 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lock_backends import Holder, LockBackendError, RunQuery, from_url
 from lock_backends import clock as clocks
 from lock_backends.base import MAX_LISTING
 from lock_backends.clock import from_us
-from node.config import Settings
+from node.config import ConfigError, Settings
 from node.election import ElectionConfig, Elector
+from node.imports import ImportStringError, load_jobs
 from node.instrumented import InstrumentedBackend
 from node.jobs import JobRegistry, demo_registry
+from node.jobs_api import add_stored_job_routes
 from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
@@ -63,6 +72,11 @@ class Node:
                            settings.retry_period),
             on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading,
             eligible=self.skew.refusal)
+        if jobs is None and settings.jobs:
+            try:
+                jobs = load_jobs(settings.jobs)
+            except ImportStringError as exc:
+                raise ConfigError("BATON_JOBS", str(exc)) from None
         registry = jobs if jobs is not None else (demo_registry() if settings.demo_jobs else JobRegistry())
         self._http: httpx.AsyncClient | None = None
         if (settings.probe_jobs or settings.probe_shapes) and settings.probe_url:
@@ -160,7 +174,19 @@ class Node:
         }
 
 
-def create_app(node: Node) -> FastAPI:
+def create_app(node: Node | None = None) -> FastAPI:
+    """The node's FastAPI app. Without ``node``: uvicorn's factory, a node built from the environment.
+
+    ``uvicorn --factory node.app:create_app`` reads ``BATON_*`` (``BATON_JOBS``
+    names the jobs), logs as ``python -m node`` does, and hands the lease over
+    the moment SIGTERM or SIGINT arrives (``node.embed.Baton``). A bad setting
+    stops the process with exit code 2 and one line naming the variable.
+    """
+    if node is None:
+        from node.embed import Baton  # node.embed builds on this module
+
+        return Baton.from_environment().app()
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await node.start()
@@ -172,10 +198,28 @@ def create_app(node: Node) -> FastAPI:
     app = FastAPI(title="Baton node", version="0.1.0", lifespan=lifespan,
                   description="One member of a Baton cluster: leader-gated APScheduler with fenced claims.")
     app.state.node = node
+    app.include_router(build_router(node))
+    return app
 
-    @app.exception_handler(LockBackendError)
-    async def backend_down(_: Request, exc: LockBackendError) -> JSONResponse:
-        return JSONResponse({"detail": f"lock backend error: {exc}"}, status_code=503)
+
+class _BackendErrorsAre503(APIRoute):
+    """A lock backend that does not answer is a 503 to the caller, whatever app the router is mounted in."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LockBackendError as exc:
+                return JSONResponse({"detail": f"lock backend error: {exc}"}, status_code=503,
+                                    headers={"Retry-After": "1"})
+        return handle
+
+
+def build_router(node: Node) -> APIRouter:
+    """Every route of the node's API, to mount under any prefix (paths in redirects keep it)."""
+    app = APIRouter(route_class=_BackendErrorsAre503)
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
         expected = node.settings.admin_token
@@ -188,7 +232,11 @@ def create_app(node: Node) -> FastAPI:
 
     Admin = Depends(require_admin)
 
-    def known_job(job_id: str) -> None:
+    async def known_job(job_id: str) -> None:
+        if job_id not in node.scheduler.jobs and not node.elector.is_leader:
+            # followers do not poll the shared settings: a job just stored elsewhere may be new here
+            with contextlib.suppress(LockBackendError, TimeoutError):
+                await node.scheduler.refresh_settings()
         if job_id not in node.scheduler.jobs:
             raise HTTPException(404, f"no job with id {job_id!r}")
 
@@ -249,7 +297,7 @@ def create_app(node: Node) -> FastAPI:
     @app.post("/admin/jobs/{job_id}/run", dependencies=[Admin])
     async def run_now(job_id: JobId, request: Request,
                       force: Annotated[bool, Query(description="run even if the job is paused")] = False) -> Response:
-        known_job(job_id)
+        await known_job(job_id)
         if (redirect := to_leader(request)) is not None:
             return redirect
         now = clocks.utcnow()
@@ -271,13 +319,13 @@ def create_app(node: Node) -> FastAPI:
 
     @app.post("/admin/jobs/{job_id}/pause", dependencies=[Admin])
     async def pause(job_id: JobId) -> dict[str, Any]:
-        known_job(job_id)
+        await known_job(job_id)
         await node.scheduler.set_paused(job_id, True)
         return {"job": job_id, "paused": True}
 
     @app.post("/admin/jobs/{job_id}/resume", dependencies=[Admin])
     async def resume(job_id: JobId) -> dict[str, Any]:
-        known_job(job_id)
+        await known_job(job_id)
         await node.scheduler.set_paused(job_id, False)
         return {"job": job_id, "paused": False}
 
@@ -288,6 +336,8 @@ def create_app(node: Node) -> FastAPI:
         stepped = await node.step_down()
         return JSONResponse({"node_id": node.settings.node_id, "stepped_down": stepped})
 
+    add_stored_job_routes(app, node, Admin, known_job)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         # rendered off the loop: with thousands of jobs it takes tens of ms, which would delay fire times
@@ -295,3 +345,16 @@ def create_app(node: Node) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_default_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``uvicorn node.app:app``: the factory's app, built on first access (never at import)."""
+    global _default_app
+    if name == "app":
+        if _default_app is None:
+            _default_app = create_app()
+        return _default_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

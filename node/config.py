@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import ipaddress
-import keyword
 import os
 import re
 import socket
@@ -91,11 +90,12 @@ ACCEPTED = {
     "shutdown_grace": f"{_range('shutdown_grace')}: how long a stepping-down or stopping node waits for "
                       "running job bodies before it cancels them",
     "max_clock_skew": f"{_range('max_clock_skew')}: a leader whose wall clock is off by more does not fire",
-    "jobs": "an import string package.module:attribute naming a JobRegistry, or empty for none",
-    "sync_workers": "an integer 1 to 256: threads that run plain (def) job bodies",
     "peers": "comma-separated http:// or https:// base URLs of the other nodes, or empty; this node's own "
              "BATON_ADVERTISE_URL may be listed too (it is dropped)",
     "demo_jobs": "true or false",
+    "jobs": "an import string module:attribute naming a JobRegistry (or a function returning one), "
+            "e.g. myapp.jobs:registry",
+    "sync_workers": "an integer 1 to 256: threads that run plain (def) job bodies",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
 }
@@ -171,10 +171,6 @@ def _http_url(value: str, *, base: bool) -> str:
     return value.rstrip("/")
 
 
-def _dotted(name: str) -> bool:
-    return bool(name) and all(part.isidentifier() and not keyword.iskeyword(part) for part in name.split("."))
-
-
 class Settings(BaseSettings):
     """Everything a node is told. Defaults give a working single-host node."""
 
@@ -200,10 +196,10 @@ class Settings(BaseSettings):
     claim_ahead: float = _seconds(0.25, "claim_ahead")
     shutdown_grace: float = _seconds(30.0, "shutdown_grace")
     max_clock_skew: float = _seconds(1.0, "max_clock_skew")
-    jobs: str = ""
-    sync_workers: int = Field(8, ge=1, le=256)
     peers: Annotated[tuple[str, ...], NoDecode] = ()
     demo_jobs: bool = True
+    jobs: str = ""
+    sync_workers: int = Field(8, ge=1, le=256)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
 
@@ -215,6 +211,15 @@ class Settings(BaseSettings):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _import_string(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        from node.imports import check_format  # imported here: node.imports imports the job modules
+
+        return check_format(value.strip())
 
     @field_validator("node_id")
     @classmethod
@@ -260,14 +265,6 @@ class Settings(BaseSettings):
     def _peer_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         urls = (_http_url(url, base=True) for url in value)
         return tuple(dict.fromkeys(urls))  # once each, in the order given
-
-    @field_validator("jobs")
-    @classmethod
-    def _import_string(cls, value: str) -> str:
-        module, colon, attribute = value.partition(":")
-        if value and not (colon and _dotted(module) and _dotted(attribute)):
-            raise ValueError(f"{value!r} is not an import string of the form package.module:attribute")
-        return value
 
     @field_validator("admin_token")
     @classmethod

@@ -24,8 +24,13 @@ Promises, per event (the README's guarantees section says the same to users):
   fire times are written as intents with each window and run again by the next
   leader when no result came back.
 * A new leader runs, per job, the latest fire time between the end of the
-  last window and now that is within the misfire grace (a catch-up run),
+  last window and now that is within the job's misfire grace (a catch-up run),
   folding the earlier ones into it (``COALESCED``); older ones are ``MISSED``.
+  A job with ``coalesce=False`` gets every such fire time instead, oldest first.
+* Jobs can be added, replaced and removed while the node runs (``add_spec``,
+  ``remove_spec``: the runtime job store, ``node.stored_jobs``). A leader that
+  learns of a job late catches up its fire times since the change, inside its
+  own window only, so nothing runs twice.
 
 Every fire time a node handles ends as one ``RunOutcome``, counted in
 ``baton_job_runs_total`` and, when the node owned it, recorded in the store.
@@ -47,7 +52,10 @@ from typing import Any
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.job import Job
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.date import DateTrigger
 
 from lock_backends import BackendUnavailable, BusyRun, Lease, LockBackend, LockBackendError, RunRecord, Window
 from lock_backends import clock as clocks
@@ -61,12 +69,15 @@ from node.jobs import (
     claim_key,
     count_fire_times,
     current_run,
+    fire_times,
     latest_fire_time,
     parse_claim_key,
 )
 from node.jobstore import BatonJobStore
 from node.metrics import Metrics
 from node.outcomes import RunKind, RunOutcome
+from node.stored_jobs import StoredJobs
+from node.triggers import OnceTrigger
 
 log = logging.getLogger("baton.scheduler")
 
@@ -113,17 +124,19 @@ class Running:
 class FireTimeExecutor(AsyncIOExecutor):
     """Hands each run's scheduled fire time to the gate, which APScheduler 3 does not pass to jobs.
 
-    The submission is announced synchronously (``on_submit``), so a graceful
-    handoff knows every fire time APScheduler has already handed over.
+    The submission is announced synchronously (``on_submit``, which answers the
+    fire times to run: a job that coalesces keeps only the latest), so a
+    graceful handoff knows every fire time APScheduler has already handed over.
     """
 
-    def __init__(self, fire: Callable[[str, datetime], Any], on_submit: Callable[[str, list[datetime]], None]) -> None:
+    def __init__(self, fire: Callable[[str, datetime], Any],
+                 on_submit: Callable[[str, list[datetime]], list[datetime]]) -> None:
         super().__init__()
         self._fire = fire
         self._on_submit = on_submit
 
     def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
-        self._on_submit(job.id, run_times)
+        run_times = self._on_submit(job.id, run_times)
 
         async def run() -> list[Any]:
             for run_time in run_times:
@@ -149,7 +162,8 @@ class GatedScheduler:
                  lock_name: str, node_id: str, timezone: tzinfo, misfire_grace: float,
                  sync_period: float = 2.0, claim_ahead: float = 0.25, shutdown_grace: float = 30.0,
                  sync_workers: int = 8) -> None:
-        self.jobs = jobs
+        #: The jobs this node runs: the application's, and those of the runtime job store.
+        self.jobs = JobRegistry(specs=dict(jobs.specs))
         self.backend = backend
         self.elector = elector
         self.metrics = metrics
@@ -164,6 +178,14 @@ class GatedScheduler:
         self.running: dict[str, Running] = {}
         self._running_keys: dict[str, set[str]] = {}
         self._recoverable = [spec for spec in jobs if spec.recover]
+        #: Each job's trigger, kept after APScheduler drops a one-shot it fired (a catch-up may need it).
+        self._triggers: dict[str, BaseTrigger] = {}
+        #: Per job, the latest fire time started under the current token (us): a replaced job's
+        #: catch-up starts after it.
+        self._started_by_job: dict[str, int] = {}
+        #: Set once this leadership's catch-up has taken its list of jobs: a job added later catches up alone.
+        self._caught_up = False
+        self.stored = StoredJobs(self, backend, lock_name, jobs.job_defaults)
         #: The token of the current leadership, None while following.
         self.token: int | None = None
         self._lease: Lease | None = None
@@ -192,19 +214,73 @@ class GatedScheduler:
             timezone=timezone,
             jobstores={"default": self.store},
             executors={"default": self.executor},
-            job_defaults={"max_instances": APSCHEDULER_INSTANCES, "coalesce": True,
+            # coalescing is the gate's (``_submitted``), per job and counted; the misfire check too
+            job_defaults={"max_instances": APSCHEDULER_INSTANCES, "coalesce": False,
                           "misfire_grace_time": int(max(1, misfire_grace))},
         )
         for spec in jobs:
-            # args=(None,) only satisfies APScheduler's signature check: FireTimeExecutor calls
-            # the gate with the fire time, never job.func directly
-            self.scheduler.add_job(spec.func, trigger=spec.make_trigger(timezone), args=(None,), id=spec.id,
-                                   name=spec.id, replace_existing=True)
+            self._schedule(spec)
+
+    def _schedule(self, spec: JobSpec) -> None:
+        """Hand ``spec`` to APScheduler (replacing a job of the same id), paused if the cluster paused it."""
+        trigger = spec.make_trigger(self.timezone)
+        if isinstance(trigger, DateTrigger) and not isinstance(trigger, OnceTrigger):
+            trigger = OnceTrigger(run_date=trigger.run_date)  # a hand-built one-shot: see node.triggers
+        self._triggers[spec.id] = trigger
+        paused: dict[str, Any] = {"next_run_time": None} if spec.id in self.paused_jobs else {}
+        # args=(None,) only satisfies APScheduler's signature check: FireTimeExecutor calls
+        # the gate with the fire time, never job.func directly
+        self.scheduler.add_job(spec.func, trigger=trigger, args=(None,), id=spec.id, name=spec.id,
+                               replace_existing=True, **paused)
+
+    def grace(self, spec: JobSpec) -> float:
+        """How late a fire time of ``spec`` may start: its own misfire grace, else the node's."""
+        return spec.misfire_grace if spec.misfire_grace is not None else self.misfire_grace
+
+    # -- jobs added, changed and removed at runtime ------------------------------------------
+
+    def add_spec(self, spec: JobSpec) -> None:
+        """Add ``spec``, or replace the job of its id, while the node runs.
+
+        A leader then runs what it owes since ``spec.active_from``: fire times
+        between the change and now (it may learn of a change made through
+        another node one settings sync later), within the job's grace, inside
+        its own claim window only, and after any fire time it already started
+        for the job (a replaced job's old schedule may share fire times).
+        """
+        now = clocks.utcnow() - timedelta(microseconds=1)  # before APScheduler computes its next fire time
+        self.jobs.specs[spec.id] = spec
+        self._recoverable = [s for s in self.jobs if s.recover]
+        self._schedule(spec)
+        self.metrics.runs_of(spec.id, RunOutcome.OK)
+        lease = self._current_lease()
+        if lease is not None and spec.active_from is not None and self._caught_up and self._hand_back_at_us is None:
+            self.spawn(self._catch_up_changed(spec, lease, now))
+
+    def remove_spec(self, job_id: str) -> None:
+        """Stop scheduling ``job_id``; runs already going end as they would."""
+        self.jobs.specs.pop(job_id, None)
+        self._triggers.pop(job_id, None)
+        self._recoverable = [s for s in self.jobs if s.recover]
+        with contextlib.suppress(JobLookupError):
+            self.scheduler.remove_job(job_id)
+
+    async def _catch_up_changed(self, spec: JobSpec, lease: Lease, now: datetime) -> None:
+        window = self.keeper.window
+        if window is None or not window.owned_by(lease.token) or spec.active_from is None:
+            return
+        after_us = max([window.since_us, to_us(spec.active_from), self._started_by_job.get(spec.id, -1) + 1,
+                        *(t + 1 for (job_id, _), t in self._pending.items() if job_id == spec.id)])
+        times = self._owed(spec, from_us(after_us), now)
+        if times:
+            await self._fire_series(spec.id, times)
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self.scheduler.start(paused=True)
+        with contextlib.suppress(LockBackendError, TimeoutError):  # the stored jobs, for GET /jobs and metrics
+            await self.refresh_settings()
         self._sync_task = asyncio.create_task(self._sync_settings_forever(), name="settings-sync")
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -248,6 +324,8 @@ class GatedScheduler:
         self.token = lease.token
         self._lease = lease
         self._started_max_us = 0
+        self._started_by_job.clear()
+        self._caught_up = False
         self._hand_back_at_us = None
         self._handed_back = False
         self._intents.clear()
@@ -355,10 +433,17 @@ class GatedScheduler:
 
     # -- firing --------------------------------------------------------------------------
 
-    def _submitted(self, job_id: str, run_times: list[datetime]) -> None:
+    def _submitted(self, job_id: str, run_times: list[datetime]) -> list[datetime]:
+        """APScheduler hands over the due fire times of a job: the ones to run (the latest, if it coalesces)."""
+        spec = self.jobs.specs.get(job_id)
+        if spec is not None and spec.coalesce and len(run_times) > 1:
+            self._count(job_id, RunOutcome.COALESCED, claim_key(job_id, run_times[-1]),
+                        "folded into a later fire time due at once (the loop was late)", n=len(run_times) - 1)
+            run_times = run_times[-1:]
         for t in run_times:
             t_us = to_us(t)
             self._pending[(job_id, t_us)] = t_us
+        return run_times
 
     async def _fire_scheduled(self, job_id: str, scheduled_at: datetime) -> None:
         await self.fire(job_id, scheduled_at)
@@ -370,10 +455,14 @@ class GatedScheduler:
         ``force`` (manual runs only) runs a paused job.
         """
         spec = self.jobs.specs.get(job_id)
-        if spec is None:
-            raise UnknownJob(job_id)
         t_us = to_us(scheduled_at)
         pending_key = (job_id, t_us)
+        if spec is None:
+            if self._pending.pop(pending_key, None) is not None:
+                self._settled.set()
+            if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:  # removed at runtime meanwhile
+                return self._count(job_id, RunOutcome.SKIPPED, claim_key(job_id, scheduled_at), "the job was removed")
+            raise UnknownJob(job_id)
         if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
             self._pending.setdefault(pending_key, t_us)
         try:
@@ -413,27 +502,28 @@ class GatedScheduler:
                 or window.token != lease.token or not window.since_us <= t_us < window.until_us
                 or window.busy or spec.id in self.paused_jobs
                 or len(self._running_keys.get(spec.id, ())) >= spec.max_instances
-                or clocks.time() - t_us / 1e6 > self.misfire_grace):
+                or clocks.time() - t_us / 1e6 > self.grace(spec)):
             return None
         return lease, ""
 
     async def _admit_in_window(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
         t_us = to_us(scheduled_at)
         lateness = clocks.time() - t_us / 1e6
-        if lateness > self.misfire_grace:
-            return Refusal(RunOutcome.MISSED, f"{lateness:.1f}s late, past the misfire grace")
+        grace = self.grace(spec)
+        if lateness > grace:
+            return Refusal(RunOutcome.MISSED, f"{lateness:.1f}s late, past the misfire grace ({grace:g}s)")
         if spec.id in self.paused_jobs:
             return Refusal(RunOutcome.SKIPPED, "paused")
         lease = self._current_lease()
         if lease is None:
             return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
         if self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
-            give_up = min(lease.deadline, clocks.monotonic() + max(0.0, self.misfire_grace - lateness))
+            give_up = min(lease.deadline, clocks.monotonic() + max(0.0, grace - lateness))
             await self.keeper.cover(t_us, lease, give_up)
             lease = self._current_lease()
             if lease is None:
                 return Refusal(RunOutcome.FENCED, "lease lost while the claim window was extended")
-        refusal = self._outside_window(t_us, lease)
+        refusal = self._outside_window(t_us, lease, grace)
         if refusal is not None:
             return refusal
         limit = self._over_limit(spec)
@@ -441,7 +531,7 @@ class GatedScheduler:
             return limit
         return lease, ""
 
-    def _outside_window(self, t_us: int, lease: Lease) -> Refusal | None:
+    def _outside_window(self, t_us: int, lease: Lease, grace: float) -> Refusal | None:
         """None when ``t_us`` is this leadership's to start now; else why not."""
         if self._hand_back_at_us is not None and t_us >= self._hand_back_at_us:
             return Refusal(RunOutcome.HANDED_BACK, "handed back to the next leader at a graceful handoff")
@@ -460,7 +550,7 @@ class GatedScheduler:
                                             "did not hand it back (at most once after a crash)")
         if window.token > lease.token:
             return Refusal(RunOutcome.FENCED, f"a newer leader (token {window.token}) holds the claim window")
-        if clocks.time() - t_us / 1e6 > self.misfire_grace:
+        if clocks.time() - t_us / 1e6 > grace:
             return Refusal(RunOutcome.MISSED, "the store did not extend the claim window within the misfire grace")
         return Refusal(RunOutcome.FENCED, "the lease ran out before the claim window reached the fire time")
 
@@ -528,6 +618,8 @@ class GatedScheduler:
         if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
             if t_us > self._started_max_us:
                 self._started_max_us = t_us
+            if t_us > self._started_by_job.get(spec.id, 0):
+                self._started_by_job[spec.id] = t_us
             if self._pending.pop((spec.id, t_us), None) is not None:
                 self._settled.set()
         if spec.recover:
@@ -607,40 +699,72 @@ class GatedScheduler:
                             "(at most once), recoverable ones are recovered", from_us(window.until_us).isoformat())
             else:
                 log.warning("no claim window yet: no catch-up this time")
+            self._caught_up = True
         else:
             await self._catch_up(lease, window, now)
         await self._recover(lease)
 
     async def _catch_up(self, lease: Lease, window: Window, now: datetime) -> None:
-        """Per job, run the latest unclaimed fire time within the grace; count the rest coalesced or missed."""
+        """Per job, run what the gap since the last window owes: the latest fire time within the job's grace
+        (the earlier ones counted coalesced), or every one of them for a job that does not coalesce."""
         since = from_us(window.since_us)
         if since > now:
+            self._caught_up = True
             return
-        look_from = max(since, now - timedelta(seconds=self.misfire_grace))
-        todo: list[tuple[str, datetime]] = []
-        for job in self.scheduler.get_jobs():
-            if job.id in self.paused_jobs:
-                continue
-            if since < look_from:
-                missed = count_fire_times(job.trigger, since, look_from - timedelta(microseconds=1))
-                if missed:
-                    self._count(job.id, RunOutcome.MISSED, job.id, "fell between the last leader's window and "
-                                "the misfire grace", n=missed)
-            latest = latest_fire_time(job.trigger, look_from, now)
-            if latest is None:
-                continue
-            coalesced = count_fire_times(job.trigger, look_from, latest - timedelta(microseconds=1))
-            if coalesced:
-                self._count(job.id, RunOutcome.COALESCED, claim_key(job.id, latest),
-                            "folded into the catch-up run", n=coalesced)
-            todo.append((job.id, latest))
-        intents = {claim_key(job_id, t): to_us(t) for job_id, t in todo if self.jobs.specs[job_id].recover}
+        owed = {spec.id: times for spec in list(self.jobs) if (times := self._owed(spec, since, now))}
+        for job_id, times in owed.items():  # pending from now on: a job replaced meanwhile starts after them
+            for t in times:
+                self._pending.setdefault((job_id, to_us(t)), to_us(t))
+        self._caught_up = True
+        intents = {claim_key(job_id, t): to_us(t) for job_id, times in owed.items()
+                   if self.jobs.specs[job_id].recover for t in times}
         if intents:
             self._intents.update(intents)
             with contextlib.suppress(LockBackendError):  # without the intents a crash now runs these at most once
                 await self.backend.claim_window(lease, window.until_us, window.since_us, list(intents))
-        for i in range(0, len(todo), 256):
-            await asyncio.gather(*(self.fire(job_id, t, RunKind.CATCH_UP) for job_id, t in todo[i:i + 256]))
+        singles = [(job_id, times[0]) for job_id, times in owed.items() if len(times) == 1]
+        series = [self._fire_series(job_id, times) for job_id, times in owed.items() if len(times) > 1]
+        for i in range(0, len(singles), 256):
+            await asyncio.gather(*(self.fire(job_id, t, RunKind.CATCH_UP) for job_id, t in singles[i:i + 256]))
+        if series:
+            await asyncio.wait(series)
+
+    def _owed(self, spec: JobSpec, since: datetime, now: datetime) -> list[datetime]:
+        """The fire times of ``spec`` in ``[since, now]`` a catch-up runs, oldest first; the rest are counted."""
+        trigger = self._triggers.get(spec.id)
+        if trigger is None or spec.id in self.paused_jobs:
+            return []
+        if spec.active_from is not None and spec.active_from > since:
+            since = spec.active_from  # a job added or changed at runtime owes nothing from before
+        look_from = max(since, now - timedelta(seconds=self.grace(spec)))
+        if since < look_from:
+            missed = count_fire_times(trigger, since, look_from - timedelta(microseconds=1))
+            if missed:
+                self._count(spec.id, RunOutcome.MISSED, spec.id, "fell between the last leader's window and "
+                            "the misfire grace", n=missed)
+        if not spec.coalesce:
+            return fire_times(trigger, look_from, now)
+        latest = latest_fire_time(trigger, look_from, now)
+        if latest is None:
+            return []
+        coalesced = count_fire_times(trigger, look_from, latest - timedelta(microseconds=1))
+        if coalesced:
+            self._count(spec.id, RunOutcome.COALESCED, claim_key(spec.id, latest), "folded into the catch-up run",
+                        n=coalesced)
+        return [latest]
+
+    def _fire_series(self, job_id: str, times: list[datetime]) -> asyncio.Task[None]:
+        """Catch-up runs of one job one after another, oldest first (so ``max_instances`` does not skip them).
+
+        All are pending from now on: a graceful handoff meanwhile waits for them before it hands back.
+        """
+        for t in times:
+            self._pending.setdefault((job_id, to_us(t)), to_us(t))
+
+        async def run() -> None:
+            for t in times:
+                await self.fire(job_id, t, RunKind.CATCH_UP)
+        return self.spawn(run())
 
     async def _recover(self, lease: Lease) -> None:
         """Run again, once, the recoverable runs a leader before this one claimed and never reported."""
@@ -675,17 +799,15 @@ class GatedScheduler:
         if lo > hi:
             return keys
         for spec in self._recoverable:
-            if spec.id in self.paused_jobs:
+            trigger = self._triggers.get(spec.id)
+            if spec.id in self.paused_jobs or trigger is None:
                 continue
-            job = self.scheduler.get_job(spec.id)
-            if job is None:
-                continue
-            t = job.trigger.get_next_fire_time(None, lo)
+            t = trigger.get_next_fire_time(None, lo)
             while t is not None and t <= hi:
                 key = claim_key(spec.id, t)
                 self._intents[key] = to_us(t)
                 keys.append(key)
-                t = job.trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
+                t = trigger.get_next_fire_time(t, t + timedelta(microseconds=1))
         return keys
 
     # -- shared job state (pause/resume survive failover) ---------------------------------------
@@ -695,7 +817,9 @@ class GatedScheduler:
         self._apply_paused({*self.paused_jobs, job_id} if paused else self.paused_jobs - {job_id})
 
     async def refresh_settings(self) -> None:
+        """Read the shared settings: the runtime job store's jobs, then the paused set."""
         settings = await asyncio.wait_for(self.backend.settings(self.lock_name), timeout=self.sync_period * 2)
+        self.stored.apply(settings)
         self._apply_paused({k.removeprefix(PAUSED_PREFIX) for k in settings if k.startswith(PAUSED_PREFIX)})
 
     def _apply_paused(self, paused: set[str]) -> None:
@@ -708,7 +832,7 @@ class GatedScheduler:
         self.paused_jobs = paused
 
     async def _sync_settings_forever(self) -> None:
-        """Keep the leader's paused set current (a pause may arrive through any node), and close stale intents.
+        """Keep the leader's jobs and paused set current (a change may arrive through any node), close stale intents.
 
         Followers do not poll: they read the settings when they win and when
         asked for their job list, so an idle follower costs the backend nothing here.
@@ -732,8 +856,14 @@ class GatedScheduler:
 
     def _close_stale_intents(self) -> None:
         """Record intents APScheduler never fired (paused, removed, rescheduled), so nobody recovers them later."""
-        horizon = int((clocks.time() - self.misfire_grace - 1.0) * 1_000_000)
-        stale = [(k, t) for k, t in self._intents.items() if t < horizon and k not in self.running]
+        now = clocks.time()
+
+        def grace_of(key: str) -> float:
+            spec = self.jobs.specs.get(key.partition("@")[0])
+            return self.grace(spec) if spec is not None else self.misfire_grace
+
+        stale = [(k, t) for k, t in self._intents.items()
+                 if t < int((now - grace_of(k) - 1.0) * 1_000_000) and k not in self.running]
         for key, _ in stale:
             del self._intents[key]
             token = self.token or 0
@@ -743,20 +873,25 @@ class GatedScheduler:
                                                                    "rescheduled)"}))
 
     def describe_jobs(self) -> list[dict[str, Any]]:
-        out = []
         now = clocks.utcnow()
-        for job in self.scheduler.get_jobs():
-            nxt = job.next_run_time
-            if nxt is None and job.id not in self.paused_jobs:
-                nxt = job.trigger.get_next_fire_time(None, now)
-            spec = self.jobs.specs.get(job.id)
-            out.append({"id": job.id, "trigger": str(job.trigger),
-                        "next_fire_time": nxt.isoformat() if nxt else None,
-                        "paused": job.id in self.paused_jobs, "recover": bool(spec and spec.recover),
-                        "max_instances": spec.max_instances if spec else 1,
-                        "running": len(self._running_keys.get(job.id, ())),
-                        "description": spec.description if spec else ""})
-        return out
+        return [self.describe(spec, now) for spec in self.jobs]
+
+    def describe(self, spec: JobSpec, now: datetime | None = None) -> dict[str, Any]:
+        """One job as ``GET /jobs`` shows it: where it comes from, its schedule, options and state."""
+        now = now or clocks.utcnow()
+        trigger = self._triggers.get(spec.id)
+        job = self.scheduler.get_job(spec.id)
+        paused = spec.id in self.paused_jobs
+        nxt = job.next_run_time if job is not None else None
+        if not paused and trigger is not None and (nxt is None or nxt < now):  # a follower's are not kept current
+            nxt = trigger.get_next_fire_time(None, now)
+        return {"id": spec.id, "origin": spec.origin, "trigger": str(trigger) if trigger is not None else None,
+                "schedule": spec.schedule.describe() if spec.schedule is not None else None,
+                "next_fire_time": None if paused or nxt is None else nxt.isoformat(),
+                "paused": paused, "recover": spec.recover, "max_instances": spec.max_instances,
+                "coalesce": spec.coalesce, "misfire_grace_time": self.grace(spec),
+                "running": len(self._running_keys.get(spec.id, ())), "description": spec.description,
+                **spec.details}
 
 
 def _stored_value(value: Any) -> dict[str, Any]:
