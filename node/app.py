@@ -26,9 +26,12 @@ from zoneinfo import ZoneInfo
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from lock_backends import Holder, LockBackendError, RunQuery, from_url, redact
 from lock_backends import clock as clocks
@@ -41,7 +44,7 @@ from node.imports import ImportStringError, load_jobs
 from node.instrumented import InstrumentedBackend
 from node.jobs import JobRegistry, demo_registry
 from node.jobs_api import add_stored_job_routes
-from node.limits import ReadLimiter, ReadsExhausted
+from node.limits import READ_BUDGET, ReadLimiter, ReadsExhausted, ReadTooSlow
 from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
@@ -57,6 +60,16 @@ RUN_NOW_WAIT = 10.0
 FORWARD_TIMEOUT = RUN_NOW_WAIT + 10.0
 #: The methods the catch-all admin routes answer (authenticated first); any other is a plain 405.
 ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+class _AnyPath(PathConvertor):
+    """Starlette's ``path`` convertor, matching line breaks too: ``.*`` stops at a ``%0A``, which let
+    ``/admin/jobs/%0A/run/`` slip past the authenticated catch-all (found by tests/test_api_fuzz.py)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("baton_any_path", _AnyPath())
 
 
 class Node:
@@ -98,7 +111,8 @@ class Node:
             sync_workers=settings.sync_workers)
         self._handing_over: asyncio.Task[None] | None = None
         #: Store reads the API may start (``GET /runs``, a follower's ``GET /jobs``): never the lease's.
-        self.reads = ReadLimiter(on_reject=self.metrics.api_reads_rejected.inc)
+        self.reads = ReadLimiter(budget=raw_backend.options.op_timeout * READ_BUDGET,
+                                 on_reject=self.metrics.api_reads_rejected.inc)
         #: Admin calls that must reach the leader go there through this node, to a BATON_PEERS URL only.
         self.forwarder = Forwarder(settings.advertise_url, settings.peers, FORWARD_TIMEOUT)
 
@@ -220,7 +234,8 @@ class _BackendErrorsAre503(APIRoute):
 
     The message names the backend and, for ``CorruptValue``, the key to repair;
     it never carries a secret (``public_message``). A store read the node's
-    ``ReadLimiter`` refused is a 429 with ``Retry-After``.
+    ``ReadLimiter`` refused is a 429 with ``Retry-After``; one it abandoned over
+    its budget a 503.
     """
 
     #: The node's settings, for the secrets no message may show (``build_router`` sets them on a subclass).
@@ -239,7 +254,19 @@ class _BackendErrorsAre503(APIRoute):
             except ReadsExhausted as exc:
                 return JSONResponse({"detail": str(exc)}, status_code=429,
                                     headers={"Retry-After": str(exc.retry_after)})
+            except ReadTooSlow as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=503,
+                                    headers={"Retry-After": str(exc.retry_after)})
+            except RequestValidationError as exc:
+                # FastAPI's own handler echoes the input and decodes bytes as UTF-8: a body of bytes that are
+                # neither JSON nor UTF-8 made it a 500 (found by tests/test_api_fuzz.py)
+                errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: _printable})
+                return JSONResponse({"detail": errors}, status_code=422)
         return handle
+
+
+def _printable(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 def public_message(exc: BaseException, settings: Settings | None = None) -> str:
@@ -305,13 +332,12 @@ def build_router(node: Node) -> APIRouter:
         """
         try:
             if limited:
-                async with node.reads.slot():
-                    await node.scheduler.refresh_settings()
+                await node.reads.read(node.scheduler.refresh_settings)
             else:
                 await node.scheduler.refresh_settings()
         except LockBackendError as exc:
             return public_message(exc, node.settings)
-        except TimeoutError:
+        except (TimeoutError, ReadTooSlow):
             return "the lock backend did not answer in time"
         return None
 
@@ -375,8 +401,7 @@ def build_router(node: Node) -> APIRouter:
             raise HTTPException(422, "since needs a UTC offset, e.g. 2026-12-01T03:00:00+00:00")
         query = RunQuery(limit=limit, job=job, outcome=str(outcome) if outcome else None,
                          since=since.timestamp() if since else None, before=before)
-        async with node.reads.slot():
-            found = await node.backend.runs(node.settings.lock_name, query)
+        found = await node.reads.read(lambda: node.backend.runs(node.settings.lock_name, query))
         next_before = found[-1].claimed_at if len(found) == limit else None
         return {"runs": [r.describe() for r in found], "next_before": next_before}
 
@@ -431,7 +456,7 @@ def build_router(node: Node) -> APIRouter:
         raise HTTPException(404, "no such admin route (admin paths take no trailing slash)")
 
     # last, so every real route matches first (a method those lack matches here, authenticated, too)
-    for path in ("/admin", "/admin/{rest:path}"):
+    for path in ("/admin", "/admin/{rest:baton_any_path}"):
         app.add_route(path, no_such_admin_route, methods=ANY_METHOD, include_in_schema=False)
 
     @app.get("/metrics")

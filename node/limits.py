@@ -6,8 +6,8 @@ same connections or thread pools) that ``GET /runs`` and a follower's
 bound, a flood of them queues store work faster than the store drains it, the
 renewal waits behind that work past its deadline, and the cluster loses its
 leader (issue #17: 64 concurrent ``GET /runs`` did exactly that). So every
-API read of the store takes a slot here first: ``concurrency`` run at once,
-``queue`` more wait (each at most ``wait`` seconds), and the rest are refused
+API read of the store takes a slot here first: ``concurrency`` run at once
+(``READS_AT_ONCE``), ``queue`` more wait (each at most ``wait`` seconds), and the rest are refused
 at once with ``ReadsExhausted``, which the API answers 429 with
 ``Retry-After``. A refusal costs a few microseconds and touches no store.
 
@@ -20,19 +20,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-#: Store reads the API runs at once on one node. Two cores, and a store that one busy
-#: client must not own: a handful in flight keeps a dashboard responsive and leaves the
-#: store's connections (PostgreSQL's shared session, the file backend's listing thread)
-#: to the scheduler's own records and claims most of the time.
-READS_AT_ONCE = 4
+T = TypeVar("T")
+
+#: Store reads the API runs at once on one node, on every backend. One: a flood then costs
+#: the store what one client reading in a loop costs, whatever the number of clients. More
+#: in flight did not serve more: the file backend lists on one thread and PostgreSQL on the
+#: one session the leader's run records share, so extra reads queue inside the backend, where
+#: the wait counts against the operation timeout (a 503 for a read that was never slow, a
+#: PostgreSQL session dropped); and four filtered scans at once on etcd (2,000 keys decoded
+#: each, on the event loop) delayed a lease renewal past its 0.5 s timeout in the flood test.
+READS_AT_ONCE = 1
 #: Reads that may wait for a slot behind those; more are refused at once.
 READS_QUEUED = 16
 #: The longest a read waits for a slot (seconds) before it is refused.
 QUEUE_WAIT = 2.0
 #: Seconds a refused client is asked to wait before trying again (``Retry-After``).
 RETRY_AFTER = 1
+#: The share of the backend's operation timeout an API read may take before it is abandoned.
+#: Below one on purpose: a read the API abandons is cancelled from outside, which a backend
+#: takes for what it is; a read that runs into the backend's own timeout looks like a server
+#: gone, and the etcd backend then moves to a fresh channel, the lease's in-flight renewal with
+#: it (the flood test saw "renew failed: Channel is closed" after an expensive listing timed out).
+READ_BUDGET = 0.8
 
 
 class ReadsExhausted(Exception):
@@ -41,6 +53,16 @@ class ReadsExhausted(Exception):
     def __init__(self, reason: str, retry_after: int = RETRY_AFTER) -> None:
         self.retry_after = retry_after
         super().__init__(reason)
+
+
+class ReadTooSlow(Exception):
+    """An API read took longer than its budget and was abandoned (the API answers 503)."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.retry_after = RETRY_AFTER
+        super().__init__(f"the read took longer than {budget:g}s and was abandoned (a filter that matches little "
+                         "scans the most runs); narrow it (job, outcome, since) or retry shortly")
 
 
 class ReadLimiter:
@@ -53,12 +75,15 @@ class ReadLimiter:
     """
 
     def __init__(self, concurrency: int = READS_AT_ONCE, queue: int = READS_QUEUED, wait: float = QUEUE_WAIT,
-                 on_reject: Callable[[], None] | None = None) -> None:
-        if concurrency < 1 or queue < 0 or wait < 0:
-            raise ValueError(f"need concurrency >= 1, queue >= 0, wait >= 0; got {concurrency}, {queue}, {wait}")
+                 budget: float | None = None, on_reject: Callable[[], None] | None = None) -> None:
+        if concurrency < 1 or queue < 0 or wait < 0 or (budget is not None and budget <= 0):
+            raise ValueError(f"need concurrency >= 1, queue >= 0, wait >= 0, budget > 0; "
+                             f"got {concurrency}, {queue}, {wait}, {budget}")
         self.concurrency = concurrency
         self.queue = queue
         self.wait = wait
+        #: Seconds one read may take once it runs (None: as long as the backend lets it).
+        self.budget = budget
         self._on_reject = on_reject
         self._active = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -74,6 +99,23 @@ class ReadLimiter:
     @property
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
+
+    async def read(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` in a slot, within the budget: ``ReadsExhausted`` (no slot) or ``ReadTooSlow`` (over budget).
+
+        A callable, not an awaitable: a read refused a slot is never even begun.
+        """
+        async with self.slot():
+            if self.budget is None:
+                return await call()
+            budget = asyncio.timeout(self.budget)
+            try:
+                async with budget:
+                    return await call()
+            except TimeoutError:
+                if budget.expired():
+                    raise ReadTooSlow(self.budget) from None
+                raise
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

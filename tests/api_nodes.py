@@ -41,10 +41,11 @@ def lock_name() -> str:
     return f"api-{uuid.uuid4().hex[:8]}"
 
 
-def make_node(lock_url: str, node_id: str, name: str, *, peers: tuple[str, ...] = (), **kw: Any) -> Node:
+def make_node(lock_url: str, node_id: str, name: str, *, peers: tuple[str, ...] = (),
+              jobs: JobRegistry | None = None, **kw: Any) -> Node:
     settings = Settings(node_id=node_id, lock_url=lock_url, lock_name=name, admin_token=TOKEN,
                         advertise_url=f"http://{node_id}:8000", demo_jobs=False, peers=peers, **{**TIMING, **kw})
-    return Node(settings, tick_jobs())
+    return Node(settings, jobs if jobs is not None else tick_jobs())
 
 
 @contextlib.asynccontextmanager

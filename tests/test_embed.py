@@ -108,7 +108,8 @@ async def test_the_router_serves_under_the_users_prefix_beside_the_users_routes(
             assert r.headers["x-baton-answered-by"] == "a"
             assert (await ca.post("/baton/admin/jobs/tick/run")).status_code == 401
             # every admin path, a trailing slash or an unknown one too, is authenticated before anything else
-            for path in ("/baton/admin/jobs/tick/run/", "/baton/admin/nope", "/baton/admin", "/baton/admin/"):
+            for path in ("/baton/admin/jobs/tick/run/", "/baton/admin/nope", "/baton/admin", "/baton/admin/",
+                         "/baton/admin/jobs/%0A/run/"):
                 r = await cb.post(path, headers={"Host": "evil.example"})
                 assert r.status_code == 401 and "location" not in r.headers, path
 
