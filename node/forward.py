@@ -34,6 +34,7 @@ believe the other leads cannot bounce a call between them.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -99,10 +100,13 @@ class Forwarder:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            # trust_env=False: a call carrying the admin token goes to the peer itself, never through
-            # whatever proxy the environment names; redirects are never followed (a leader does not send any)
+            # trust_env=False: a call carrying the admin token goes to the peer itself, never through whatever
+            # proxy the environment names; redirects are never followed (a leader does not send any). Peers'
+            # certificates are checked against the system's CAs (OpenSSL's default paths, so SSL_CERT_FILE and
+            # SSL_CERT_DIR still name a private CA), which trust_env=False would otherwise drop for certifi's.
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=min(2.0, self.timeout)),
-                                             follow_redirects=False, trust_env=False, transport=self.transport)
+                                             follow_redirects=False, trust_env=False, transport=self.transport,
+                                             verify=ssl.create_default_context())
         return self._client
 
     async def to_leader(self, request: Request, leader: Holder | None, node_id: str) -> Response:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from node.app import Node, create_app
 from node.config import Settings
@@ -43,7 +44,7 @@ def lock_name() -> str:
 
 def make_node(lock_url: str, node_id: str, name: str, *, peers: tuple[str, ...] = (),
               jobs: JobRegistry | None = None, **kw: Any) -> Node:
-    settings = Settings(node_id=node_id, lock_url=lock_url, lock_name=name, admin_token=TOKEN,
+    settings = Settings(node_id=node_id, lock_url=lock_url, lock_name=name, admin_token=SecretStr(TOKEN),
                         advertise_url=f"http://{node_id}:8000", demo_jobs=False, peers=peers, **{**TIMING, **kw})
     return Node(settings, jobs if jobs is not None else tick_jobs())
 

@@ -65,7 +65,7 @@ class Garbler:
         made = make_node(self.lock_url, node_id, NAME, peers=("http://a:8000", "http://b:8000"))
         if self.kind == "memory":
             inner = made.backend.inner
-            made.backend.inner = GarbledMemory(memory.store(self.store), inner.options)  # type: ignore[attr-defined]
+            made.backend.inner = GarbledMemory(memory.store(self.store), inner.options)
         return made
 
     def garble(self) -> None:

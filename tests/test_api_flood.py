@@ -85,7 +85,7 @@ class Watched:
 
     def __init__(self, node: Node) -> None:
         self.now = self.peak = self.total = 0
-        inner = node.backend.inner  # type: ignore[attr-defined]
+        inner = node.backend.inner
         runs = inner.runs
 
         async def counted(name: str, query: RunQuery) -> list[RunRecord]:
@@ -93,11 +93,11 @@ class Watched:
             self.total += 1
             self.peak = max(self.peak, self.now)
             try:
-                return await runs(name, query)  # type: ignore[no-any-return]
+                return await runs(name, query)
             finally:
                 self.now -= 1
 
-        inner.runs = counted
+        inner.runs = counted  # type: ignore[method-assign]
 
 
 def flood_requests(newest: float) -> list[dict[str, Any]]:
