@@ -18,7 +18,7 @@ import contextlib
 import gc
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -240,12 +240,23 @@ class _BackendErrorsAre503(APIRoute):
 
     #: The node's settings, for the secrets no message may show (``build_router`` sets them on a subclass).
     settings: Settings | None = None
+    #: Why a request may not use an admin route (None: it may), from its Authorization header; set with settings.
+    admin_refusal: Callable[[str | None], HTTPException | None] | None = None
+    #: The dependency that marks a route as an admin route.
+    admin_dependency: Callable[..., None] | None = None
 
     def get_route_handler(self) -> Any:
         handler = super().get_route_handler()
         settings = self.settings
+        # asked here, before FastAPI reads the body: a dependency runs after it, so JSON that does not
+        # parse was a 422 to a caller without the token (found by tests/test_api_fuzz.py)
+        # (the dependency, not the path, says which routes are admin ones: a prefix changes the path)
+        admin = any(getattr(d, "dependency", None) is self.admin_dependency for d in self.dependencies)
+        refusal = self.admin_refusal if admin and self.admin_dependency is not None else None
 
         async def handle(request: Request) -> Response:
+            if refusal is not None and (refused := refusal(request.headers.get("authorization"))) is not None:
+                raise refused
             try:
                 return await handler(request)
             except LockBackendError as exc:
@@ -301,12 +312,8 @@ def build_router(node: Node) -> APIRouter:
     anything else answers, so no app it is mounted in turns one into a
     redirect built from the request's ``Host`` (Starlette's ``redirect_slashes``).
     """
-    class NodeRoute(_BackendErrorsAre503):
-        settings = node.settings
-
-    app = APIRouter(route_class=NodeRoute, redirect_slashes=False)
-
-    def admin_refusal(authorization: str | None) -> HTTPException | None:
+    def refuse_admin(authorization: str | None) -> HTTPException | None:
+        """Why a caller with this Authorization header may not use an admin route; None when it may."""
         expected = node.settings.admin_token
         if expected is None:
             return HTTPException(403, "admin routes are disabled: set BATON_ADMIN_TOKEN to enable them")
@@ -317,10 +324,17 @@ def build_router(node: Node) -> APIRouter:
         return None
 
     def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        if (refusal := admin_refusal(authorization)) is not None:
+        if (refusal := refuse_admin(authorization)) is not None:
             raise refusal
 
     Admin = Depends(require_admin)
+
+    class NodeRoute(_BackendErrorsAre503):
+        settings = node.settings
+        admin_refusal = staticmethod(refuse_admin)
+        admin_dependency = staticmethod(require_admin)
+
+    app = APIRouter(route_class=NodeRoute, redirect_slashes=False)
 
     async def refresh_settings(*, limited: bool) -> str | None:
         """A follower's read of the shared settings (it does not poll them); None, or why it could not read.
@@ -451,7 +465,7 @@ def build_router(node: Node) -> APIRouter:
 
     async def no_such_admin_route(request: Request) -> Response:
         """Any other path under /admin: authenticated first, then 404 (or 405), never a redirect."""
-        if (refusal := admin_refusal(request.headers.get("authorization"))) is not None:
+        if (refusal := refuse_admin(request.headers.get("authorization"))) is not None:
             raise refusal
         raise HTTPException(404, "no such admin route (admin paths take no trailing slash)")
 
