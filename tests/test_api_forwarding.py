@@ -64,9 +64,10 @@ async def test_a_follower_forwards_the_callers_call_to_the_leader_and_relays_its
         await eventually("the leader reads the pause", leader_knows, within=10)
         r = await follower.post("/admin/jobs/tick/run", headers=AUTH)
         assert r.status_code == 409 and "paused" in r.json()["detail"]
-        r = await follower.post("/admin/jobs/tick/run", params={"force": "true"}, headers=AUTH)
+        r = await follower.post("/admin/jobs/tick/run", params={"force": "true"}, headers=AUTH, json={"why": "test"})
         assert r.status_code == 200 and r.json()["outcome"] == "ok"
-        assert hosts.seen[-1].url.params["force"] == "true"
+        assert hosts.seen[-1].url.params["force"] == "true" and hosts.seen[-1].content == b'{"why":"test"}'
+        assert hosts.seen[-1].headers["content-type"] == "application/json"
 
         # a call without the token is refused here, before anything leaves the node
         before = len(hosts.seen)
