@@ -248,9 +248,9 @@ class _BackendErrorsAre503(APIRoute):
     def get_route_handler(self) -> Any:
         handler = super().get_route_handler()
         settings = self.settings
-        # asked here, before FastAPI reads the body: a dependency runs after it, so JSON that does not
-        # parse was a 422 to a caller without the token (found by tests/test_api_fuzz.py)
-        # (the dependency, not the path, says which routes are admin ones: a prefix changes the path)
+        # The token is asked for here, before FastAPI reads the body: a dependency runs after that, so JSON
+        # that did not parse was a 422 to a caller without the token (found by tests/test_api_fuzz.py). The
+        # admin dependency, not the path, says which routes are admin ones: a router prefix changes the path.
         admin = any(getattr(d, "dependency", None) is self.admin_dependency for d in self.dependencies)
         refusal = self.admin_refusal if admin and self.admin_dependency is not None else None
 
@@ -464,7 +464,7 @@ def build_router(node: Node) -> APIRouter:
     add_stored_job_routes(app, node, Admin, known_job_read)
 
     async def no_such_admin_route(request: Request) -> Response:
-        """Any other path under /admin: authenticated first, then 404 (or 405), never a redirect."""
+        """Any other path (or method) under /admin: authenticated first, then 404, never a redirect."""
         if (refusal := refuse_admin(request.headers.get("authorization"))) is not None:
             raise refusal
         raise HTTPException(404, "no such admin route (admin paths take no trailing slash)")
