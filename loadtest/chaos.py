@@ -310,14 +310,11 @@ class Chaos:
         self._wait_new_leader(node, result)
 
     def step_down(self, node: NodeProc) -> dict[str, Any]:
-        """``POST /admin/leader/step-down`` on ``node`` with the admin token; a follower's 307 is followed."""
+        """``POST /admin/leader/step-down`` on ``node`` with the admin token; a follower forwards it to the leader."""
         url = f"{node.url}/admin/leader/step-down"
         headers = {"Authorization": f"Bearer {self.cluster.admin_token}"}
         try:
             response = HTTP.post(url, headers=headers, timeout=30)
-            if response.status_code == 307 and response.headers.get("location"):
-                # httpx drops Authorization on a redirect to another host: resend it
-                response = HTTP.post(response.headers["location"], headers=headers, timeout=30)
         except httpx.HTTPError as exc:
             raise ChaosError(f"step-down on {node.node_id}: {exc}") from None
         if response.status_code != 200:

@@ -165,10 +165,12 @@ class LocalCluster:
             if self.proxies and self.backend != "file":
                 self.hub = ProxyHub()
             base = self.base_port
-            for i in range(self.nodes):
-                port = base + i if base else free_port()
-                node = NodeProc(i, f"node-{i + 1}", port, self._env(i, port),
-                                self.workdir / f"node-{i + 1}.log")
+            ports = [base + i if base else free_port() for i in range(self.nodes)]
+            # every node vouches for the others (BATON_PEERS), so a follower forwards admin calls to the leader
+            peers = ",".join(f"http://127.0.0.1:{port}" for port in ports)
+            for i, port in enumerate(ports):
+                env = {"BATON_PEERS": peers, **self._env(i, port)}
+                node = NodeProc(i, f"node-{i + 1}", port, env, self.workdir / f"node-{i + 1}.log")
                 self.members.append(node)
                 node.start()
             for node in self.members:

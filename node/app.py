@@ -18,27 +18,33 @@ import contextlib
 import gc
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import PathConvertor, register_url_convertor
 
-from lock_backends import Holder, LockBackendError, RunQuery, from_url
+from lock_backends import Holder, LockBackendError, RunQuery, from_url, redact
 from lock_backends import clock as clocks
 from lock_backends.base import MAX_LISTING
 from lock_backends.clock import from_us
 from node.config import ConfigError, Settings
 from node.election import ElectionConfig, Elector
+from node.forward import Forwarder
 from node.imports import ImportStringError, load_jobs
 from node.instrumented import InstrumentedBackend
 from node.jobs import JobRegistry, demo_registry
 from node.jobs_api import add_stored_job_routes
+from node.limits import READ_BUDGET, ReadLimiter, ReadsExhausted, ReadTooSlow
 from node.metrics import Metrics
 from node.naive import NaiveElector, NaiveScheduler
 from node.outcomes import RunKind, RunOutcome
@@ -50,6 +56,20 @@ JobId = Annotated[str, Path(min_length=1, max_length=200)]
 
 #: How long POST /admin/jobs/{id}/run waits for the run before answering 202.
 RUN_NOW_WAIT = 10.0
+#: How long a follower waits for the leader's answer to a call it forwards: a manual run's wait and then some.
+FORWARD_TIMEOUT = RUN_NOW_WAIT + 10.0
+#: The methods the catch-all admin routes answer (authenticated first); any other is a plain 405.
+ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+class _AnyPath(PathConvertor):
+    """Starlette's ``path`` convertor, matching line breaks too: ``.*`` stops at a ``%0A``, which let
+    ``/admin/jobs/%0A/run/`` slip past the authenticated catch-all (found by tests/test_api_fuzz.py)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("baton_any_path", _AnyPath())
 
 
 class Node:
@@ -90,6 +110,11 @@ class Node:
             claim_ahead=settings.claim_ahead, shutdown_grace=settings.shutdown_grace,
             sync_workers=settings.sync_workers)
         self._handing_over: asyncio.Task[None] | None = None
+        #: Store reads the API may start (``GET /runs``, a follower's ``GET /jobs``): never the lease's.
+        self.reads = ReadLimiter(budget=raw_backend.options.op_timeout * READ_BUDGET,
+                                 on_reject=self.metrics.api_reads_rejected.inc)
+        #: Admin calls that must reach the leader go there through this node, to a BATON_PEERS URL only.
+        self.forwarder = Forwarder(settings.advertise_url, settings.peers, FORWARD_TIMEOUT)
 
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -148,6 +173,7 @@ class Node:
         await self.scheduler.shutdown()
         if self._http is not None:
             await self._http.aclose()
+        await self.forwarder.aclose()
         await self.backend.close()
 
     def context(self) -> dict[str, Any]:
@@ -195,7 +221,8 @@ def create_app(node: Node | None = None) -> FastAPI:
         finally:
             await node.stop()
 
-    app = FastAPI(title="Baton node", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes=False: Starlette builds the redirect's Location from the request's Host header
+    app = FastAPI(title="Baton node", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="One member of a Baton cluster: leader-gated APScheduler with fenced claims.")
     app.state.node = node
     app.include_router(build_router(node))
@@ -203,52 +230,146 @@ def create_app(node: Node | None = None) -> FastAPI:
 
 
 class _BackendErrorsAre503(APIRoute):
-    """A lock backend that does not answer is a 503 to the caller, whatever app the router is mounted in."""
+    """A lock backend that does not answer, or holds garbage, is a 503 to the caller, under any app.
+
+    The message names the backend and, for ``CorruptValue``, the key to repair;
+    it never carries a secret (``public_message``). A store read the node's
+    ``ReadLimiter`` refused is a 429 with ``Retry-After``; one it abandoned over
+    its budget a 503.
+    """
+
+    #: The node's settings, for the secrets no message may show (``build_router`` sets them on a subclass).
+    settings: Settings | None = None
+    #: Why a request may not use an admin route (None: it may), from its Authorization header; set with settings.
+    admin_refusal: Callable[[str | None], HTTPException | None] | None = None
+    #: The dependency that marks a route as an admin route.
+    admin_dependency: Callable[..., None] | None = None
 
     def get_route_handler(self) -> Any:
         handler = super().get_route_handler()
+        settings = self.settings
+        # The token is asked for here, before FastAPI reads the body: a dependency runs after that, so JSON
+        # that did not parse was a 422 to a caller without the token (found by tests/test_api_fuzz.py). The
+        # admin dependency, not the path, says which routes are admin ones: a router prefix changes the path.
+        admin = any(getattr(d, "dependency", None) is self.admin_dependency for d in self.dependencies)
+        refusal = self.admin_refusal if admin and self.admin_dependency is not None else None
 
         async def handle(request: Request) -> Response:
+            if refusal is not None and (refused := refusal(request.headers.get("authorization"))) is not None:
+                raise refused
             try:
                 return await handler(request)
             except LockBackendError as exc:
-                return JSONResponse({"detail": f"lock backend error: {exc}"}, status_code=503,
-                                    headers={"Retry-After": "1"})
+                return JSONResponse({"detail": f"lock backend error: {public_message(exc, settings)}"},
+                                    status_code=503, headers={"Retry-After": "1"})
+            except ReadsExhausted as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=429,
+                                    headers={"Retry-After": str(exc.retry_after)})
+            except ReadTooSlow as exc:
+                return JSONResponse({"detail": str(exc)}, status_code=503,
+                                    headers={"Retry-After": str(exc.retry_after)})
+            except RequestValidationError as exc:
+                # FastAPI's own handler echoes the input and decodes bytes as UTF-8: a body of bytes that are
+                # neither JSON nor UTF-8 made it a 500 (found by tests/test_api_fuzz.py)
+                errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: _printable})
+                return JSONResponse({"detail": errors}, status_code=422)
         return handle
 
 
-def build_router(node: Node) -> APIRouter:
-    """Every route of the node's API, to mount under any prefix (paths in redirects keep it)."""
-    app = APIRouter(route_class=_BackendErrorsAre503)
+def _printable(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+
+def public_message(exc: BaseException, settings: Settings | None = None) -> str:
+    """``exc`` as text a client may see: one line, the lock URL's password and the admin token never in it.
+
+    Backends already keep credentials out of their messages (their ``address``
+    has none); this is the second line of defence, for a client library that
+    quotes a URL or a server that echoes what it was sent.
+    """
+    text = " ".join(str(exc).split())
+    secrets: list[str] = []
+    if settings is not None:
+        if settings.admin_token is not None:
+            secrets.append(settings.admin_token.get_secret_value())
+        with contextlib.suppress(ValueError):
+            password = urlsplit(settings.lock_url).password
+            if password:
+                secrets.append(password)
+                secrets.append(quote(password, safe=""))
+        text = text.replace(settings.lock_url, redact(settings.lock_url))
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def build_router(node: Node) -> APIRouter:
+    """Every route of the node's API, to mount under any prefix (forwarded calls keep it).
+
+    No route redirects. Every path under ``/admin`` (an unknown one, one with a
+    trailing slash, a known one with another method) is authenticated before
+    anything else answers, so no app it is mounted in turns one into a
+    redirect built from the request's ``Host`` (Starlette's ``redirect_slashes``).
+    """
+    def refuse_admin(authorization: str | None) -> HTTPException | None:
+        """Why a caller with this Authorization header may not use an admin route; None when it may."""
         expected = node.settings.admin_token
         if expected is None:
-            raise HTTPException(403, "admin routes are disabled: set BATON_ADMIN_TOKEN to enable them")
+            return HTTPException(403, "admin routes are disabled: set BATON_ADMIN_TOKEN to enable them")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(),
                                                                   expected.get_secret_value().encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+            return HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        if (refusal := refuse_admin(authorization)) is not None:
+            raise refusal
 
     Admin = Depends(require_admin)
 
-    async def known_job(job_id: str) -> None:
+    class NodeRoute(_BackendErrorsAre503):
+        settings = node.settings
+        admin_refusal = staticmethod(refuse_admin)
+        admin_dependency = staticmethod(require_admin)
+
+    app = APIRouter(route_class=NodeRoute, redirect_slashes=False)
+
+    async def refresh_settings(*, limited: bool) -> str | None:
+        """A follower's read of the shared settings (it does not poll them); None, or why it could not read.
+
+        ``limited``: the read is for an unauthenticated request and takes a
+        slot of the node's ``ReadLimiter`` (``ReadsExhausted``: a 429). What
+        the store could not give (unreachable, a value that does not decode)
+        leaves the last good settings in place, and the reason is returned.
+        """
+        try:
+            if limited:
+                await node.reads.read(node.scheduler.refresh_settings)
+            else:
+                await node.scheduler.refresh_settings()
+        except LockBackendError as exc:
+            return public_message(exc, node.settings)
+        except (TimeoutError, ReadTooSlow):
+            return "the lock backend did not answer in time"
+        return None
+
+    async def known_job(job_id: str, *, limited: bool = False) -> None:
         if job_id not in node.scheduler.jobs and not node.elector.is_leader:
             # followers do not poll the shared settings: a job just stored elsewhere may be new here
-            with contextlib.suppress(LockBackendError, TimeoutError):
-                await node.scheduler.refresh_settings()
+            await refresh_settings(limited=limited)
         if job_id not in node.scheduler.jobs:
             raise HTTPException(404, f"no job with id {job_id!r}")
 
-    def to_leader(request: Request) -> Response | None:
-        """None on the leader; a 307 to the leader elsewhere, or 503 when none is known."""
+    async def known_job_read(job_id: str) -> None:
+        await known_job(job_id, limited=True)
+
+    async def to_leader(request: Request) -> Response | None:
+        """None on the leader; elsewhere the leader's own answer, forwarded (``node.forward``), or a 503."""
         if node.elector.is_leader:
             return None
-        leader = node.elector.observed_leader
-        if leader is None or not leader.url:
-            return JSONResponse({"detail": "no leader right now; retry shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        return RedirectResponse(leader.url + request.url.path, status_code=307)
+        return await node.forwarder.to_leader(request, node.elector.observed_leader, node.settings.node_id)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -273,10 +394,14 @@ def build_router(node: Node) -> APIRouter:
         return node.status()
 
     @app.get("/jobs")
-    async def jobs() -> list[dict[str, Any]]:
+    async def jobs(response: Response) -> list[dict[str, Any]]:
+        """Every job. A follower reads the shared settings first; when it cannot, it answers from the last
+        good ones and says so in ``X-Baton-Stale``."""
         if not node.elector.is_leader:  # followers do not poll the shared pause list; read it now
-            with contextlib.suppress(LockBackendError, TimeoutError):
-                await node.scheduler.refresh_settings()
+            stale = await refresh_settings(limited=True)
+            if stale is not None:
+                response.headers[STALE_HEADER] = header_safe(f"settings not read, showing the last good ones: "
+                                                             f"{stale}")
         return node.scheduler.describe_jobs()
 
     @app.get("/runs")
@@ -290,7 +415,7 @@ def build_router(node: Node) -> APIRouter:
             raise HTTPException(422, "since needs a UTC offset, e.g. 2026-12-01T03:00:00+00:00")
         query = RunQuery(limit=limit, job=job, outcome=str(outcome) if outcome else None,
                          since=since.timestamp() if since else None, before=before)
-        found = await node.backend.runs(node.settings.lock_name, query)
+        found = await node.reads.read(lambda: node.backend.runs(node.settings.lock_name, query))
         next_before = found[-1].claimed_at if len(found) == limit else None
         return {"runs": [r.describe() for r in found], "next_before": next_before}
 
@@ -298,8 +423,8 @@ def build_router(node: Node) -> APIRouter:
     async def run_now(job_id: JobId, request: Request,
                       force: Annotated[bool, Query(description="run even if the job is paused")] = False) -> Response:
         await known_job(job_id)
-        if (redirect := to_leader(request)) is not None:
-            return redirect
+        if (forwarded := await to_leader(request)) is not None:
+            return forwarded
         now = clocks.utcnow()
         task = node.scheduler.spawn(node.scheduler.fire(job_id, now, RunKind.MANUAL, force=force))
         done, _ = await asyncio.wait({task}, timeout=RUN_NOW_WAIT)
@@ -331,12 +456,22 @@ def build_router(node: Node) -> APIRouter:
 
     @app.post("/admin/leader/step-down", dependencies=[Admin])
     async def step_down(request: Request) -> Response:
-        if (redirect := to_leader(request)) is not None:
-            return redirect
+        if (forwarded := await to_leader(request)) is not None:
+            return forwarded
         stepped = await node.step_down()
         return JSONResponse({"node_id": node.settings.node_id, "stepped_down": stepped})
 
-    add_stored_job_routes(app, node, Admin, known_job)
+    add_stored_job_routes(app, node, Admin, known_job_read)
+
+    async def no_such_admin_route(request: Request) -> Response:
+        """Any other path (or method) under /admin: authenticated first, then 404, never a redirect."""
+        if (refusal := refuse_admin(request.headers.get("authorization"))) is not None:
+            raise refusal
+        raise HTTPException(404, "no such admin route (admin paths take no trailing slash)")
+
+    # last, so every real route matches first (a method those lack matches here, authenticated, too)
+    for path in ("/admin", "/admin/{rest:baton_any_path}"):
+        app.add_route(path, no_such_admin_route, methods=ANY_METHOD, include_in_schema=False)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -345,6 +480,15 @@ def build_router(node: Node) -> APIRouter:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+#: Set on ``GET /jobs`` when a follower could not read the shared settings and shows the last good ones.
+STALE_HEADER = "X-Baton-Stale"
+
+
+def header_safe(text: str, limit: int = 400) -> str:
+    """``text`` as a header value: printable ASCII on one line, at most ``limit`` characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in " ".join(text.split()))[:limit]
 
 
 _default_app: FastAPI | None = None

@@ -9,9 +9,10 @@
 
 Method names follow APScheduler's scheduler (``add_job``, ``modify_job``,
 ``reschedule_job``, ``remove_job``, ``get_job(s)``, ``pause_job``,
-``resume_job``). Any node takes a change; calls that must reach the leader
-(``run_job``) follow its redirect and send the token again (HTTP clients drop
-``Authorization`` on a redirect to another host). Errors are typed:
+``resume_job``). Any node takes a change; a call that must reach the leader
+(``run_job``) is forwarded there by the node itself (``node.forward``: only
+to a leader listed in its ``BATON_PEERS``), so the token goes to the URL given
+here and nowhere else, and no redirect is ever followed. Errors are typed:
 ``JobNotFound`` (404), ``JobConflict`` (409), ``InvalidJob`` (422), else
 ``BatonAPIError`` with the status and the server's ``detail``.
 """
@@ -56,7 +57,10 @@ class BatonClient:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 15.0,
                  transport: httpx.BaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        # follow_redirects=False: no Baton node redirects; a redirect would come from something else, and the
+        # token must not follow it anywhere
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport,
+                                  follow_redirects=False)
 
     def __enter__(self) -> BatonClient:
         return self
@@ -133,9 +137,7 @@ class BatonClient:
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         response = self._http.request(method, path, **kw)
-        if response.status_code == 307 and "location" in response.headers:  # a follower names the leader
-            response = self._http.request(method, response.headers["location"], **kw)
-        if response.status_code >= 400:
+        if response.status_code >= 300:
             try:
                 detail = response.json().get("detail", response.text)
             except ValueError:

@@ -18,7 +18,11 @@ Promised:
   starts when the server runs the lifespan's shutdown.
 * ``router`` carries every route of ``python -m node``'s API (status, jobs,
   runs, metrics, the admin routes behind ``BATON_ADMIN_TOKEN``), under
-  whatever prefix it is included with.
+  whatever prefix it is included with. Every path under ``<prefix>/admin`` is
+  the router's: an unknown one answers 401/403 before 404, so the app's
+  ``redirect_slashes`` never turns an admin path into a redirect. (Give your
+  app ``redirect_slashes=False`` too: Starlette builds that redirect from the
+  request's ``Host`` header, for any path.)
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class Baton:
 
     def app(self) -> FastAPI:
         """A FastAPI app of this node alone (what ``python -m node`` serves, with the signal chaining)."""
-        app = FastAPI(title="Baton node", version="0.1.0", lifespan=self.lifespan,
+        app = FastAPI(title="Baton node", version="0.1.0", lifespan=self.lifespan, redirect_slashes=False,
                       description="One member of a Baton cluster: leader-gated APScheduler with fenced claims.")
         app.state.node = self.node
         app.include_router(self.router)

@@ -40,6 +40,7 @@ METRIC_NAMES = (
     "baton_lock_op_seconds",
     "baton_run_records_dropped_total",
     "baton_clock_skew_seconds",
+    "baton_api_reads_rejected_total",
 )
 
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -75,6 +76,9 @@ class Metrics:
         self.clock_skew = Gauge("baton_clock_skew_seconds",
                                 "This node's wall clock minus the lock store's (positive: ahead), last measured",
                                 registry=r)
+        self.api_reads_rejected = Counter("baton_api_reads_rejected_total",
+                                          "API requests answered 429: the node's store reads for the API were "
+                                          "all taken (node.limits)", registry=r)
         self._runs: dict[tuple[str, str], Any] = {}
         self._durations: dict[str, Any] = {}
 

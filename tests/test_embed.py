@@ -48,10 +48,20 @@ def registry() -> JobRegistry:
     return jobs
 
 
-def baton(store: str, node_id: str, **kw: Any) -> Baton:
+def baton(store: str, node_id: str, peers: tuple[str, ...] = (), **kw: Any) -> Baton:
     settings = Settings(node_id=node_id, lock_url=f"memory://{store}", admin_token=TOKEN,
-                        advertise_url=f"http://{node_id}:8000", demo_jobs=False, **TIMING)
+                        advertise_url=f"http://{node_id}:8000", demo_jobs=False, peers=peers, **TIMING)
     return Baton(settings, registry(), **kw)
+
+
+class Hosts(httpx.AsyncBaseTransport):
+    """Routes each request to the in-process app of its host (``a:8000`` -> that node's app)."""
+
+    def __init__(self, apps: dict[str, FastAPI]) -> None:
+        self.transports = {host: httpx.ASGITransport(app=app) for host, app in apps.items()}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.transports[request.url.netloc.decode()].handle_async_request(request)
 
 
 def users_app(b: Baton) -> FastAPI:
@@ -81,8 +91,10 @@ async def leads(b: Baton) -> bool | None:
 
 
 async def test_the_router_serves_under_the_users_prefix_beside_the_users_routes(store: str) -> None:
-    a, b = baton(store, "a", handle_signals=False), baton(store, "b", handle_signals=False)
+    a = baton(store, "a", handle_signals=False)
+    b = baton(store, "b", peers=("http://a:8000",), handle_signals=False)
     app_a, app_b = users_app(a), users_app(b)
+    b.node.forwarder.transport = Hosts({"a:8000": app_a})
     async with a.lifespan(app_a):
         await eventually("a leads", lambda: leads(a), within=10)
         async with b.lifespan(app_b), client(app_a) as ca, client(app_b) as cb:
@@ -90,10 +102,16 @@ async def test_the_router_serves_under_the_users_prefix_beside_the_users_routes(
             status = (await ca.get("/baton/status")).json()
             assert status["node_id"] == "a" and status["role"] == "leader"
             assert [j["id"] for j in (await cb.get("/baton/jobs")).json()] == ["tick"]
-            # a follower's redirect keeps the prefix: the leader serves the same router there
+            # a follower forwards to the leader under the same prefix: the leader serves the same router there
             r = await cb.post("/baton/admin/jobs/tick/run", headers={"Authorization": f"Bearer {TOKEN}"})
-            assert r.status_code == 307 and r.headers["location"] == "http://a:8000/baton/admin/jobs/tick/run"
+            assert r.status_code == 200 and r.json()["node_id"] == "a" and "location" not in r.headers
+            assert r.headers["x-baton-answered-by"] == "a"
             assert (await ca.post("/baton/admin/jobs/tick/run")).status_code == 401
+            # every admin path, a trailing slash or an unknown one too, is authenticated before anything else
+            for path in ("/baton/admin/jobs/tick/run/", "/baton/admin/nope", "/baton/admin", "/baton/admin/",
+                         "/baton/admin/jobs/%0A/run/"):
+                r = await cb.post(path, headers={"Host": "evil.example"})
+                assert r.status_code == 401 and "location" not in r.headers, path
 
 
 async def test_a_backend_that_does_not_answer_is_a_503_under_any_app(store: str) -> None:

@@ -130,12 +130,10 @@ def test_admin_routes_metrics_and_runs(tmp_path: Path, sink: ProbeSink) -> None:
         leader = cluster.wait_for_leader()
         follower = next(n for n in cluster.members if n is not leader)
         auth = {"Authorization": f"Bearer {cluster.admin_token}"}
-        # a follower redirects to the leader; the leader fires
-        r = httpx.post(f"{follower.url}/admin/jobs/probe-000/run", headers=auth, timeout=5)
-        assert r.status_code == 307
-        assert r.headers["location"] == f"{leader.url}/admin/jobs/probe-000/run"
-        r = httpx.post(r.headers["location"], headers=auth, timeout=15)
-        assert r.status_code == 200 and r.json()["outcome"] == "ok"
+        # a follower forwards to the leader (a BATON_PEERS URL) and relays its answer; the leader fires
+        r = httpx.post(f"{follower.url}/admin/jobs/probe-000/run", headers=auth, timeout=30)
+        assert r.status_code == 200 and r.json()["outcome"] == "ok" and "location" not in r.headers
+        assert r.json()["node_id"] == leader.node_id and r.headers["x-baton-answered-by"] == leader.node_id
         assert any(x["node"] == leader.node_id for x in sink.snapshot())
         # unknown job 404, no token 401, wrong token 401
         assert httpx.post(f"{leader.url}/admin/jobs/nope/run", headers=auth).status_code == 404
