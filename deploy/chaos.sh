@@ -326,4 +326,4 @@ done
 say "chaos: done, $total fault(s). Judge the run from the collector's records:"
 echo "  python -m loadtest check --records $HERE/data/probes.jsonl --chaos-log $log" \
     "--jobs $(setting BATON_PROBE_JOBS 5) --interval $(setting BATON_PROBE_INTERVAL 1)" \
-    "--misfire-grace $(setting BATON_MISFIRE_GRACE 60)"
+    "--misfire-grace $(setting BATON_MISFIRE_GRACE 300)"
