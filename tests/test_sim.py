@@ -336,6 +336,15 @@ def test_one_leader() -> None:
     assert "one_leader" not in _violated(h, scenario)
 
 
+@pytest.mark.parametrize(("rate", "overlap"), [(0.95, True), (0.99, False)])
+def test_one_leader_catches_a_clock_outside_the_drift_bound(rate: float, overlap: bool) -> None:
+    """A paused leader believes until its local deadline: a clock 5% slow (the margin is 2%) outlives the lease."""
+    hosts = (HostShape("n0", rate=rate), HostShape("n1"), HostShape("n2"))
+    config = RunConfig.from_seed(0, jobs=(JobShape("tick", 500, 0.01),), hosts=hosts)
+    result = run_scenario(Scenario(config, [Fault(3.0, "pause", "n0", duration=4.0)]))
+    assert ("one_leader" in {v.invariant for v in result.checked.violations}) == overlap
+
+
 # -- whole runs ------------------------------------------------------------------------------------------
 
 

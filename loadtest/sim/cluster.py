@@ -209,6 +209,7 @@ class _Inert:
     """Metrics that record nothing: any attribute, any call, returns itself."""
 
     def __getattr__(self, name: str) -> _Inert:
+        setattr(self, name, self)  # looked up once, an instance attribute from then on
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Inert:

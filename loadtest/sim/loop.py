@@ -94,6 +94,38 @@ class Process:
 PROCESS: contextvars.ContextVar[Process | None] = contextvars.ContextVar("sim_process", default=None)
 
 
+class _Handle(events.Handle):
+    """``events.Handle`` without the debug-mode bookkeeping (the simulation never runs in debug mode)."""
+
+    __slots__ = ()
+
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop,
+                 context: contextvars.Context | None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(events.TimerHandle):
+    __slots__ = ()
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...],
+                 loop: asyncio.AbstractEventLoop, context: contextvars.Context | None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = True
+
+
 class SimLoop(asyncio.BaseEventLoop):
     """A loop whose clock jumps to the next timer, with per-process pause and kill."""
 
@@ -127,15 +159,14 @@ class SimLoop(asyncio.BaseEventLoop):
     def call_at_true(self, when: float, callback: Callable[..., Any], *args: Any,
                      context: contextvars.Context | None = None) -> events.TimerHandle:
         """``call_at`` on the loop's true time, whoever calls."""
-        timer = events.TimerHandle(when, callback, args, self, context)
+        timer = _TimerHandle(when, callback, args, self, context)
         self._seq += 1
         heapq.heappush(self._scheduled, (when, self._seq, timer))
-        timer._scheduled = True
         return timer
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,
                   context: contextvars.Context | None = None) -> events.Handle:
-        handle = events.Handle(callback, args, self, context)
+        handle = _Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 

@@ -106,9 +106,9 @@ class RunConfig:
     latency: tuple[float, float] = (0.0005, 0.003)
     #: faults are drawn in [fault_start, fault_start + fault_span]
     fault_start: float = 1.5
-    fault_span: float = 8.0
+    fault_span: float = 7.0
     #: quiet time after the last fault's effects ended, before the run stops
-    tail: float = 4.5
+    tail: float = 4.0
     #: an interval of process time after which a fire time that has neither run nor returned waits "forever"
     wait_bound: float = 5.0
     #: the shutdown grace of GatedScheduler.shutdown (its default), used to explain cut runs
