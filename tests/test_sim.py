@@ -376,6 +376,13 @@ def test_each_hole_is_found_on_the_pre_window_core(hole: holes.Hole) -> None:
     assert holes.classify(found[0], result.history) == hole.hole
 
 
+@pytest.mark.parametrize("finding", [h for h in holes.load(findings=True) if h.hole == 0], ids=lambda h: h.name)
+def test_each_finding_beside_the_holes_shows(finding: holes.Hole) -> None:
+    result = run_scenario(finding.scenario)
+    found = [v for v in result.checked.violations if v.invariant == finding.expect]
+    assert found and _f(finding.fire_time) in {v.f_us for v in found}, result.checked.violations
+
+
 def test_exploration_smoke() -> None:
     summary = explore.explore(range(SMOKE_SEEDS), workers=explore.default_workers())
     assert summary.runs == SMOKE_SEEDS and not summary.errors, summary.lines()

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--seed", type=int, help="replay one seed")
     what.add_argument("--runs", type=int, help="explore this many seeds, from --start-seed")
-    what.add_argument("--hole", help="run a hand-built schedule of holes.json by name, or 'all'")
+    what.add_argument("--hole", help="run a hand-built schedule of holes.json by name (or hole number), or 'all'")
     what.add_argument("--schedule", help="run a schedule saved as JSON ({config, faults})")
     parser.add_argument("--start-seed", type=int, default=0, help="first seed of --runs (default 0)")
     parser.add_argument("--workers", type=int, default=None, help="processes for --runs (default: up to 2 cores)")
@@ -95,8 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers is not None or args.stop_after is not None:
         raise InputError("--workers and --stop-after go with --runs")
     if args.hole is not None:
-        known = holes.load()
-        chosen = known if args.hole == "all" else [h for h in known if h.name == args.hole or str(h.hole) == args.hole]
+        known = holes.load(findings=True)
+        chosen = known if args.hole == "all" else [h for h in known if h.name == args.hole
+                                                   or (h.hole and str(h.hole) == args.hole)]
         if not chosen:
             raise InputError(f"no hole named {args.hole!r}; known: {', '.join(h.name for h in known)}, or all")
         if len(chosen) > 1 or args.hole == "all":
@@ -158,7 +159,8 @@ def _holes(args: argparse.Namespace, chosen: list[Any]) -> int:
     else:
         for row in rows:
             state = "found" if row["found"] else "NOT FOUND"
-            print(f"hole {row['hole']} {row['name']}: expects {row['expect']}: {state}"
+            label = f"hole {row['hole']}" if row["hole"] else "finding"
+            print(f"{label} {row['name']}: expects {row['expect']}: {state}"
                   f" (violated: {', '.join(row['violations']) or 'nothing'})")
             if row["first"]:
                 print(f"    t={row['first']['t']:.3f} {row['first']['detail'][:180]}")

@@ -1,4 +1,4 @@
-"""The hand-built schedules of ``holes.json``: one scenario per hole of the exactly-once issue (#12)."""
+"""The hand-built schedules of ``holes.json``: a scenario per hole of the exactly-once issue (#12), and findings."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ class Hole:
     scenario: Scenario
 
 
-def load(path: Path = PATH) -> list[Hole]:
+def load(path: Path = PATH, *, findings: bool = False) -> list[Hole]:
+    """The holes of #12 (``findings``: also the weaknesses found beside them, numbered 0)."""
     data = json.loads(path.read_text())
     out = []
-    for item in data["scenarios"]:
+    for item in [*data["scenarios"], *(data.get("findings", []) if findings else [])]:
         scenario = Scenario.from_dict(item)
         scenario.replay = f"python -m loadtest sim --hole {item['name']}"
         out.append(Hole(item["name"], int(item["hole"]), item["expect"], item.get("fire_time"), item["about"],
@@ -35,7 +36,7 @@ def load(path: Path = PATH) -> list[Hole]:
 
 
 def by_name(name: str) -> Hole:
-    for hole in load():
+    for hole in load(findings=True):
         if hole.name == name:
             return hole
     raise KeyError(name)

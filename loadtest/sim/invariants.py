@@ -19,7 +19,7 @@ first. The names and their meaning:
 ``lost``
     Every fire time in the checked window is started, unless it is one of the
     documented cases: coalesced into a catch-up run (the job's next run after
-    it is a catch-up, within the misfire grace); coalesced by APScheduler
+    it, recoveries aside, is a catch-up within the misfire grace); coalesced by APScheduler
     after a stall of the leader (its next run is a scheduled one on the same
     host, which was paused or whose wall clock jumped forward over it); skipped
     because ``max_instances`` runs of the job were going on (on the leader, or
@@ -243,7 +243,12 @@ def check_lost(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation],
         started: dict[int, list[Run]] = defaultdict(list)
         for r in runs:
             started[r.f_us].append(r)
-        run_fs = sorted(started)
+        # the runs that stand for a coalesced fire time: scheduled or catch-up (a recovery re-runs a claimed one)
+        firsts: dict[int, Run] = {}
+        for r in runs:
+            if r.kind != "recovery":
+                firsts.setdefault(r.f_us, r)
+        run_fs = sorted(firsts)
         k = -(-(int(lo * 1e6) - INTERVAL_EPOCH_US) // p_us)
         while True:
             f_us = INTERVAL_EPOCH_US + k * p_us
@@ -260,7 +265,7 @@ def check_lost(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation],
                                          shape.id, f_us, [r.rid for r in group], sorted({r.host for r in group})))
                 continue
             i = bisect.bisect_right(run_fs, f_us)
-            nxt = started[run_fs[i]][0] if i < len(run_fs) else None
+            nxt = firsts[run_fs[i]] if i < len(run_fs) else None
             reason = _excuse(facts, shape, f_us, nxt, grace_us)
             if reason:
                 excused[reason] += 1
