@@ -81,10 +81,12 @@ class HostTime:
         self.clock = clock
 
     def monotonic(self) -> float:
-        return self.clock.monotonic(self.loop._now)
+        clock = self.clock
+        return clock.mono0 + clock.rate * self.loop._now
 
     def time(self) -> float:
-        return self.clock.wall(self.loop._now)
+        clock = self.clock
+        return clock.wall0 + clock.rate * self.loop._now + clock.offset
 
 
 class FrozenTime:
@@ -117,13 +119,13 @@ class _TimeShim:
 
     @staticmethod
     def monotonic() -> float:
-        return _now_clock().monotonic()
+        return (_CLOCK.get() or _FALLBACK[0]).monotonic()
 
     perf_counter = monotonic
 
     @staticmethod
     def time() -> float:
-        return _now_clock().time()
+        return (_CLOCK.get() or _FALLBACK[0]).time()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_time, name)
@@ -134,7 +136,7 @@ class _DateTimeShim(datetime):
 
     @classmethod
     def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
-        return datetime.fromtimestamp(_now_clock().time(), tz)
+        return datetime.fromtimestamp((_CLOCK.get() or _FALLBACK[0]).time(), tz)
 
 
 _PATCHES = ((node.scheduler, "time", _TimeShim()), (node.scheduler, "datetime", _DateTimeShim),

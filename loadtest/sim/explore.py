@@ -69,7 +69,8 @@ class Summary:
             listed = self.seeds.setdefault(name, [])
             if len(listed) < SEEDS_LISTED:
                 listed.append(seed)
-            self.first_detail.setdefault(name, (seed, v["detail"]))
+            if name not in self.first_detail or seed < self.first_detail[name][0]:
+                self.first_detail[name] = (seed, v["detail"])
         self.faults.update(out["faults"])
         self.skipped_faults += out["skipped"]
         self.checked.update(out["checked"])

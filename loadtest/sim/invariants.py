@@ -161,7 +161,7 @@ def check(h: History, scenario: Scenario) -> Checked:
 def _fmt_f(f_us: int) -> str:
     from loadtest.sim.cluster import WALL0
 
-    return f"+{f_us / 1e6 - WALL0:.3f}"
+    return f"{f_us / 1e6 - WALL0:+.3f}"
 
 
 def _run_desc(r: Run) -> str:

@@ -17,7 +17,7 @@ def fire_label(f_us: int) -> str:
     """A fire time as wall seconds after the run's start (+12.250), which is how the tables show them."""
     from loadtest.sim.cluster import WALL0
 
-    return f"+{f_us / 1e6 - WALL0:.3f}"
+    return f"{f_us / 1e6 - WALL0:+.3f}"
 
 
 def schedule_lines(scenario: Scenario) -> list[str]:

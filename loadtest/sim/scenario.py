@@ -105,7 +105,7 @@ class RunConfig:
     misfire_grace: float = 10.0
     latency: tuple[float, float] = (0.0005, 0.003)
     #: faults are drawn in [fault_start, fault_start + fault_span]
-    fault_start: float = 1.5
+    fault_start: float = 1.0
     fault_span: float = 7.0
     #: quiet time after the last fault's effects ended, before the run stops
     tail: float = 4.0
