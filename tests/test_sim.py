@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from loadtest.sim import explore, holes
-from loadtest.sim.cluster import WALL0, FrozenTime
-from loadtest.sim.history import History
+from loadtest.sim.cluster import FrozenTime
+from loadtest.sim.history import WALL0, History
 from loadtest.sim.invariants import INVARIANTS, check
 from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
 from loadtest.sim.memory_v1 import MemoryBackendV1, Store

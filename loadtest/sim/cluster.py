@@ -46,7 +46,7 @@ import lock_backends.base as backend_base
 import node.claims
 import node.election
 import node.scheduler
-from loadtest.sim.history import History
+from loadtest.sim.history import WALL0, History
 from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
 from loadtest.sim.memory_v1 import MemoryBackendV1, Store
 from loadtest.sim.net import FaultyBackend, Network
@@ -57,8 +57,6 @@ from node.jobs import JobRegistry, JobSpec, RunContext, every
 from node.scheduler import GatedScheduler
 
 LOCK_NAME = "baton"
-#: True time 0 of every run on the wall clock: 2030-01-01T00:00:00Z.
-WALL0 = 1893456000.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: How long an armed operation fault waits for its call.
 OP_FAULT_WINDOW = 3.0

@@ -26,6 +26,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: True time 0 of every run on the wall clock (2030-01-01T00:00:00Z); fire times show as seconds after it.
+WALL0 = 1893456000.0
+
 
 @dataclass
 class Run:

@@ -49,7 +49,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.sim.history import Belief, History, Run
+from loadtest.sim.history import WALL0, Belief, History, Run
 from loadtest.sim.scenario import Scenario
 
 INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "max_instances", "waits_forever", "one_leader")
@@ -159,8 +159,6 @@ def check(h: History, scenario: Scenario) -> Checked:
 
 
 def _fmt_f(f_us: int) -> str:
-    from loadtest.sim.cluster import WALL0
-
     return f"{f_us / 1e6 - WALL0:+.3f}"
 
 
@@ -228,8 +226,6 @@ def check_fenced_sink(facts: _Facts, excused: dict[str, int]) -> tuple[list[Viol
 
 
 def check_lost(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
-    from loadtest.sim.cluster import WALL0
-
     h, config = facts.h, facts.config
     out = []
     looked = 0
@@ -323,7 +319,7 @@ def _excuse(facts: _Facts, shape: Any, f_us: int, nxt: Run | None, grace_us: int
                     if wall - slack <= f <= wall + config.claim_ahead + slack:
                         return f"at-most-once window of a leader {how}"
     # no leader for the whole grace
-    t_ref = f - (h.hosts[next(iter(h.hosts))]["wall0"])
+    t_ref = f - WALL0
     if not any(b.since <= t_ref + config.misfire_grace and b.until >= t_ref for b in facts.beliefs):
         return "no leader within the misfire grace"
     return None

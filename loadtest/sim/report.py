@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest.sim.history import History
+from loadtest.sim.history import WALL0, History
 from loadtest.sim.invariants import Violation
 from loadtest.sim.run import RunResult
 from loadtest.sim.scenario import Scenario
@@ -15,8 +15,6 @@ BEFORE, AFTER = 14, 8
 
 def fire_label(f_us: int) -> str:
     """A fire time as wall seconds after the run's start (+12.250), which is how the tables show them."""
-    from loadtest.sim.cluster import WALL0
-
     return f"{f_us / 1e6 - WALL0:+.3f}"
 
 
