@@ -2,7 +2,7 @@
 
     python -m loadtest sim --seed 1234              # its fault schedule, then OK or the first violation
     python -m loadtest sim --seed 1234 --all        # every violation, each with the events around it
-    python -m loadtest sim --seed 1234 --shrink     # drop faults while the violation persists
+    python -m loadtest sim --seed 1234 --shrink     # drop faults while the violation persists (--invariant NAME)
     python -m loadtest sim --runs 10000             # explore seeds 0..9999 on 2 cores
     python -m loadtest sim --hole all               # the schedules of holes.json, with what each must show
     python -m loadtest sim --schedule FILE          # a saved schedule (from --save, or written by hand)
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--all", action="store_true", help="show every violation with its events, not the first")
     parser.add_argument("--shrink", action="store_true", help="shrink a failing schedule to a minimal one")
+    parser.add_argument("--invariant", help="--shrink: keep this invariant violated (default: the first violated)")
     parser.add_argument("--save", help="write the schedule run (shrunk, with --shrink) to this JSON file")
     parser.add_argument("--dump-history", metavar="FILE",
                         help="write the run's whole history (JSON lines; equal runs give equal bytes)")
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from loadtest.sim import explore, holes, report
+    from loadtest.sim.invariants import INVARIANTS
     from loadtest.sim.run import run_scenario, scenario_for_seed
     from loadtest.sim.scenario import Scenario
 
@@ -97,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         return _explore(args)
     if args.workers is not None or args.stop_after is not None:
         raise InputError("--workers and --stop-after go with --runs")
+    if args.invariant is not None and (not args.shrink or args.invariant not in INVARIANTS):
+        raise InputError(f"--invariant goes with --shrink and is one of {', '.join(INVARIANTS)}")
     if args.hole is not None:
         known = holes.load(findings=True)
         chosen = known if args.hole == "all" else [h for h in known if h.name == args.hole
@@ -123,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.shrink:
         lines: list[str] = []
         try:
-            scenario, result = explore.shrink(scenario, log=lambda msg: lines.append(f"shrink: {msg}"))
+            scenario, result = explore.shrink(scenario, args.invariant,
+                                              log=lambda msg: lines.append(f"shrink: {msg}"))
         except ValueError as exc:
             raise InputError(str(exc)) from None
         if args.save:

@@ -107,7 +107,8 @@ def around(h: History, v: Violation) -> list[str]:
 
 def result_text(result: RunResult, *, all_violations: bool = False) -> list[str]:
     name = result.scenario.name
-    lines = [f"{name} (seed {result.seed})" if name and name != f"seed {result.seed}" else f"seed {result.seed}"]
+    lines = [name if name.startswith(f"seed {result.seed}") else f"{name} (seed {result.seed})" if name
+             else f"seed {result.seed}"]
     lines += schedule_lines(result.scenario)
     h = result.history
     lines.append(f"ran {h.end:.1f} virtual seconds: {len(h.runs)} runs, {len(h.grants)} leaderships, "
