@@ -1,0 +1,397 @@
+"""The invariants, checked on a run's history (``loadtest.sim.history``) and its scenario alone.
+
+Nothing here asks the nodes what they did: runs are what the job bodies saw,
+leadership is what the electors held (their lease and its local deadline),
+faults are what the simulator did. Each check returns violations, earliest
+first. The names and their meaning:
+
+``duplicate_start``
+    No fire time of a job is started twice, except a declared at-least-once
+    recovery: a ``recovery`` run of a fire time whose every earlier run was on
+    a process that failed (was killed, paused, or cut off from the store)
+    between that run's start and the recovery's.
+``fenced_sink``
+    A sink that accepts a write when its token is at least the highest it
+    accepted (per job; the bodies write at their start and end) never accepts
+    a stale token: tokens the store grants strictly increase, one token is
+    never accepted from two processes, and no fire time is accepted from two
+    runs (except a declared recovery, as above).
+``lost``
+    Every fire time in the checked window is started, unless it is one of the
+    documented cases: coalesced into a catch-up run (the job's next run after
+    it, recoveries aside, is a catch-up within the misfire grace); coalesced by APScheduler
+    after a stall of the leader (its next run is a scheduled one on the same
+    host, which was paused or whose wall clock jumped forward over it); skipped
+    because ``max_instances`` runs of the job were going on (on the leader, or
+    cluster-wide); a crash's at-most-once window (a non-recoverable job's fire
+    time within the claim-ahead lead, plus one operation timeout either side,
+    of the instant its leader was killed, paused or cut off); no leader at all
+    for the whole misfire grace after it. A fire time whose only runs were
+    cancelled by a graceful stop is lost too (cut).
+``max_instances``
+    At no instant do more runs of a job go on than its ``max_instances``,
+    counting runs on processes that are alive and reachable (a run stops
+    counting when its process is killed, paused or cut off).
+``waits_forever``
+    No fire time handed to a node's gate waits forever: one that neither
+    started its body nor returned by the end of its process (or of the run),
+    after more than ``wait_bound`` seconds of process time, is a violation.
+``one_leader``
+    At most one process believes it leads at any instant (beliefs overlap by
+    no more than ``LEADER_OVERLAP_BOUND``: hosts' clock rates stay within the
+    documented drift, so the local deadline margin must absorb it).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.sim.history import WALL0, Belief, History, Run
+from loadtest.sim.scenario import Scenario
+
+INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "max_instances", "waits_forever", "one_leader")
+
+#: Unix time of node.jobs.INTERVAL_EPOCH (2000-01-01 UTC), in microseconds.
+INTERVAL_EPOCH_US = 946_684_800_000_000
+#: Seconds two beliefs may overlap (none: clock rates in a run stay inside the documented drift).
+LEADER_OVERLAP_BOUND = 1e-9
+#: Fire times this close to the run's start or end are not checked for "lost" (start-up, in flight).
+WINDOW_START = 0.5
+WINDOW_END_MARGIN = 2.0
+#: Two instants this close are the same (the order of callbacks at one virtual instant).
+EPS = 1e-6
+
+
+@dataclass
+class Violation:
+    invariant: str
+    t: float
+    detail: str
+    job: str = ""
+    f_us: int | None = None
+    runs: list[int] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "t": round(self.t, 6), "detail": self.detail, "job": self.job,
+                "fire_time_us": self.f_us, "runs": self.runs, "hosts": self.hosts}
+
+
+@dataclass
+class Checked:
+    violations: list[Violation]
+    #: what each invariant looked at (fire times, runs, instants...), for the summary
+    counts: dict[str, int]
+    #: lost-check excuses used, by reason
+    excused: dict[str, int]
+
+
+class _Facts:
+    """Indexes over one history, shared by the checks."""
+
+    def __init__(self, h: History, scenario: Scenario) -> None:
+        self.h = h
+        self.config = scenario.config
+        self.procs = {p.pid: p for p in h.procs}
+        # per process: intervals during which the cluster cannot see or reach it
+        self.failures: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+        for _, pid, t0, t1 in h.pauses:
+            self.failures[pid].append((t0, t1, "paused"))
+        for proc in h.procs:
+            for host, t0, t1 in h.cuts:
+                if host in ("", proc.host) and t1 >= proc.start and (proc.end is None or t0 <= proc.end):
+                    self.failures[proc.pid].append((t0, t1, "outage" if host == "" else "cut off"))
+            if proc.how == "killed" and proc.end is not None:
+                self.failures[proc.pid].append((proc.end, float("inf"), "killed"))
+        for items in self.failures.values():
+            items.sort()
+        self.runs_by_job: dict[str, list[Run]] = defaultdict(list)
+        for run in h.runs:
+            self.runs_by_job[run.job].append(run)
+        self.scheduled_by_job: dict[str, list[Run]] = {}
+        for job, runs in self.runs_by_job.items():
+            self.scheduled_by_job[job] = sorted((r for r in runs if r.kind != "manual"),
+                                                key=lambda r: (r.f_us, r.start))
+        self.beliefs = sorted(h.beliefs, key=lambda b: b.since)
+
+    def failed_between(self, pid: int, a: float, b: float) -> str | None:
+        for t0, t1, how in self.failures.get(pid, ()):
+            if t0 <= b + EPS and t1 >= a - EPS:
+                return how
+        return None
+
+    def first_failure(self, pid: int, after: float) -> float | None:
+        best = None
+        for t0, t1, _ in self.failures.get(pid, ()):
+            if t1 >= after:
+                at = max(t0, after)
+                best = at if best is None else min(best, at)
+        return best
+
+    def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
+        return later.kind == "recovery" and all(
+            self.failed_between(e.pid, e.start, later.start) is not None for e in earlier)
+
+    def leader_when_due(self, f_us: int) -> tuple[Belief, float] | None:
+        """The process that believed it led when ``f_us`` came due on its own clock, and that instant."""
+        f = f_us / 1e6
+        for b in self.beliefs:
+            t = self.h.true_at_wall(b.host, f)
+            if b.since <= t < b.until:
+                return b, t
+        return None
+
+
+def check(h: History, scenario: Scenario) -> Checked:
+    facts = _Facts(h, scenario)
+    counts: dict[str, int] = {}
+    excused: dict[str, int] = defaultdict(int)
+    violations: list[Violation] = []
+    for name in INVARIANTS:
+        found, looked = globals()[f"check_{name}"](facts, excused)
+        counts[name] = looked
+        violations.extend(found)
+    violations.sort(key=lambda v: (v.t, INVARIANTS.index(v.invariant)))
+    return Checked(violations, counts, dict(sorted(excused.items())))
+
+
+def _fmt_f(f_us: int) -> str:
+    return f"{f_us / 1e6 - WALL0:+.3f}"
+
+
+def _run_desc(r: Run) -> str:
+    end = f"-{r.end:.3f} {r.status}" if r.end is not None else " (never ended)"
+    return f"run {r.rid} on {r.host}/p{r.pid} token {r.token} {r.kind} {r.start:.3f}{end}"
+
+
+# -- the checks ------------------------------------------------------------------------------------
+
+
+def check_duplicate_start(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    out = []
+    looked = 0
+    for job, runs in facts.scheduled_by_job.items():
+        by_f: dict[int, list[Run]] = defaultdict(list)
+        for r in runs:
+            by_f[r.f_us].append(r)
+        looked += len(by_f)
+        for f_us, group in by_f.items():
+            group.sort(key=lambda r: (r.start, r.rid))
+            for i, later in enumerate(group[1:], 1):
+                if facts.excused_recovery(later, group[:i]):
+                    excused["declared recovery of a failed process's run"] += 1
+                    continue
+                out.append(Violation(
+                    "duplicate_start", later.start,
+                    f"{job} fire time {_fmt_f(f_us)} started twice: "
+                    + "; ".join(_run_desc(r) for r in group[:i + 1]),
+                    job, f_us, [r.rid for r in group[:i + 1]], sorted({r.host for r in group[:i + 1]})))
+                break
+    return out, looked
+
+
+def check_fenced_sink(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    h = facts.h
+    out = []
+    last = 0
+    for t, token, host in h.grants:
+        if token <= last:
+            out.append(Violation("fenced_sink", t, f"the store granted token {token} to {host} after token {last}",
+                                 hosts=[host]))
+        last = max(last, token)
+    owner: dict[int, int] = {}
+    accepted: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for t, job, rid, phase, token, ok in h.sink:
+        if not ok:
+            continue
+        run = h.runs[rid]
+        if owner.setdefault(token, run.pid) != run.pid:
+            out.append(Violation("fenced_sink", t, f"the sink accepted token {token} from process p{run.pid} "
+                                 f"after accepting it from p{owner[token]}", job, run.f_us, [rid], [run.host]))
+        if phase == "start" and run.kind != "manual":
+            earlier = accepted[(job, run.f_us)]
+            if earlier and run.rid not in {r.rid for r in earlier}:
+                if facts.excused_recovery(run, earlier):
+                    excused["sink: declared recovery"] += 1
+                else:
+                    out.append(Violation(
+                        "fenced_sink", t, f"the sink accepted {job} fire time {_fmt_f(run.f_us)} twice: "
+                        + "; ".join(_run_desc(r) for r in [*earlier, run]),
+                        job, run.f_us, [r.rid for r in [*earlier, run]], sorted({r.host for r in [*earlier, run]})))
+            earlier.append(run)
+    return out, len(h.sink)
+
+
+def check_lost(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    h, config = facts.h, facts.config
+    out = []
+    looked = 0
+    skew = max(abs(h.wall(host, h.end) - (WALL0 + h.end)) for host in h.hosts)
+    lo = WALL0 + WINDOW_START
+    hi = WALL0 + h.end - WINDOW_END_MARGIN - skew
+    grace_us = int(config.misfire_grace * 1e6)
+    for shape in config.jobs:
+        p_us = shape.period_ms * 1000
+        runs = facts.scheduled_by_job.get(shape.id, [])
+        started: dict[int, list[Run]] = defaultdict(list)
+        for r in runs:
+            started[r.f_us].append(r)
+        # the runs that stand for a coalesced fire time: scheduled or catch-up (a recovery re-runs a claimed one)
+        firsts: dict[int, Run] = {}
+        for r in runs:
+            if r.kind != "recovery":
+                firsts.setdefault(r.f_us, r)
+        run_fs = sorted(firsts)
+        k = -(-(int(lo * 1e6) - INTERVAL_EPOCH_US) // p_us)
+        while True:
+            f_us = INTERVAL_EPOCH_US + k * p_us
+            k += 1
+            if f_us > hi * 1e6:
+                break
+            looked += 1
+            if f_us in started:
+                group = started[f_us]
+                if all(r.status == "cancelled" for r in group):
+                    cut = max(r.end or 0.0 for r in group)
+                    out.append(Violation("lost", cut, f"{shape.id} fire time {_fmt_f(f_us)}: its only run was cut "
+                                         "by a graceful stop: " + "; ".join(_run_desc(r) for r in group),
+                                         shape.id, f_us, [r.rid for r in group], sorted({r.host for r in group})))
+                continue
+            i = bisect.bisect_right(run_fs, f_us)
+            nxt = firsts[run_fs[i]] if i < len(run_fs) else None
+            reason = _excuse(facts, shape, f_us, nxt, grace_us)
+            if reason:
+                excused[reason] += 1
+                continue
+            due = facts.leader_when_due(f_us)
+            t = due[1] if due else f_us / 1e6 - WALL0
+            who = f"; leader then {due[0].host}/p{due[0].pid} token {due[0].token}" if due else "; no leader then"
+            after = f"; next run {_run_desc(nxt)} for {_fmt_f(nxt.f_us)}" if nxt else "; no later run"
+            out.append(Violation("lost", t, f"{shape.id} fire time {_fmt_f(f_us)} never started{who}{after}",
+                                 shape.id, f_us, [nxt.rid] if nxt else [], [due[0].host] if due else []))
+    return out, looked
+
+
+def _excuse(facts: _Facts, shape: Any, f_us: int, nxt: Run | None, grace_us: int) -> str | None:
+    h, config = facts.h, facts.config
+    f = f_us / 1e6
+    # coalesced into a catch-up run
+    if nxt is not None and nxt.kind == "catch-up" and nxt.f_us - f_us <= grace_us:
+        return "coalesced into a catch-up run"
+    # coalesced by APScheduler after a stall of the leader (a pause, or its wall clock jumping over it)
+    if nxt is not None and nxt.kind == "scheduled":
+        due = h.true_at_wall(nxt.host, f)
+        for _, pid, t0, t1 in h.pauses:
+            if pid == nxt.pid and t0 - EPS <= due <= t1 + EPS:
+                return "coalesced after a pause of the leader"
+        for host, at, delta in h.steps:
+            if host == nxt.host and delta > 0:
+                before = h.wall(host, at - EPS)
+                if before < f <= before + delta + shape.period_ms / 1000:
+                    return "coalesced after a forward clock step on the leader"
+    # max_instances runs going on
+    due = facts.leader_when_due(f_us)
+    if due is not None:
+        belief, t = due
+        going = sum(1 for fire in h.fires
+                    if fire.pid == belief.pid and fire.job == shape.id and fire.f_us != f_us and fire.enter <= t + EPS
+                    and (fire.exit is None or fire.exit >= t - EPS))
+        if going >= shape.max_instances:
+            return "skipped: max_instances on the leader"
+        running = 0
+        for r in facts.runs_by_job.get(shape.id, ()):
+            if r.start <= t + EPS and (r.end is None or r.end >= t - EPS):
+                stop = facts.first_failure(r.pid, r.start)
+                if stop is None or stop > t:
+                    running += 1
+        if running >= shape.max_instances:
+            return "skipped: max_instances cluster-wide"
+    # a crash's at-most-once window
+    if not shape.recover:
+        slack = config.op_timeout
+        for b in facts.beliefs:
+            for t0, _t1, how in facts.failures.get(b.pid, ()):
+                if b.since <= t0 <= b.until:
+                    wall = h.wall(b.host, t0)
+                    if wall - slack <= f <= wall + config.claim_ahead + slack:
+                        return f"at-most-once window of a leader {how}"
+    # no leader for the whole grace
+    t_ref = f - WALL0
+    if not any(b.since <= t_ref + config.misfire_grace and b.until >= t_ref for b in facts.beliefs):
+        return "no leader within the misfire grace"
+    return None
+
+
+def check_max_instances(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    h = facts.h
+    out = []
+    looked = 0
+    for shape in facts.config.jobs:
+        spans = []
+        for r in facts.runs_by_job.get(shape.id, ()):
+            stop = r.end if r.end is not None else h.end
+            failed = facts.first_failure(r.pid, r.start)
+            if failed is not None:
+                stop = min(stop, failed)
+            if stop > r.start:
+                spans.append((r.start, stop, r))
+        looked += len(spans)
+        points = sorted([(s, 1, r.rid) for s, _, r in spans] + [(e, -1, r.rid) for _, e, r in spans],
+                        key=lambda p: (p[0], p[1]))
+        going: dict[int, Run] = {}
+        reported = 0
+        for t, delta, rid in points:
+            if delta < 0:
+                going.pop(rid, None)
+                continue
+            going[rid] = h.runs[rid]
+            if len(going) > shape.max_instances and reported < 3:
+                reported += 1
+                runs = sorted(going.values(), key=lambda r: r.start)
+                out.append(Violation(
+                    "max_instances", t, f"{shape.id} (max_instances={shape.max_instances}) has {len(going)} runs "
+                    "going: " + "; ".join(f"{_fmt_f(r.f_us)} " + _run_desc(r) for r in runs),
+                    shape.id, h.runs[rid].f_us, [r.rid for r in runs], sorted({r.host for r in runs})))
+    return out, looked
+
+
+def check_waits_forever(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    h, config = facts.h, facts.config
+    out = []
+    for fire in h.fires:
+        if fire.exit is not None or fire.rid is not None:
+            continue
+        proc = facts.procs[fire.pid]
+        until = proc.end if proc.end is not None else h.end
+        paused = sum(max(0.0, min(t1, until) - max(t0, fire.enter))
+                     for _host, pid, t0, t1 in h.pauses if pid == fire.pid)
+        waited = until - fire.enter - paused
+        if waited > config.wait_bound:
+            out.append(Violation(
+                "waits_forever", fire.enter + config.wait_bound,
+                f"{fire.job} fire time {_fmt_f(fire.f_us)} ({fire.kind}) handed to {fire.host}/p{fire.pid} at "
+                f"{fire.enter:.3f} neither ran nor returned in {waited:.1f}s of process time "
+                f"({'until the process ' + proc.how if proc.end is not None else 'until the end'})",
+                fire.job, fire.f_us, [], [fire.host]))
+    return out, len(h.fires)
+
+
+def check_one_leader(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    out = []
+    beliefs = facts.beliefs
+    for i, a in enumerate(beliefs):
+        for b in beliefs[i + 1:]:
+            if b.since >= a.until:
+                break
+            if b.pid == a.pid:
+                continue
+            overlap = min(a.until, b.until) - b.since
+            if overlap > LEADER_OVERLAP_BOUND:
+                out.append(Violation(
+                    "one_leader", b.since, f"{a.host}/p{a.pid} (token {a.token}, {a.since:.3f}-{a.until:.3f}) and "
+                    f"{b.host}/p{b.pid} (token {b.token}, {b.since:.3f}-{b.until:.3f}) both believed they led "
+                    f"for {overlap:.3f}s", hosts=[a.host, b.host]))
+    return out, len(beliefs)
