@@ -10,6 +10,9 @@ Recorded from outside the nodes' own accounting:
   when that call returned, for "no run waits forever";
 * leadership beliefs: when each process set its lease and until when its local
   deadline let it believe it, in true time; the tokens the store granted;
+* the claim marks the store answered (``claim_window`` and ``hand_back``, at
+  the store, whether or not the answer reached the caller): which token held
+  which window of fire times, and what was handed back with which busy runs;
 * processes (started, paused, resumed, killed, exited), cut-offs, outages,
   clock steps, operation faults as they hit, and the faults as executed;
 * warnings the node code logged (for the event table only).
@@ -41,6 +44,7 @@ class Run:
     kind: str  # scheduled, catch-up, recovery, manual
     start: float
     fid: int | None
+    key: str = ""  # the run's claim key (RunContext.key): what a record or a busy entry names
     end: float | None = None
     status: str = ""  # ok, cancelled; "" while running or cut by a kill
     accepted: bool = False  # the sink accepted its start write
@@ -70,6 +74,38 @@ class Belief:
 
 
 @dataclass
+class Mark:
+    """The claim mark as the store left it after a ``claim_window`` or ``hand_back`` of ``asked`` (a token)."""
+
+    t: float
+    host: str
+    op: str  # claim_window, hand_back
+    asked: int  # the caller's token
+    token: int  # the mark's token after the operation
+    since_us: int
+    until_us: int
+    sealed: bool
+    at_us: int | None = None  # hand_back: the hand-back point asked
+    busy: list[str] = field(default_factory=list)  # hand_back: keys of the runs still going
+    sent: float = 0.0  # when the request left its process
+
+
+@dataclass
+class View:
+    """A claim mark as it reached a process (the answer of its ``claim_window`` or ``hand_back``).
+
+    ``busy``: the runs a previous leader handed over as still going, as the
+    store listed them: (key, job, node, token, until_us).
+    """
+
+    t: float
+    host: str
+    pid: int
+    token: int
+    busy: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+
+
+@dataclass
 class Proc:
     pid: int
     host: str
@@ -86,6 +122,8 @@ class History:
     beliefs: list[Belief] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
     grants: list[tuple[float, int, str]] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)
+    views: list[View] = field(default_factory=list)
     pauses: list[tuple[str, int, float, float]] = field(default_factory=list)  # host, pid, from, to
     cuts: list[tuple[str, float, float]] = field(default_factory=list)  # host ("" = every host), from, to
     steps: list[tuple[str, float, float]] = field(default_factory=list)  # host, at, delta
@@ -135,6 +173,15 @@ class History:
         if not self.frozen:
             self.grants.append((t, token, host))
 
+    def window(self, t: float, host: str, op: str, asked: int, token: int, since_us: int, until_us: int,
+               sealed: bool, at_us: int | None = None, busy: list[str] | None = None, sent: float = 0.0) -> None:
+        if not self.frozen:
+            self.marks.append(Mark(t, host, op, asked, token, since_us, until_us, sealed, at_us, busy or [], sent))
+
+    def view(self, t: float, host: str, pid: int, token: int, busy: list[tuple[str, str, str, int, int]]) -> None:
+        if not self.frozen:
+            self.views.append(View(t, host, pid, token, busy))
+
     def fire_enter(self, t: float, host: str, pid: int, job: str, f_us: int, kind: str) -> int:
         fid = len(self.fires)
         if not self.frozen:
@@ -147,11 +194,11 @@ class History:
             fire.exit, fire.outcome = t, outcome
 
     def start(self, t: float, job: str, f_us: int, host: str, pid: int, token: int, kind: str,
-              fid: int | None) -> int:
+              fid: int | None, key: str = "") -> int:
         rid = len(self.runs)
         if self.frozen:
             return rid
-        run = Run(rid, job, f_us, host, pid, token, kind, t, fid)
+        run = Run(rid, job, f_us, host, pid, token, kind, t, fid, key)
         self.runs.append(run)
         if fid is not None and fid < len(self.fires):
             self.fires[fid].rid = rid
@@ -228,7 +275,7 @@ class History:
     def dump(self) -> str:
         """Everything recorded, as JSON lines: equal histories give equal bytes."""
         lines = [json.dumps({"hosts": self.hosts, "end": self.end}, sort_keys=True)]
-        for name in ("runs", "fires", "beliefs", "procs"):
+        for name in ("runs", "fires", "beliefs", "procs", "marks", "views"):
             lines.extend(json.dumps([name, asdict(x)], sort_keys=True) for x in getattr(self, name))
         for name in ("grants", "pauses", "cuts", "steps", "sink", "faults", "notes"):
             lines.extend(json.dumps([name, x], sort_keys=True) for x in getattr(self, name))

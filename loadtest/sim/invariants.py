@@ -49,7 +49,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.sim.history import WALL0, Belief, History, Run
+from loadtest.sim.history import WALL0, Belief, Fire, History, Mark, Run, View
 from loadtest.sim.scenario import Scenario
 
 INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "max_instances", "waits_forever", "one_leader")
@@ -63,6 +63,11 @@ WINDOW_START = 0.5
 WINDOW_END_MARGIN = 2.0
 #: Two instants this close are the same (the order of callbacks at one virtual instant).
 EPS = 1e-6
+#: How long a fire time of a leader's window may come due before the leader fails and still be lost with it:
+#: the claim's answer can be that late (an operation timeout, then a retry).
+CRASH_SLACK = 0.6
+#: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
+HAND_BACK_TIME = 1.5
 
 
 @dataclass
@@ -116,6 +121,39 @@ class _Facts:
             self.scheduled_by_job[job] = sorted((r for r in runs if r.kind != "manual"),
                                                 key=lambda r: (r.f_us, r.start))
         self.beliefs = sorted(h.beliefs, key=lambda b: b.since)
+        self.beliefs_of: dict[int, list[Belief]] = defaultdict(list)
+        for b in self.beliefs:
+            self.beliefs_of[b.token].append(b)
+        self.runs_by_key: dict[str, list[Run]] = defaultdict(list)
+        for run in h.runs:
+            self.runs_by_key[run.key].append(run)
+        self.fires_of: dict[tuple[str, int], list[Fire]] = defaultdict(list)
+        self.catch_ups: dict[str, list[Fire]] = defaultdict(list)
+        for fire in h.fires:
+            self.fires_of[(fire.job, fire.f_us)].append(fire)
+            if fire.kind == "catch-up":
+                self.catch_ups[fire.job].append(fire)
+        self.scheduled_fires: dict[tuple[int, str], list[Fire]] = defaultdict(list)
+        for fire in sorted(h.fires, key=lambda x: x.f_us):
+            if fire.kind == "scheduled":
+                self.scheduled_fires[(fire.pid, fire.job)].append(fire)
+        self.scheduled_f_us = {k: [x.f_us for x in v] for k, v in self.scheduled_fires.items()}
+        self.beliefs_by_pid: dict[int, list[Belief]] = defaultdict(list)
+        for b in self.beliefs:
+            self.beliefs_by_pid[b.pid].append(b)
+        # claim marks the store answered, per token that asked and holds them; hand-backs per busy key
+        self.marks_of: dict[int, list[Mark]] = defaultdict(list)
+        self.hand_backs_of: dict[str, list[Mark]] = defaultdict(list)
+        for m in h.marks:
+            if m.token == m.asked:
+                self.marks_of[m.token].append(m)
+            for key in m.busy:
+                self.hand_backs_of[key].append(m)
+        self.views_of: dict[int, list[View]] = defaultdict(list)
+        for v in h.views:
+            self.views_of[v.pid].append(v)
+        self.view_times = {pid: [v.t for v in views] for pid, views in self.views_of.items()}
+        self._busy_ok: dict[tuple[str, int], bool] = {}
 
     def failed_between(self, pid: int, a: float, b: float) -> str | None:
         for t0, t1, how in self.failures.get(pid, ()):
@@ -130,6 +168,102 @@ class _Facts:
                 at = max(t0, after)
                 best = at if best is None else min(best, at)
         return best
+
+    def coalesced(self, shape: Any, f_us: int, grace_us: int) -> bool:
+        """A new leader's catch-up for a later fire time within the grace covered ``f_us`` (its window began at
+        or before it), and that catch-up ran, or was skipped for ``max_instances`` with the evidence of
+        ``_skipped``: the catch-up runs the latest fire time a leader owes and folds the earlier ones into it."""
+        for fire in self.catch_ups.get(shape.id, ()):
+            if not f_us <= fire.f_us <= f_us + grace_us:
+                continue
+            since = self.window_since(fire.pid, fire.enter)
+            if since is not None and since <= f_us and (fire.rid is not None or _skipped(self, shape, fire.f_us)):
+                return True
+        return False
+
+    def stalled(self, shape: Any, f_us: int) -> str | None:
+        """APScheduler folded ``f_us`` into the next fire time it handed to a gate (``coalesce``): that process
+        was paused when ``f_us`` came due, or its wall clock jumped forward over it; and that next fire time
+        ran, or was skipped for ``max_instances`` with the evidence of ``_skipped``."""
+        h = self.h
+        f = f_us / 1e6
+        for (pid, job), fires in self.scheduled_fires.items():
+            if job != shape.id:
+                continue
+            i = bisect.bisect_right(self.scheduled_f_us[(pid, job)], f_us)
+            if i == len(fires):
+                continue
+            nxt = fires[i]
+            reason = None
+            due = h.true_at_wall(nxt.host, f)
+            if any(p == pid and t0 - EPS <= due <= t1 + EPS for _, p, t0, t1 in h.pauses):
+                reason = "coalesced after a pause of the leader"
+            for host, at, delta in h.steps:
+                if reason is None and host == nxt.host and delta > 0:
+                    before = h.wall(host, at - EPS)
+                    if before < f <= before + delta + shape.period_ms / 1000:
+                        reason = "coalesced after a forward clock step on the leader"
+            if reason and (nxt.rid is not None or _skipped(self, shape, nxt.f_us)):
+                return reason
+        return None
+
+    def window_since(self, pid: int, t: float) -> int | None:
+        """Where the claim window of the token ``pid`` led with at ``t`` began (None: no window, or no belief)."""
+        for b in self.beliefs_by_pid.get(pid, ()):
+            if b.since - EPS <= t <= b.until + EPS:
+                marks = self.marks_of.get(b.token)
+                return marks[0].since_us if marks else None
+        return None
+
+    def alive(self, pid: int, t: float) -> bool:
+        """The process had not died (killed, or exited) by ``t``."""
+        end = self.procs[pid].end
+        return end is None or end > t + EPS
+
+    def last_view(self, pid: int, t: float) -> View | None:
+        views = self.views_of.get(pid)
+        if not views:
+            return None
+        i = bisect.bisect_right(self.view_times[pid], t + EPS)
+        return views[i - 1] if i else None
+
+    def truly_busy(self, key: str, node: str, token: int) -> bool:
+        """A busy entry the store listed was written by a hand-back sent while that run was going."""
+        cached = self._busy_ok.get((key, token))
+        if cached is None:
+            runs = [r for r in self.runs_by_key.get(key, ()) if r.token == token and r.host == node]
+            cached = any(r.start <= m.sent + EPS and (r.end is None or r.end >= m.sent - EPS)
+                         for m in self.hand_backs_of.get(key, ()) for r in runs if m.asked == token)
+            self._busy_ok[(key, token)] = cached
+        return cached
+
+    def failed_window(self, f_us: int) -> str | None:
+        """How the leader holding ``f_us`` in its claim window failed, if it did: the at-most-once window of a crash.
+
+        The fire time lies in the claim window the store had granted a token
+        by requests sent up to the instant its process failed (killed, paused,
+        cut off, or the store down) while it led, or while it tried to hand
+        the window back after; it was not handed back (nor given up) below the
+        fire time; and it came due no more than ``CRASH_SLACK`` before the
+        failure (a fire time due earlier was the leader's to start).
+        """
+        h = self.h
+        for token, marks in self.marks_of.items():
+            if not any(m.since_us <= f_us < m.until_us for m in marks):
+                continue
+            final = marks[-1]
+            if final.sealed and final.until_us <= f_us:
+                return None  # handed back below it: the next token's to run
+            for b in self.beliefs_of.get(token, ()):
+                for t0, t1, how in self.failures.get(b.pid, ()):
+                    if t1 < b.since - EPS or t0 > b.until + HAND_BACK_TIME:
+                        continue
+                    at = max(t0, b.since)
+                    held = max((m.until_us for m in marks if m.sent <= at + EPS), default=0)
+                    if f_us < held and f_us / 1e6 >= h.wall(b.host, at) - CRASH_SLACK:
+                        return how
+            return None
+        return None
 
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
         return later.kind == "recovery" and all(
@@ -276,52 +410,56 @@ def check_lost(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation],
 
 
 def _excuse(facts: _Facts, shape: Any, f_us: int, nxt: Run | None, grace_us: int) -> str | None:
-    h, config = facts.h, facts.config
     f = f_us / 1e6
     # coalesced into a catch-up run
-    if nxt is not None and nxt.kind == "catch-up" and nxt.f_us - f_us <= grace_us:
+    if facts.coalesced(shape, f_us, grace_us):
         return "coalesced into a catch-up run"
     # coalesced by APScheduler after a stall of the leader (a pause, or its wall clock jumping over it)
-    if nxt is not None and nxt.kind == "scheduled":
-        due = h.true_at_wall(nxt.host, f)
-        for _, pid, t0, t1 in h.pauses:
-            if pid == nxt.pid and t0 - EPS <= due <= t1 + EPS:
-                return "coalesced after a pause of the leader"
-        for host, at, delta in h.steps:
-            if host == nxt.host and delta > 0:
-                before = h.wall(host, at - EPS)
-                if before < f <= before + delta + shape.period_ms / 1000:
-                    return "coalesced after a forward clock step on the leader"
-    # max_instances runs going on
-    due = facts.leader_when_due(f_us)
-    if due is not None:
-        belief, t = due
-        going = sum(1 for fire in h.fires
-                    if fire.pid == belief.pid and fire.job == shape.id and fire.f_us != f_us and fire.enter <= t + EPS
-                    and (fire.exit is None or fire.exit >= t - EPS))
-        if going >= shape.max_instances:
-            return "skipped: max_instances on the leader"
-        running = 0
-        for r in facts.runs_by_job.get(shape.id, ()):
-            if r.start <= t + EPS and (r.end is None or r.end >= t - EPS):
-                stop = facts.first_failure(r.pid, r.start)
-                if stop is None or stop > t:
-                    running += 1
-        if running >= shape.max_instances:
-            return "skipped: max_instances cluster-wide"
-    # a crash's at-most-once window
+    stalled = facts.stalled(shape, f_us)
+    if stalled:
+        return stalled
+    skipped = _skipped(facts, shape, f_us)
+    if skipped:
+        return skipped
+    # a failed leader's claim window: at most once (recoverable jobs are recovered instead)
     if not shape.recover:
-        slack = config.op_timeout
-        for b in facts.beliefs:
-            for t0, _t1, how in facts.failures.get(b.pid, ()):
-                if b.since <= t0 <= b.until:
-                    wall = h.wall(b.host, t0)
-                    if wall - slack <= f <= wall + config.claim_ahead + slack:
-                        return f"at-most-once window of a leader {how}"
+        failed = facts.failed_window(f_us)
+        if failed:
+            return f"at-most-once window of a leader {failed}"
     # no leader for the whole grace
     t_ref = f - WALL0
-    if not any(b.since <= t_ref + config.misfire_grace and b.until >= t_ref for b in facts.beliefs):
+    if not any(b.since <= t_ref + facts.config.misfire_grace and b.until >= t_ref for b in facts.beliefs):
         return "no leader within the misfire grace"
+    return None
+
+
+def _skipped(facts: _Facts, shape: Any, f_us: int) -> str | None:
+    """Why a gate that had ``f_us`` in hand may have skipped it for ``max_instances``, from the history alone.
+
+    At the instant a node's gate returned for this fire time: the job had
+    ``max_instances`` runs going on processes still alive; or, counting the
+    runs going on that process, the busy runs of the last claim mark that
+    reached it (runs a previous leader handed over as still going, listed by
+    the store until their records arrive or their entries expire) made up the
+    number, each of them truly going when it was handed over.
+    """
+    for fire in facts.fires_of.get((shape.id, f_us), ()):
+        t = fire.exit
+        if t is None:
+            continue
+        going = [r for r in facts.runs_by_job.get(shape.id, ())
+                 if r.start <= t + EPS and (r.end is None or r.end >= t - EPS) and facts.alive(r.pid, t)]
+        if len(going) >= shape.max_instances:
+            return "skipped: max_instances runs going in the cluster"
+        view = facts.last_view(fire.pid, t)
+        if view is None:
+            continue
+        own = {r.key for r in going if r.pid == fire.pid}
+        wall_us = facts.h.wall(fire.host, t) * 1e6
+        listed = {key for key, job, node, token, until_us in view.busy
+                  if job == shape.id and until_us > wall_us and key not in own and facts.truly_busy(key, node, token)}
+        if len(own) + len(listed) >= shape.max_instances:
+            return "skipped: max_instances, counting handed-over runs until their records arrive"
     return None
 
 

@@ -70,7 +70,7 @@ class Network:
                  latency: tuple[float, float] = (0.0005, 0.003),
                  apply_as: Callable[[Any, Callable[[], Any]], Any] | None = None,
                  on_event: Callable[..., None] | None = None,
-                 observe: Callable[[str, str, tuple[Any, ...], Any], None] | None = None) -> None:
+                 observe: Callable[[str, str, tuple[Any, ...], Any, float], None] | None = None) -> None:
         self.loop = loop
         self.rng = rng
         self.op_timeout = op_timeout
@@ -83,7 +83,7 @@ class Network:
         #: The context of everything that happens at the server (no process: never paused or killed).
         self.server = contextvars.Context()
         self._on_event = on_event or (lambda *a: None)
-        #: Called at the server when an operation applied: (host, op, args, result).
+        #: Called at the server when an operation applied: (host, op, args, result, when the request left).
         self._observe = observe or (lambda *a: None)
 
     # -- faults ------------------------------------------------------------------------
@@ -160,7 +160,7 @@ class Network:
                 except Exception as exc:
                     error = exc
                 else:
-                    self._observe(host, op, args, value)
+                    self._observe(host, op, args, value, sent)
             at = loop.now + down
             if effect == "fail-after" or at > gave_up:
                 # the answer is lost, or comes after the caller gave up: the caller's timeout speaks
@@ -189,12 +189,15 @@ def _apply(coro: Any) -> Any:
 class FaultyBackend:
     """A backend as one host sees it through the ``Network``; every coroutine method is a round trip."""
 
-    def __init__(self, inner: Any, net: Network, host: str, frozen_clock: Callable[[], Any]) -> None:
+    def __init__(self, inner: Any, net: Network, host: str, frozen_clock: Callable[[], Any],
+                 on_answer: Callable[[str, tuple[Any, ...], Any], None] | None = None) -> None:
         self.inner = inner
         self.net = net
         self.host = host
         #: Returns the caller's clock readings at the moment of sending (the server-side task reads them).
         self._frozen_clock = frozen_clock
+        #: Called in the caller's context when an answer reaches it: (op, args, result).
+        self._on_answer = on_answer
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -205,7 +208,10 @@ class FaultyBackend:
         return wrapped
 
     async def _call(self, op: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await self.net.call(self.host, op, method, self._frozen_clock(), args, kwargs)
+        result = await self.net.call(self.host, op, method, self._frozen_clock(), args, kwargs)
+        if self._on_answer is not None:
+            self._on_answer(op, args, result)
+        return result
 
     async def _wait(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self.net.reachable(self.host):

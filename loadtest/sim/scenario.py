@@ -20,8 +20,9 @@ KINDS = ("pause", "kill", "term", "step_down", "clock_step", "outage", "cut", "o
 KIND_WEIGHTS = {"pause": 3, "kill": 2, "term": 3, "step_down": 3, "clock_step": 1, "outage": 1, "cut": 1,
                 "op": 6, "run_now": 1}
 #: Relative weights of operations for operation faults; a name not listed weighs ``OP_DEFAULT_WEIGHT``.
-OP_WEIGHTS = {"claim_many": 5, "claim": 3, "renew": 3, "acquire": 2, "record_many": 3, "release": 1,
-              "runs": 1, "settings": 1, "leader": 1, "record": 0, "set_setting": 0}
+OP_WEIGHTS = {"claim_window": 5, "hand_back": 3, "claim": 2, "renew": 3, "acquire": 2, "record_many": 3,
+              "unfinished": 2, "release": 1, "settings": 1, "leader": 1, "server_time": 1,
+              "claim_many": 0, "runs": 0, "set_setting": 0}
 OP_DEFAULT_WEIGHT = 2
 EFFECT_WEIGHTS = {"delay-request": 2, "delay-response": 2, "fail-before": 2, "fail-after": 3, "raise": 2}
 
@@ -111,8 +112,10 @@ class RunConfig:
     tail: float = 4.0
     #: an interval of process time after which a fire time that has neither run nor returned waits "forever"
     wait_bound: float = 5.0
-    #: the shutdown grace of GatedScheduler.shutdown (its default), used to explain cut runs
-    shutdown_grace: float = 5.0
+    #: BATON_SHUTDOWN_GRACE: longer than every body a random run draws (1.3 x 8 s), so no body is ever cut
+    shutdown_grace: float = 12.0
+    #: BATON_MAX_CLOCK_SKEW
+    max_clock_skew: float = 1.0
     faults_min: int = 2
     faults_max: int = 4
 
