@@ -266,7 +266,7 @@ class GatedScheduler:
         await self.store.realign(now + timedelta(microseconds=1))
         if self._hand_back_at_us is not None:
             # a handoff began while the first window was being claimed: give that window back too
-            await self._hand_back(lease, self._hand_back_at_us, retry=False)
+            await self._hand_back(lease, self._hand_back_at_us, retry_until=0.0)
             return
         self.scheduler.resume()
         self.keeper.start()
@@ -285,9 +285,14 @@ class GatedScheduler:
             await self.keeper.stop()
             if lease is not None and not self._handed_back:
                 # the lease is gone, but until a successor claims, the store takes back what we never ran
-                with contextlib.suppress(TimeoutError):  # a flush of the records, then one hand-back attempt
-                    await asyncio.wait_for(self._hand_back(lease, at, retry=False),
-                                           self.backend.options.op_timeout * 3)
+                # a flush of the records, then hand-back attempts for a while (a node that steps down, its clock
+                # skewed say, must not give up after one failed attempt: the window's fire times and the busy runs
+                # would be lost; found by the simulator). Safe after the lease lapsed: the store refuses a hand-back
+                # once a successor moved the mark.
+                op_timeout = self.backend.options.op_timeout
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hand_back(lease, at, retry_until=clocks.monotonic() + op_timeout * 2),
+                                           op_timeout * 3)
         await self.keeper.stop()
         self.token = None
         self.metrics.is_leader.set(0)
@@ -314,7 +319,7 @@ class GatedScheduler:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), left)
-        await self._hand_back(lease, at, retry=True)
+        await self._hand_back(lease, at, retry_until=lease.deadline)
 
     def _close_gate(self) -> int:
         """Stop firing now; fire times from the returned instant (us) on are handed back, never started here.
@@ -330,7 +335,8 @@ class GatedScheduler:
         self._hand_back_at_us = at
         return at
 
-    async def _hand_back(self, lease: Lease, at_us: int, *, retry: bool) -> None:
+    async def _hand_back(self, lease: Lease, at_us: int, *, retry_until: float) -> None:
+        """Hand back the window from ``at_us``, listing the runs going; attempts until ``retry_until`` (monotonic)."""
         # Records of runs that ended reach the store before the window goes: otherwise the next leader
         # finds a finished recoverable run's intent without a result and runs it again (found by the simulator).
         await self.recorder.flush(self.backend.options.op_timeout)
@@ -345,7 +351,7 @@ class GatedScheduler:
                 window = await self.backend.hand_back(lease, at_us, busy, drop)
             except Exception as exc:  # not handed back, or not known to be: hand_back is idempotent, so try again
                 # (a surprise too: given up, it would lose the window's fire times and the busy runs; simulator)
-                if retry and lease.valid():
+                if clocks.monotonic() < retry_until:
                     log.warning("handing back failed, retrying: %s", exc)
                     await asyncio.sleep(0.05)
                     continue
@@ -355,7 +361,8 @@ class GatedScheduler:
                     log.error("handing back the claim window failed: %s", exc, exc_info=exc)
                 return
             break
-        self._handed_back = True
+        if self.token == lease.token:  # a hand-over that outlived its leadership says nothing of a newer one's
+            self._handed_back = True  # (which then skipped its own hand-back: found by the simulator)
         if window is None:
             log.info("nothing to hand back: a newer leader holds the claim window")
         else:
@@ -403,6 +410,9 @@ class GatedScheduler:
         starts the body with every check still true.
         """
         if kind is RunKind.MANUAL:
+            lease = self._current_lease()
+            if lease is not None:  # a new leader learns the runs its predecessor left going with its first window
+                await self._first_window(lease, scheduled_at)  # (admitted before, a manual run could overlap them)
             return self._admit_manual(spec, scheduled_at, force)
         if kind is RunKind.RECOVERY:
             return await self._admit_recovery(spec, scheduled_at)
@@ -418,12 +428,18 @@ class GatedScheduler:
         lease = self._current_lease()
         if lease is None:
             return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        if self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
+        while self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
             give_up = min(lease.deadline, clocks.monotonic() + max(0.0, self.misfire_grace - lateness))
             await self.keeper.cover(t_us, lease, give_up)
-            lease = self._current_lease()
+            waited_out = clocks.monotonic() >= give_up
+            before, lease = lease, self._current_lease()
             if lease is None:
                 return Refusal(RunOutcome.FENCED, "lease lost while the claim window was extended")
+            lateness = clocks.time() - t_us / 1e6
+            # waited until the lease's deadline, but it was renewed meanwhile: still ours to run, wait on (given
+            # up, the fire time would be lost, though this leader owns it once the store answers; simulator)
+            if not (waited_out and lease.deadline > before.deadline and lateness < self.misfire_grace):
+                break
         refusal = self._outside_window(t_us, lease)
         if refusal is not None:
             return refusal
@@ -700,12 +716,20 @@ class GatedScheduler:
         hi = from_us(hi_us) - timedelta(microseconds=1)
         if lo > hi:
             return keys
+        # Fire times before now that the window covers came due while this node stalled (paused, or its clock
+        # jumped forward): APScheduler runs the latest of them (coalesce), which must be an intent too, or a
+        # crash before that run would lose it for good (found by the simulator).
+        stalled = (from_us(lo_us), from_us(now_us) - timedelta(microseconds=1)) if lo_us < now_us else None
         for spec in self._recoverable:
             if spec.id in self.paused_jobs:
                 continue
             job = self.scheduler.get_job(spec.id)
             if job is None:
                 continue
+            if stalled is not None and (latest := latest_fire_time(job.trigger, *stalled)) is not None:
+                key = claim_key(spec.id, latest)
+                self._intents[key] = to_us(latest)
+                keys.append(key)
             t = job.trigger.get_next_fire_time(None, lo)
             while t is not None and t <= hi:
                 key = claim_key(spec.id, t)

@@ -182,9 +182,15 @@ class _Facts:
         return False
 
     def stalled(self, shape: Any, f_us: int) -> str | None:
-        """APScheduler folded ``f_us`` into the next fire time it handed to a gate (``coalesce``): that process
-        was paused when ``f_us`` came due, or its wall clock jumped forward over it; and that next fire time
-        ran, or was skipped for ``max_instances`` with the evidence of ``_skipped``."""
+        """APScheduler folded ``f_us`` into a later fire time (``coalesce``) after a stall of the leader.
+
+        A pause: the process was paused when ``f_us`` came due on its clock, and
+        the next fire time of the job it handed to its gate ran, or was skipped
+        for ``max_instances`` with the evidence of ``_skipped``. A forward step
+        of a leading process's wall clock: ``f_us`` lies in the range it jumped
+        over (up to a period after), and a later fire time of that range ran
+        (its recovery included, the leader having died since) or was skipped so.
+        """
         h = self.h
         f = f_us / 1e6
         for (pid, job), fires in self.scheduled_fires.items():
@@ -194,17 +200,21 @@ class _Facts:
             if i == len(fires):
                 continue
             nxt = fires[i]
-            reason = None
             due = h.true_at_wall(nxt.host, f)
-            if any(p == pid and t0 - EPS <= due <= t1 + EPS for _, p, t0, t1 in h.pauses):
-                reason = "coalesced after a pause of the leader"
-            for host, at, delta in h.steps:
-                if reason is None and host == nxt.host and delta > 0:
-                    before = h.wall(host, at - EPS)
-                    if before < f <= before + delta + shape.period_ms / 1000:
-                        reason = "coalesced after a forward clock step on the leader"
-            if reason and (nxt.rid is not None or _skipped(self, shape, nxt.f_us)):
-                return reason
+            if (any(p == pid and t0 - EPS <= due <= t1 + EPS for _, p, t0, t1 in h.pauses)
+                    and (nxt.rid is not None or _skipped(self, shape, nxt.f_us))):
+                return "coalesced after a pause of the leader"
+        for host, at, delta in h.steps:
+            if delta <= 0 or not any(b.host == host and b.since - EPS <= at <= b.until + EPS for b in self.beliefs):
+                continue
+            before = h.wall(host, at - EPS)
+            top_us = int((before + delta + shape.period_ms / 1000) * 1e6)
+            if not before < f <= top_us / 1e6:
+                continue
+            if any(f_us < r.f_us <= top_us for r in self.runs_by_job.get(shape.id, ()) if r.kind != "manual"):
+                return "coalesced after a forward clock step on the leader"
+            if any(f_us < g <= top_us and _skipped(self, shape, g) for (job, g) in self.fires_of if job == shape.id):
+                return "coalesced after a forward clock step on the leader"
         return None
 
     def window_since(self, pid: int, t: float) -> int | None:
@@ -249,11 +259,10 @@ class _Facts:
         """
         h = self.h
         for token, marks in self.marks_of.items():
-            if not any(m.since_us <= f_us < m.until_us for m in marks):
+            final = marks[-1]  # a sealed mark is final: what was handed back is the next token's to run
+            until = final.until_us if final.sealed else max(m.until_us for m in marks)
+            if not marks[0].since_us <= f_us < until:
                 continue
-            final = marks[-1]
-            if final.sealed and final.until_us <= f_us:
-                return None  # handed back below it: the next token's to run
             for b in self.beliefs_of.get(token, ()):
                 for t0, t1, how in self.failures.get(b.pid, ()):
                     if t1 < b.since - EPS or t0 > b.until + HAND_BACK_TIME:
