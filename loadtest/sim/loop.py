@@ -236,9 +236,16 @@ class SimLoop(asyncio.BaseEventLoop):
             handle = ready.popleft()
             if handle._cancelled:
                 continue
-            proc = handle._context.get(PROCESS)
+            context = handle._context
+            proc = context.get(PROCESS)
             if proc is not None and proc.state != UP:
                 (proc.deferred if proc.state == PAUSED else proc.graveyard).append(handle)
                 continue
-            handle._run()
+            try:  # Handle._run, inline (a call less per callback)
+                context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self.call_exception_handler({"message": f"Exception in callback {handle._callback!r}",
+                                             "exception": exc, "handle": handle})
         handle = None  # break cycles on exceptions, as the stdlib loop does

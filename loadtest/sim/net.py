@@ -33,7 +33,7 @@ import asyncio
 import contextvars
 import inspect
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -45,6 +45,8 @@ from lock_backends import BackendUnavailable
 WAITS = frozenset({"wait_for_change"})
 #: Methods that do not reach the server.
 LOCAL = frozenset({"close"})
+#: Methods whose answers are reported to ``on_answer`` when they reach the caller.
+ANSWERS_SEEN = frozenset({"claim_window", "hand_back"})
 
 EFFECTS = ("delay-request", "delay-response", "fail-before", "fail-after", "raise")
 
@@ -116,8 +118,9 @@ class Network:
 
     # -- a round trip ------------------------------------------------------------------------
 
-    async def call(self, host: str, op: str, method: Callable[..., Any], frozen: Any,
-                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def call(self, host: str, op: str, method: Callable[..., Any], frozen: Any,
+             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Awaitable[Any]:
+        """Send the request now; the awaitable returned gives the answer (a plain future: no coroutine per call)."""
         loop = self.loop
         lo, hi = self.latency
         up = self.rng.uniform(lo, hi)
@@ -132,8 +135,7 @@ class Network:
             elif effect == "delay-response":
                 down += fault.delay
             elif effect == "raise":
-                await asyncio.sleep(up + down)
-                raise InjectedError(f"injected: unexpected error in {op}")
+                return _raise_after(up + down, InjectedError(f"injected: unexpected error in {op}"))
         sent = loop.now
         gave_up = sent + self.op_timeout
         answer: asyncio.Future[Any] = loop.create_future()
@@ -172,7 +174,12 @@ class Network:
         loop.call_at_true(sent + up, arrive, context=server)
         if up > self.op_timeout:
             loop.call_at_true(gave_up, timed_out, context=server)
-        return await answer
+        return answer
+
+
+async def _raise_after(delay: float, error: BaseException) -> Any:
+    await asyncio.sleep(delay)
+    raise error
 
 
 def _apply(coro: Any) -> Any:
@@ -198,19 +205,30 @@ class FaultyBackend:
         self._frozen_clock = frozen_clock
         #: Called in the caller's context when an answer reaches it: (op, args, result).
         self._on_answer = on_answer
+        for name in ("kind", "address", "options"):  # read often, never changed: no __getattr__ for them
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
         if not inspect.iscoroutinefunction(attr) or name in LOCAL:
             return attr
-        wrapped = partial(self._wait, attr) if name in WAITS else partial(self._call, name, attr)
+        if name in WAITS:
+            wrapped = partial(self._wait, attr)
+        elif self._on_answer is not None and name in ANSWERS_SEEN:
+            wrapped = partial(self._call_seen, name, attr)
+        else:
+            wrapped = partial(self._call, name, attr)
         self.__dict__[name] = wrapped
         return wrapped
 
-    async def _call(self, op: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, op: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return self.net.call(self.host, op, method, self._frozen_clock(), args, kwargs)
+
+    async def _call_seen(self, op: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         result = await self.net.call(self.host, op, method, self._frozen_clock(), args, kwargs)
-        if self._on_answer is not None:
-            self._on_answer(op, args, result)
+        assert self._on_answer is not None
+        self._on_answer(op, args, result)
         return result
 
     async def _wait(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
