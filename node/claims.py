@@ -268,6 +268,8 @@ class RunRecorder:
         self._queue: deque[tuple[RunRecord, asyncio.Future[None] | None]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._complaint = ""
+        #: Set by ``flush``: a writer waiting out its backoff tries again at once.
+        self._nudge = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -306,7 +308,7 @@ class RunRecorder:
                 self._queue.extendleft(reversed(batch))
                 self.batch = max(BATCH_MIN, self.batch // 2)
                 self._complain(f"writing {size} run record(s) failed, retrying", exc)
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 delay = min(delay * 2, RETRY_MAX * 4)
                 continue
             except Exception as exc:  # a record the store refuses: drop this batch (counted), keep going
@@ -314,7 +316,7 @@ class RunRecorder:
                 if surprises < SURPRISE_ATTEMPTS:  # unless it was a passing surprise: try it again first
                     self._queue.extendleft(reversed(batch))
                     self._complain(f"writing {size} run record(s) failed, trying again", exc, error=True)
-                    await asyncio.sleep(delay)
+                    await self._backoff(delay)
                     delay = min(delay * 2, RETRY_MAX * 4)
                     continue
                 surprises = 0
@@ -334,8 +336,20 @@ class RunRecorder:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
+    async def _backoff(self, delay: float) -> None:
+        self._nudge.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._nudge.wait(), delay)
+
     async def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for every queued record to be written. True if none is left."""
+        """Wait up to ``timeout`` for every queued record to be written. True if none is left.
+
+        A writer waiting out the backoff of an earlier failure tries again at
+        once: after an outage, the backoff could outlast the timeout while the
+        store answers again (a handoff then lets the next leader take a finished
+        run's intent for a dead leader's; found by the simulator).
+        """
+        self._nudge.set()
         deadline = clocks.monotonic() + timeout
         while self._queue or (self._writer is not None and not self._writer.done()):
             left = deadline - clocks.monotonic()

@@ -305,9 +305,13 @@ def make_store(loop: SimLoop) -> memory.MemoryStore:
     return memory.MemoryStore(f"sim-{id(loop):x}", HostTime(loop, HostClock(WALL0)))
 
 
+#: The store client's class (``loadtest.sim.broken`` puts one with a hole of #12 in its place, for a test).
+BACKEND: type[memory.MemoryBackend] = memory.MemoryBackend
+
+
 def client(store: memory.MemoryStore, config: RunConfig | None = None) -> memory.MemoryBackend:
     """One process's client of ``store`` (``closed`` is per client), with the run's operation timeout."""
-    return memory.MemoryBackend(store, BackendOptions(op_timeout=config.op_timeout if config else 0.5))
+    return BACKEND(store, BackendOptions(op_timeout=config.op_timeout if config else 0.5))
 
 
 def backend_ops(loop: SimLoop) -> list[str]:

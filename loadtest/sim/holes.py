@@ -1,4 +1,10 @@
-"""The hand-built schedules of ``holes.json``: a scenario per hole of the exactly-once issue (#12), and findings."""
+"""The hand-built schedules of ``holes.json``: a scenario per hole of the exactly-once issue (#12), and findings.
+
+On the claim-window core every schedule passes. Each hole names the bug of
+``loadtest.sim.broken`` that puts it back, and the invariant the simulator
+then reports (``expect``); findings are weaknesses the simulator found beside
+the six holes, each fixed, kept as regression schedules.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ class Hole:
     fire_time: float | None
     about: str
     scenario: Scenario
+    #: the bug of ``loadtest.sim.broken`` that re-creates the hole ("" for a finding)
+    bug: str = ""
 
 
 def load(path: Path = PATH, *, findings: bool = False) -> list[Hole]:
@@ -31,7 +39,7 @@ def load(path: Path = PATH, *, findings: bool = False) -> list[Hole]:
         scenario = Scenario.from_dict(item)
         scenario.replay = f"python -m loadtest sim --hole {item['name']}"
         out.append(Hole(item["name"], int(item["hole"]), item["expect"], item.get("fire_time"), item["about"],
-                        scenario))
+                        scenario, item.get("bug", "")))
     return out
 
 
@@ -43,7 +51,7 @@ def by_name(name: str) -> Hole:
 
 
 def classify(violation: Any, history: History) -> int | None:
-    """Which hole of #12 a violation most likely shows (a heuristic for summaries; None: another cause).
+    """Which hole of #12 a violation most likely shows (a heuristic, for the tests of ``loadtest.sim.broken``).
 
     1: a fire time lost within the claim-ahead lead after its leader stopped leading without a failure
        (a SIGTERM, or any other end of leadership that forgets the claims made ahead);
@@ -73,7 +81,7 @@ def classify(violation: Any, history: History) -> int | None:
         wall = history.wall(host, fault["t"])
         if fault["kind"] == "term" and f - LEAD <= wall <= f + SLACK:
             return 1
-        if fault["kind"] == "op" and fault.get("op") in ("claim", "claim_many") and f - 3.5 <= wall <= f:
+        if fault["kind"] == "op" and fault.get("op") in ("claim", "claim_many", "claim_window") and f - 3.5 <= wall <= f:
             if fault.get("effect") == "raise":
                 return 3
             if fault.get("effect") == "fail-after" or fault.get("effect", "").startswith("delay"):
