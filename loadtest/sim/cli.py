@@ -4,8 +4,9 @@
     python -m loadtest sim --seed 1234 --all        # every violation, each with the events around it
     python -m loadtest sim --seed 1234 --shrink     # drop faults while the violation persists (--invariant NAME)
     python -m loadtest sim --runs 10000             # explore seeds 0..9999 on 2 cores
-    python -m loadtest sim --hole all               # the schedules of holes.json, with what each must show
+    python -m loadtest sim --hole all               # the schedules of holes.json: each passes, and fails with its bug
     python -m loadtest sim --schedule FILE          # a saved schedule (from --save, or written by hand)
+    python -m loadtest sim --seed 4 --inject no-hand-back   # with a hole of #12 put back (loadtest/sim/broken.py)
 
 Exit codes: 0 every invariant held, 1 a violation (or a simulator error),
 2 bad input (one line on stderr).
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the run's whole history (JSON lines; equal runs give equal bytes)")
     parser.add_argument("--stop-after", type=int, help="--runs: stop after this many failed runs")
     parser.add_argument("--quiet", action="store_true", help="--runs: no progress line")
+    parser.add_argument("--inject", metavar="BUG",
+                        help="run with a hole of #12 put back, to see the simulator fail: one of "
+                             "no-hand-back, claims-not-idempotent, claim-error-escapes, hand-back-without-busy, "
+                             "max-instances-per-node, no-shutdown-grace (loadtest/sim/broken.py)")
     return parser
 
 
@@ -86,10 +91,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from loadtest.sim import explore, holes, report
+    from loadtest.sim import broken, explore, holes, report
     from loadtest.sim.invariants import INVARIANTS
     from loadtest.sim.run import run_scenario, scenario_for_seed
     from loadtest.sim.scenario import Scenario
+
+    if args.inject is not None:
+        if args.inject not in broken.BUGS:
+            raise InputError(f"no bug named {args.inject!r}; known: {', '.join(broken.BUGS)}")
+        if args.hole == "all":
+            raise InputError("--hole all runs each hole with its own bug already; --inject goes with one run")
+        broken.inject(args.inject)  # for the rest of this process (and the exploring workers it forks)
 
     if args.runs is not None:
         if args.runs <= 0:
@@ -123,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.seed is None:
             raise InputError("say what to run: --seed N, --runs K, --hole NAME|all or --schedule FILE")
         scenario = scenario_for_seed(args.seed)
+    if args.inject is not None and scenario.replay:
+        scenario.replay += f" --inject {args.inject}"
 
     if args.shrink:
         lines: list[str] = []
@@ -153,28 +167,37 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _holes(args: argparse.Namespace, chosen: list[Any]) -> int:
+    """Each schedule must pass; each hole's schedule must also fail, with its invariant, once its bug is back."""
+    from loadtest.sim import broken
     from loadtest.sim.run import run_scenario
 
     rows = []
     for hole in chosen:
         result = run_scenario(hole.scenario)
-        found = [v for v in result.checked.violations if v.invariant == hole.expect]
-        rows.append({"name": hole.name, "hole": hole.hole, "expect": hole.expect, "found": bool(found),
-                     "first": found[0].to_dict() if found else None,
-                     "violations": sorted({v.invariant for v in result.checked.violations})})
+        row: dict[str, Any] = {"name": hole.name, "hole": hole.hole, "passes": result.ok,
+                               "violations": sorted({v.invariant for v in result.checked.violations}),
+                               "error": result.error}
+        if hole.bug:
+            with broken.injected(hole.bug):
+                bugged = run_scenario(hole.scenario)
+            found = [v for v in bugged.checked.violations if v.invariant == hole.expect]
+            row.update({"bug": hole.bug, "expect": hole.expect, "found": bool(found),
+                        "first": found[0].to_dict() if found else None})
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            state = "found" if row["found"] else "NOT FOUND"
             label = f"hole {row['hole']}" if row["hole"] else "finding"
-            print(f"{label} {row['name']}: expects {row['expect']}: {state}"
-                  f" (violated: {', '.join(row['violations']) or 'nothing'})")
-            if row["first"]:
+            verdict = "passes" if row["passes"] else f"FAILS ({', '.join(row['violations']) or row['error']})"
+            line = f"{label} {row['name']}: {verdict}"
+            if "bug" in row:
+                line += f"; with --inject {row['bug']}: {row['expect']} {'found' if row['found'] else 'NOT FOUND'}"
+            print(line)
+            if row.get("first"):
                 print(f"    t={row['first']['t']:.3f} {row['first']['detail'][:180]}")
-        print("replay one: python -m loadtest sim --hole NAME")
-    # like every other mode: 1 when an invariant is violated (which, on a core with the holes, they are)
-    return 1 if any(row["violations"] for row in rows) else 0
+        print("replay one: python -m loadtest sim --hole NAME [--inject BUG]")
+    return 0 if all(row["passes"] and row.get("found", True) for row in rows) else 1
 
 
 def _explore(args: argparse.Namespace) -> int:
@@ -200,8 +223,10 @@ def _explore(args: argparse.Namespace) -> int:
     summary = explore.explore(range(args.start_seed, args.start_seed + total), workers=workers,
                               stop_after=args.stop_after, progress=progress)
     if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(json.dumps({**summary.to_dict(), "inject": args.inject}, indent=2))
     else:
         for line in summary.lines():
+            if args.inject is not None and line.startswith("replay: "):
+                line += f" --inject {args.inject}"
             print(line)
     return 0 if summary.ok else 1

@@ -81,7 +81,7 @@ def classify(violation: Any, history: History) -> int | None:
         wall = history.wall(host, fault["t"])
         if fault["kind"] == "term" and f - LEAD <= wall <= f + SLACK:
             return 1
-        if fault["kind"] == "op" and fault.get("op") in ("claim", "claim_many", "claim_window") and f - 3.5 <= wall <= f:
+        if fault["kind"] == "op" and fault.get("op") in CLAIMS and f - 3.5 <= wall <= f:
             if fault.get("effect") == "raise":
                 return 3
             if fault.get("effect") == "fail-after" or fault.get("effect", "").startswith("delay"):
@@ -104,6 +104,8 @@ def _failing(history: History, pid: int, host: str, t: float) -> bool:
     return any(h in ("", host) and t0 <= t <= t1 + SLACK for h, t0, t1 in history.cuts)
 
 
+#: Operations that claim fire times, in either core's protocol.
+CLAIMS = ("claim", "claim_many", "claim_window")
 #: The longest claim-ahead lead, plus a little: how far past a leadership's end a forgotten claim reaches.
 LEAD = 0.3
 SLACK = 0.05

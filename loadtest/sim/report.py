@@ -62,6 +62,14 @@ def events(h: History) -> list[tuple[float, int, str, str, dict[str, Any]]]:
         add(at, host, f"wall clock stepped {delta:+.3f}s", proc=True)
     for t, token, host in h.grants:
         add(t, host, f"store grants token {token}", lead=True)
+    first: set[int] = set()
+    for m in h.marks:
+        if m.op == "hand_back" and m.at_us is not None:
+            busy = f" (busy: {', '.join(m.busy)})" if m.busy else ""
+            add(m.t, m.host, f"store: token {m.asked} hands back from {fire_label(m.at_us)}{busy}", lead=True)
+        elif m.token == m.asked and m.asked not in first:
+            first.add(m.asked)
+            add(m.t, m.host, f"store: token {m.asked}'s window starts at {fire_label(m.since_us)}", lead=True)
     for b in h.beliefs:
         add(b.since, b.host, f"p{b.pid} leads (token {b.token})", lead=True)
         if b.until < h.end:
