@@ -327,6 +327,32 @@ def test_lost_excuses_the_claim_window_of_a_crashed_leader_only() -> None:
     assert "lost" in _violated(_killed_leader("killed", until=4.99), scenario)
 
 
+def _cut_off_leader(leads_until: float) -> History:
+    """The store is down from 4.5 to 6; n0 (token 1, window up to 5.05) believes it leads until ``leads_until``."""
+    h = History()
+    for i in range(3):
+        h.hosts[f"n{i}"] = {"wall0": WALL0, "rate": 1.0, "offset": 0.0}
+        h.proc_start(0.0, f"n{i}")
+    h.grant(0.0, 1, "n0")
+    h.lease(0.0, "n0", 0, 1, leads_until)
+    h.lease(leads_until, "n0", 0, None, 0.0)
+    h.lease(6.5, "n1", 1, 2, 12.0)
+    h.end = 12.0
+    _every_second(h, skip=(5.0,))
+    _window(h, 1, 0.0, 5.05, t=4.4)
+    h.cut("", 4.5, 6.0)
+    return h
+
+
+def test_lost_excuses_a_cut_off_leaders_window_only_after_it_stopped_leading() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    # its lease lapsed at 4.9 in the outage, before 5 came due, and it could not hand 5 back: at most once
+    assert "lost" not in _violated(_cut_off_leader(leads_until=4.9), scenario)
+    # it still led when 5 came due: a leader runs its window without the store
+    found = [v for v in check(_cut_off_leader(leads_until=5.4), scenario).violations if v.invariant == "lost"]
+    assert _f(5.0) in {v.f_us for v in found}
+
+
 def _skipped_at_five(*, run_on: tuple[str, int], killed_at: float | None = None, ends: float = 5.5,
                      handed_over: bool = False, viewed: bool = False) -> History:
     """tick's run of 4 (on ``run_on``) lasts until ``ends``; n0's gate returns for 5 at 5.03 without a run."""

@@ -66,6 +66,9 @@ EPS = 1e-6
 #: How long a fire time of a leader's window may come due before the leader fails and still be lost with it:
 #: the claim's answer can be that late (an operation timeout, then a retry).
 CRASH_SLACK = 0.6
+#: How long before it stopped firing a cut-off leader may have left a fire time of its window unstarted (the
+#: wake-up of its scheduler: it needs no store to start what its window holds).
+STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
 
@@ -251,11 +254,15 @@ class _Facts:
         """How the leader holding ``f_us`` in its claim window failed, if it did: the at-most-once window of a crash.
 
         The fire time lies in the claim window the store had granted a token
-        by requests sent up to the instant its process failed (killed, paused,
-        cut off, or the store down) while it led, or while it tried to hand
-        the window back after; it was not handed back (nor given up) below the
-        fire time; and it came due no more than ``CRASH_SLACK`` before the
-        failure (a fire time due earlier was the leader's to start).
+        by requests sent up to the instant its process failed while it led (or
+        while it tried to hand the window back after), and the window was not
+        handed back below it. Killed or paused: the fire time came due no more
+        than ``CRASH_SLACK`` before that instant (one due earlier was the
+        leader's to start; the slack is how late a claim's answer may come).
+        Cut off, or the store down: a leader keeps running its window, so only
+        what came due after it stopped firing (its leadership ended, or a
+        SIGTERM or step-down began; ``STOP_SLACK``) while it could not reach
+        the store to hand the rest back.
         """
         h = self.h
         for token, marks in self.marks_of.items():
@@ -269,7 +276,19 @@ class _Facts:
                         continue
                     at = max(t0, b.since)
                     held = max((m.until_us for m in marks if m.sent <= at + EPS), default=0)
-                    if f_us < held and f_us / 1e6 >= h.wall(b.host, at) - CRASH_SLACK:
+                    if f_us >= held:
+                        continue
+                    slack = CRASH_SLACK
+                    if how in ("killed", "paused"):
+                        due_from = at
+                    else:  # unreachable: it must have stopped firing while it could not hand back
+                        stopped = min([f["t"] for f in self.h.faults if f.get("pid") == b.pid
+                                       and f["kind"] in ("term", "step_down") and b.since <= f["t"] <= b.until]
+                                      + [b.until])
+                        if not (t0 - EPS <= stopped + HAND_BACK_TIME and t1 >= stopped - EPS):
+                            continue  # the store was reachable when it stopped firing: it could hand back
+                        due_from, slack = max(at, stopped), STOP_SLACK
+                    if f_us / 1e6 >= h.wall(b.host, due_from) - slack:
                         return how
             return None
         return None

@@ -1,8 +1,9 @@
 """Between the simulated processes and the simulated lock server: latency, outages, operation faults.
 
 ``FaultyBackend`` wraps any backend object and intercepts every coroutine
-method by name, so it serves whichever protocol the wrapped backend speaks
-(today's per-key claims, or claim windows). A call is a round trip:
+method by name (``claim_window``, ``hand_back``, ``server_time``... of the
+protocol in ``lock_backends.base``), so it needs no change when the protocol
+grows. A call is a round trip:
 
 1. the request leaves at once, and reaches the server after the request
    latency, *in the server's context*: a process paused or killed after

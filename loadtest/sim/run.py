@@ -75,7 +75,7 @@ async def _drive(sim: cluster.Cluster, scenario: Scenario) -> None:
 def run_scenario(scenario: Scenario) -> RunResult:
     config = scenario.config
     t0 = time.process_time()
-    random.seed(config.seed)  # the elector's jitter draws from the global generator
+    random.seed(config.seed)  # nothing should draw from the global generator (electors get their own): in case
     loop = SimLoop()
     loop_errors: list[str] = []
     loop.set_exception_handler(lambda _loop, ctx: loop_errors.append(str(ctx.get("message"))))
