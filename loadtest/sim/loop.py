@@ -149,6 +149,13 @@ class SimLoop(asyncio.BaseEventLoop):
             return self._now
         return proc.clock.monotonic(self._now)
 
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
+                   context: contextvars.Context | None = None) -> events.TimerHandle:
+        """``call_at(time() + delay)``, in one step: ``delay`` seconds of the caller's monotonic clock."""
+        proc = PROCESS.get()
+        return self.call_at_true(self._now + (delay if proc is None else delay / proc.clock.rate), callback, *args,
+                                 context=context)
+
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any,
                 context: contextvars.Context | None = None) -> events.TimerHandle:
         proc = PROCESS.get()  # ``when`` was computed from the caller's ``time()``
