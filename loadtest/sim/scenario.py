@@ -109,7 +109,7 @@ class RunConfig:
     fault_start: float = 1.0
     fault_span: float = 7.0
     #: quiet time after the last fault's effects ended, before the run stops
-    tail: float = 4.0
+    tail: float = 3.0
     #: an interval of process time after which a fire time that has neither run nor returned waits "forever"
     wait_bound: float = 5.0
     #: BATON_SHUTDOWN_GRACE: longer than every body a random run draws (1.3 x 8 s), so no body is ever cut
