@@ -1,10 +1,11 @@
-"""``python -m loadtest`` (or ``baton-loadtest``): up | chaos | check | bench-locks | bench.
+"""``python -m loadtest`` (or ``baton-loadtest``): up | chaos | check | bench-locks | bench | sim.
 
     python -m loadtest up --backend redis --nodes 3        # a local cluster with a live table
     python -m loadtest chaos --fault kill --rounds 3        # faults against it, from another terminal
     python -m loadtest chaos --fault term,step-down --aim before-fire:0.08   # ... 80 ms before a fire time
     python -m loadtest check                                # what the collector saw: duplicates, misses, gaps
     python -m loadtest bench --quick                        # benchmarks: report.md, report.json, plots in bench/
+    python -m loadtest sim --seed 1234                      # deterministic simulation: one seed, or --runs 10000
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("bench", help="failover, fire lag, load, scale and peers: bench/report.md",
                             add_help=False)
     report.add_argument("rest", nargs=argparse.REMAINDER)
+
+    sim = sub.add_parser("sim", help="deterministic simulation: seeded faults, invariants on the history",
+                         add_help=False)
+    sim.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -106,6 +111,10 @@ def delegated(command: str, rest: list[str]) -> int | None:
         from loadtest.bench import runner
 
         return runner.main(rest)
+    if command == "sim":
+        from loadtest.sim import cli
+
+        return cli.main(rest)
     return None
 
 

@@ -58,6 +58,10 @@ MAX_SLEEP = 0.25
 RECORD_LINGER = 0.02
 #: Records per write: where a batch starts, and the bounds it adapts between.
 BATCH_START, BATCH_MIN, BATCH_MAX = 500, 20, 20_000
+#: Attempts at a batch that fails with anything but BackendUnavailable before it is dropped (counted): a record
+#: the store refuses must not block the queue, but a passing surprise must not lose a record either (a recoverable
+#: run whose record is lost runs again at the next handoff; found by the simulator).
+SURPRISE_ATTEMPTS = 3
 #: Records waiting to be written at most; beyond, the oldest are dropped and counted.
 QUEUE_MAX = 500_000
 
@@ -224,11 +228,18 @@ class WindowKeeper:
                 return
             finally:
                 self._latencies.append(clocks.monotonic() - t0)  # slow answers (and timeouts) lengthen the lead
-            current = self.current_lease()
-            if self._stopping or current is None or current.token != lease.token:
+            if not self._may_retry(lease):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
+            # looked at again after the backoff: a leadership that ended meanwhile must not claim (a claim it
+            # will never run would outlive it unless handed back; found by the simulator)
+            if not self._may_retry(lease):
+                return
+
+    def _may_retry(self, lease: Lease) -> bool:
+        current = self.current_lease()
+        return not self._stopping and current is not None and current.token == lease.token
 
     def _complain(self, what: str, exc: BaseException, error: bool = False) -> None:
         """Log a failure once per kind of failure, not once per retry."""
@@ -259,6 +270,8 @@ class RunRecorder:
         self._queue: deque[tuple[RunRecord, asyncio.Future[None] | None]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._complaint = ""
+        #: Set by ``flush``: a writer waiting out its backoff tries again at once.
+        self._nudge = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -283,6 +296,7 @@ class RunRecorder:
 
     async def _write(self) -> None:
         delay = RETRY_FIRST
+        surprises = 0  # failures in a row that were not BackendUnavailable
         while self._queue:
             if self.linger > 0:
                 await asyncio.sleep(self.linger)
@@ -296,14 +310,23 @@ class RunRecorder:
                 self._queue.extendleft(reversed(batch))
                 self.batch = max(BATCH_MIN, self.batch // 2)
                 self._complain(f"writing {size} run record(s) failed, retrying", exc)
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 delay = min(delay * 2, RETRY_MAX * 4)
                 continue
             except Exception as exc:  # a record the store refuses: drop this batch (counted), keep going
+                surprises += 1
+                if surprises < SURPRISE_ATTEMPTS:  # unless it was a passing surprise: try it again first
+                    self._queue.extendleft(reversed(batch))
+                    self._complain(f"writing {size} run record(s) failed, trying again", exc, error=True)
+                    await self._backoff(delay)
+                    delay = min(delay * 2, RETRY_MAX * 4)
+                    continue
+                surprises = 0
                 self._complain(f"writing {size} run record(s) failed; dropped", exc, error=True)
                 if self.on_dropped is not None:
                     self.on_dropped(size)
             else:
+                surprises = 0
                 took = clocks.monotonic() - t0
                 self._complaint = ""
                 delay = RETRY_FIRST
@@ -315,8 +338,20 @@ class RunRecorder:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
+    async def _backoff(self, delay: float) -> None:
+        self._nudge.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._nudge.wait(), delay)
+
     async def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for every queued record to be written. True if none is left."""
+        """Wait up to ``timeout`` for every queued record to be written. True if none is left.
+
+        A writer waiting out the backoff of an earlier failure tries again at
+        once: after an outage, the backoff could outlast the timeout while the
+        store answers again (a handoff then lets the next leader take a finished
+        run's intent for a dead leader's; found by the simulator).
+        """
+        self._nudge.set()
         deadline = clocks.monotonic() + timeout
         while self._queue or (self._writer is not None and not self._writer.done()):
             left = deadline - clocks.monotonic()

@@ -332,16 +332,19 @@ class GatedScheduler:
         self.keeper.reset()
         try:
             await self.refresh_settings()
-        except Exception as exc:  # the last paused set it knew stands; the sync loop reads it again soon
-            log.warning("could not read the shared settings on winning: %s", exc)
-        now = clocks.utcnow()
-        # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic
-        await self.store.realign(now + timedelta(microseconds=1))
+        except Exception as exc:  # whatever it is, a leader that cannot read the pause list still fires
+            # (escaping, it would leave this leadership renewing its lease and firing nothing; simulator)
+            log.warning("reading the settings on winning failed: %s", exc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.keeper.open(lease), timeout=max(0.05, lease.ttl / 4))
+        # fire times at or before now belong to the catch-up, not to APScheduler's own misfire logic; now is
+        # read after the first claim, which may take a while: APScheduler would fold what came due meanwhile
+        # into one run, uncounted (found by the simulator)
+        now = clocks.utcnow()
+        await self.store.realign(now + timedelta(microseconds=1))
         if self._hand_back_at_us is not None:
             # a handoff began while the first window was being claimed: give that window back too
-            await self._hand_back(lease, self._hand_back_at_us, retry=False)
+            await self._hand_back(lease, self._hand_back_at_us, retry_until=0.0)
             return
         self.scheduler.resume()
         self.keeper.start()
@@ -360,9 +363,14 @@ class GatedScheduler:
             await self.keeper.stop()
             if lease is not None and not self._handed_back:
                 # the lease is gone, but until a successor claims, the store takes back what we never ran
+                # a flush of the records, then hand-back attempts for a while (a node that steps down, its clock
+                # skewed say, must not give up after one failed attempt: the window's fire times and the busy runs
+                # would be lost; found by the simulator). Safe after the lease lapsed: the store refuses a hand-back
+                # once a successor moved the mark.
+                op_timeout = self.backend.options.op_timeout
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._hand_back(lease, at, retry=False),
-                                           self.backend.options.op_timeout * 2)
+                    await asyncio.wait_for(self._hand_back(lease, at, retry_until=clocks.monotonic() + op_timeout * 2),
+                                           op_timeout * 3)
         await self.keeper.stop()
         self.token = None
         self.metrics.is_leader.set(0)
@@ -389,7 +397,7 @@ class GatedScheduler:
             self._settled.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), left)
-        await self._hand_back(lease, at, retry=True)
+        await self._hand_back(lease, at, retry_until=lease.deadline)
 
     def _close_gate(self) -> int:
         """Stop firing now; fire times from the returned instant (us) on are handed back, never started here.
@@ -405,26 +413,34 @@ class GatedScheduler:
         self._hand_back_at_us = at
         return at
 
-    async def _hand_back(self, lease: Lease, at_us: int, *, retry: bool) -> None:
-        now_us = int(clocks.time() * 1_000_000)
-        until_us = now_us + int((self.shutdown_grace + BUSY_SLACK) * 1_000_000)
-        busy = [BusyRun(r.key, r.job_id, self.node_id, r.token, until_us) for r in self.running.values()]
+    async def _hand_back(self, lease: Lease, at_us: int, *, retry_until: float) -> None:
+        """Hand back the window from ``at_us``, listing the runs going; attempts until ``retry_until`` (monotonic)."""
+        # Records of runs that ended reach the store before the window goes: otherwise the next leader
+        # finds a finished recoverable run's intent without a result and runs it again (found by the simulator).
+        await self.recorder.flush(self.backend.options.op_timeout)
         drop = [key for key, t_us in self._intents.items() if t_us >= at_us]
         while True:
+            # the runs going now, at each attempt: a run listed that ended meanwhile (and was recorded) would
+            # hold its job back in the cluster until its entry expires (found by the simulator)
+            now_us = int(clocks.time() * 1_000_000)
+            until_us = now_us + int((self.shutdown_grace + BUSY_SLACK) * 1_000_000)
+            busy = [BusyRun(r.key, r.job_id, self.node_id, r.token, until_us) for r in self.running.values()]
             try:
                 window = await self.backend.hand_back(lease, at_us, busy, drop)
-            except BackendUnavailable as exc:
-                if retry and lease.valid():
+            except Exception as exc:  # not handed back, or not known to be: hand_back is idempotent, so try again
+                # (a surprise too: given up, it would lose the window's fire times and the busy runs; simulator)
+                if clocks.monotonic() < retry_until:
                     log.warning("handing back failed, retrying: %s", exc)
                     await asyncio.sleep(0.05)
                     continue
-                log.warning("could not hand back the claim window from %s: %s", from_us(at_us).isoformat(), exc)
-                return
-            except Exception as exc:
-                log.error("handing back the claim window failed: %s", exc, exc_info=exc)
+                if isinstance(exc, BackendUnavailable):
+                    log.warning("could not hand back the claim window from %s: %s", from_us(at_us).isoformat(), exc)
+                else:
+                    log.error("handing back the claim window failed: %s", exc, exc_info=exc)
                 return
             break
-        self._handed_back = True
+        if self.token == lease.token:  # a hand-over that outlived its leadership says nothing of a newer one's
+            self._handed_back = True  # (which then skipped its own hand-back: found by the simulator)
         if window is None:
             log.info("nothing to hand back: a newer leader holds the claim window")
         else:
@@ -485,6 +501,9 @@ class GatedScheduler:
         starts the body with every check still true.
         """
         if kind is RunKind.MANUAL:
+            lease = self._current_lease()
+            if lease is not None:  # a new leader learns the runs its predecessor left going with its first window
+                await self._first_window(lease, scheduled_at)  # (admitted before, a manual run could overlap them)
             return self._admit_manual(spec, scheduled_at, force)
         if kind is RunKind.RECOVERY:
             return await self._admit_recovery(spec, scheduled_at)
@@ -517,12 +536,18 @@ class GatedScheduler:
         lease = self._current_lease()
         if lease is None:
             return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        if self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
+        while self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
             give_up = min(lease.deadline, clocks.monotonic() + max(0.0, grace - lateness))
             await self.keeper.cover(t_us, lease, give_up)
-            lease = self._current_lease()
+            waited_out = clocks.monotonic() >= give_up
+            before, lease = lease, self._current_lease()
             if lease is None:
                 return Refusal(RunOutcome.FENCED, "lease lost while the claim window was extended")
+            lateness = clocks.time() - t_us / 1e6
+            # waited until the lease's deadline, but it was renewed meanwhile: still ours to run, wait on (given
+            # up, the fire time would be lost, though this leader owns it once the store answers; simulator)
+            if not (waited_out and lease.deadline > before.deadline and lateness < grace):
+                break
         refusal = self._outside_window(t_us, lease, grace)
         if refusal is not None:
             return refusal
@@ -692,17 +717,41 @@ class GatedScheduler:
     # -- what a new leader owes: catch-up and recovery -----------------------------------------
 
     async def _catch_up_and_recover(self, lease: Lease, now: datetime) -> None:
-        window = self.keeper.window
-        if window is None or not window.owned_by(lease.token):
-            if window is not None and window.token < lease.token and window.until_us > to_us(now):
-                log.warning("the previous leader's claim window reaches %s: its fire times until then are lost "
-                            "(at most once), recoverable ones are recovered", from_us(window.until_us).isoformat())
-            else:
-                log.warning("no claim window yet: no catch-up this time")
-            self._caught_up = True
-        else:
-            await self._catch_up(lease, window, now)
-        await self._recover(lease)
+        window = await self._first_window(lease, now)
+        if window is None:
+            return  # this leadership ended (or was fenced) before it owned a window
+        # the recovery does not wait for the catch-up's bodies: a long one would hold a dead leader's recoverable
+        # runs back for as long (found by the simulator); the two never touch the same fire time (the catch-up's
+        # are at or after this window's start, the recovery's before it)
+        recovering = self.spawn(self._recover(lease))
+        if window.since_us > to_us(now):
+            log.warning("the previous leader's claim window reached %s: its fire times until then are lost "
+                        "(at most once), recoverable ones are recovered", from_us(window.since_us).isoformat())
+        await self._catch_up(lease, window, now)
+        await recovering
+
+    async def _first_window(self, lease: Lease, now: datetime) -> Window | None:
+        """This leadership's first window, waited for while it lasts (None: it ended, or was fenced, first).
+
+        The claim made on winning may have failed or come back late, or the
+        predecessor's window may reach past ``now`` (its clock ahead): the
+        keeper is asked for a window past both, so the catch-up and the recovery
+        a new leader owes are late rather than skipped (found by the simulator).
+        """
+        now_us = to_us(now)
+        while True:
+            window = self.keeper.window
+            if window is not None and window.owned_by(lease.token):
+                return window
+            current = self._current_lease()
+            if (current is None or current.token != lease.token or self._hand_back_at_us is not None
+                    or (window is not None and window.token >= lease.token)):
+                return None
+            target = max(now_us, window.until_us if window is not None else 0)
+            t0 = clocks.monotonic()
+            await self.keeper.cover(target, current, min(current.deadline, t0 + 0.5))
+            if self.keeper.window is window and clocks.monotonic() - t0 < 0.001:
+                await asyncio.sleep(0.05)  # the keeper could not even try (it is stopping): look again later
 
     async def _catch_up(self, lease: Lease, window: Window, now: datetime) -> None:
         """Per job, run what the gap since the last window owes: the latest fire time within the job's grace
@@ -772,19 +821,35 @@ class GatedScheduler:
         window = self.keeper.window
         if not recoverable or window is None or not window.owned_by(lease.token):
             return
-        try:
-            open_runs = await self.backend.unfinished(self.lock_name, RECOVERY_SCAN)
-        except LockBackendError as exc:
-            log.warning("could not list unfinished runs for recovery: %s", exc)
+        # the listing is retried while this leadership lasts: given up, a dead leader's recoverable runs would
+        # wait for the next leader (found by the simulator)
+        delay, complaint = 0.05, ""
+        while True:
+            try:
+                open_runs = await self.backend.unfinished(self.lock_name, RECOVERY_SCAN)
+                break
+            except Exception as exc:
+                if self._current_lease() is None or self._hand_back_at_us is not None:
+                    log.warning("could not list unfinished runs for recovery: %s", exc)
+                    return
+                if str(exc) != complaint:
+                    complaint = str(exc)
+                    log.warning("listing unfinished runs for recovery failed, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        window = self.keeper.window
+        if window is None or not window.owned_by(lease.token):
             return
-        busy = {b.key for b in window.busy}
+        # runs still going (handed over by a predecessor, or here) are not run again, whatever their kind:
+        # a recovery run's key carries a suffix, its intent's does not (found by the simulator)
+        going = {b.key.partition("#")[0] for b in window.busy} | {key.partition("#")[0] for key in self.running}
         for run in open_runs:
             parsed = parse_claim_key(run.key)
             if parsed is None or "#" in run.key or run.token >= lease.token:
                 continue
             job_id, scheduled_at = parsed
-            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in busy
-                    or run.key in self.running or to_us(scheduled_at) >= window.since_us):
+            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going
+                    or to_us(scheduled_at) >= window.since_us):
                 continue
             log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id,
                                                                "token": run.token})
@@ -798,10 +863,21 @@ class GatedScheduler:
         hi = from_us(hi_us) - timedelta(microseconds=1)
         if lo > hi:
             return keys
+        # Fire times before now that the window covers came due while this node stalled (paused, or its clock
+        # jumped forward): APScheduler runs the latest of them (coalesce), which must be an intent too, or a
+        # crash before that run would lose it for good (found by the simulator).
+        stalled = (from_us(lo_us), from_us(now_us) - timedelta(microseconds=1)) if lo_us < now_us else None
         for spec in self._recoverable:
             trigger = self._triggers.get(spec.id)
             if spec.id in self.paused_jobs or trigger is None:
                 continue
+            if stalled is not None:  # the gate runs the latest of them, or every one for a job that does not coalesce
+                owed = fire_times(trigger, *stalled) if not spec.coalesce else [
+                    t for t in [latest_fire_time(trigger, *stalled)] if t is not None]
+                for t in owed:
+                    key = claim_key(spec.id, t)
+                    self._intents[key] = to_us(t)
+                    keys.append(key)
             t = trigger.get_next_fire_time(None, lo)
             while t is not None and t <= hi:
                 key = claim_key(spec.id, t)

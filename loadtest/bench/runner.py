@@ -1,6 +1,6 @@
 """``python -m loadtest bench``: run the benchmark sections, write report.md, report.json and plots.
 
-    python -m loadtest bench [--quick] [--out DIR] [--sections failover,fire_lag,burst,load,scale,peers]
+    python -m loadtest bench [--quick] [--out DIR] [--sections failover,fire_lag,burst,load,scale,peers,sim]
                              [--backends file,redis,postgres,etcd] [--seed N] [--rounds N] [--keep-work]
 
 Each section is a module ``loadtest.bench.<name>`` with ``run(ctx) -> SectionResult``
@@ -34,7 +34,7 @@ from loadtest.bench.base import BenchContext, SectionResult
 from loadtest.bench.report import SectionOutcome, merge_verdict, verdict_markdown, write_report
 from lock_backends.registry import SHARED
 
-SECTIONS = ("failover", "fire_lag", "burst", "load", "scale", "peers")
+SECTIONS = ("failover", "fire_lag", "burst", "load", "scale", "peers", "sim")
 BACKENDS = SHARED
 #: Error lines in the report are cut here; the full traceback is in the scratch folder.
 ERROR_LINE_LIMIT = 300

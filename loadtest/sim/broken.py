@@ -1,0 +1,131 @@
+"""The holes of the exactly-once issue (#12), put back one at a time: proof that the simulator can still fail.
+
+The core fixed the six holes, so every schedule of ``holes.json`` passes on
+it. A simulator that passes everything proves nothing by itself: each bug
+below re-creates one hole on the current core, from the outside (a method
+replaced for the block, or a store client with the old semantics), never by
+a branch in the production classes. ``tests/test_sim.py`` runs each hole's
+schedule with its bug and expects the hole's invariant to fail;
+``python -m loadtest sim --inject BUG`` does the same from the command line.
+
+=====================  ====  =====================================================  ====================
+bug                    hole  what it does                                           invariant it trips
+=====================  ====  =====================================================  ====================
+no-hand-back           1     a graceful stop gives nothing back: the fire times     lost
+                             claimed ahead are lost (``GatedScheduler._hand_back``
+                             does nothing)
+claims-not-idempotent  2     the store refuses a retried ``claim_window`` it had    lost
+                             applied (its answer lost): the claim is taken for
+                             fenced
+claim-error-escapes    3     an unexpected exception in a claim ends the claim      waits_forever
+                             loop and leaves its waiters (``WindowKeeper._advance``
+                             lets it escape)
+hand-back-without-     4     the hand-back carries no busy runs (the store drops    duplicate_start
+busy                         them): a recoverable run still going is recovered
+max-instances-per-     5     ``max_instances`` counts this node's runs only         max_instances
+node                         (``GatedScheduler._over_limit`` ignores busy runs)
+no-shutdown-grace      6     a stopping node cuts running bodies at once            lost (cut)
+                             (``GatedScheduler.shutdown`` with grace 0)
+=====================  ====  =====================================================  ====================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from loadtest.sim import cluster
+from lock_backends import BusyRun, Lease, LockBackendError, Window, memory
+from node.claims import WindowKeeper
+from node.outcomes import RunOutcome
+from node.scheduler import GatedScheduler, Refusal
+
+
+class ClaimsNotIdempotent(memory.MemoryBackend):
+    """The pre-window core's claims: asking again for what this token already holds is refused, as if fenced."""
+
+    async def claim_window(self, lease: Lease, until_us: int, start_us: int,
+                           intents: Sequence[str] = ()) -> Window | None:
+        mark = self.store.lock(lease.name).mark
+        window = await super().claim_window(lease, until_us, start_us, intents)
+        if window is not None and mark is not None and mark.token == lease.token and until_us <= mark.until_us:
+            return None  # "claimed already": the retry after a lost answer is refused
+        return window
+
+
+class HandBackWithoutBusy(memory.MemoryBackend):
+    """A hand-back that keeps none of the busy runs it is given."""
+
+    async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
+                        drop: Sequence[str] = ()) -> Window | None:
+        return await super().hand_back(lease, at_us, (), drop)
+
+
+async def _no_hand_back(self: GatedScheduler, lease: Lease, at_us: int, *, retry_until: float) -> None:
+    return None
+
+
+def _escaping_advance(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _advance(self: WindowKeeper, lease: Lease, until_us: int, start_us: int) -> None:
+        before = self.window.until_us if self.window is not None else 0
+        try:
+            window = await self.backend.claim_window(lease, until_us, start_us,
+                                                     self.intents(before or start_us, until_us))
+        except LockBackendError:
+            return await original(self, lease, until_us, start_us)  # retried, as the real one does
+        # anything else escapes: the claim loop ends, and what waits for the window waits on
+        if window is None:
+            self.window = None
+            self._stopping = True
+        else:
+            self.window = window
+        return None
+
+    return _advance
+
+
+def _local_over_limit(self: GatedScheduler, spec: Any) -> Refusal | None:
+    keys = self._running_keys.get(spec.id, set())
+    if len(keys) >= spec.max_instances:
+        return Refusal(RunOutcome.SKIPPED, "max_instances on this node")
+    return None
+
+
+def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
+        await original(self, 0.0)
+
+    return shutdown
+
+
+#: bug name -> (hole of #12, what replaces what: (owner, attribute, factory of the replacement from the original))
+BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
+    "no-hand-back": (1, (GatedScheduler, "_hand_back", lambda _original: _no_hand_back)),
+    "claims-not-idempotent": (2, (cluster, "BACKEND", lambda _original: ClaimsNotIdempotent)),
+    "claim-error-escapes": (3, (WindowKeeper, "_advance", _escaping_advance)),
+    "hand-back-without-busy": (4, (cluster, "BACKEND", lambda _original: HandBackWithoutBusy)),
+    "max-instances-per-node": (5, (GatedScheduler, "_over_limit", lambda _original: _local_over_limit)),
+    "no-shutdown-grace": (6, (GatedScheduler, "shutdown", _no_grace)),
+}
+
+
+@contextlib.contextmanager
+def injected(name: str | None) -> Iterator[None]:
+    """Run the block with bug ``name`` in place (None: none), and put the original back after."""
+    if name is None:
+        yield
+        return
+    _, (owner, attribute, make) = BUGS[name]
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, make(original))
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
+def inject(name: str) -> None:
+    """Put bug ``name`` in place for the rest of the process (``--inject``: the exploring workers inherit it)."""
+    _, (owner, attribute, make) = BUGS[name]
+    setattr(owner, attribute, make(getattr(owner, attribute)))

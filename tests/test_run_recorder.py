@@ -1,0 +1,85 @@
+"""RunRecorder's retries, on the simulator's virtual-time loop (deterministic, no waiting).
+
+Both behaviours were found by the simulator (``loadtest/sim/README.md``,
+findings ``finding-record-batch-raises`` and ``finding-flush-behind-backoff``):
+a record lost, or still waiting when a leader hands its window over, makes
+the next leader run a finished recoverable run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from loadtest.sim.cluster import HostTime
+from loadtest.sim.history import WALL0
+from loadtest.sim.loop import HostClock, SimLoop
+from lock_backends import BackendUnavailable, RunRecord
+from lock_backends import clock as clocks
+from node.claims import SURPRISE_ATTEMPTS, RunRecorder
+
+
+class Store:
+    """``record_many`` that fails with the given exceptions first, then stores."""
+
+    def __init__(self, failures: Sequence[BaseException]) -> None:
+        self.failures = list(failures)
+        self.stored: list[str] = []
+        self.calls = 0
+
+    async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+        self.calls += 1
+        await asyncio.sleep(0.001)
+        if self.failures:
+            raise self.failures.pop(0)
+        self.stored.extend(r.key for r in records)
+
+
+def on_virtual_time(main: Callable[[SimLoop], Awaitable[Any]]) -> Any:
+    loop = SimLoop()
+    try:
+        with clocks.using(HostTime(loop, HostClock(WALL0))):
+            return loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+
+
+def record(key: str) -> RunRecord:
+    return RunRecord(key, 1, "n0", WALL0, {"outcome": "ok"})
+
+
+def test_a_passing_surprise_is_tried_again_and_a_lasting_one_dropped_and_counted() -> None:
+    async def main(loop: SimLoop) -> tuple[list[str], list[int], list[str], list[int]]:
+        passing = Store([RuntimeError("a client library hiccup")])
+        dropped: list[int] = []
+        recorder = RunRecorder(passing, "baton", op_timeout=0.5, on_dropped=dropped.append)  # type: ignore[arg-type]
+        recorder.add(record("job@1"))
+        await recorder.flush(5.0)
+        lasting = Store([RuntimeError("refused")] * SURPRISE_ATTEMPTS)
+        dropped_too: list[int] = []
+        other = RunRecorder(lasting, "baton", op_timeout=0.5, on_dropped=dropped_too.append)  # type: ignore[arg-type]
+        other.add(record("job@2"))
+        await other.flush(5.0)
+        other.add(record("job@3"))  # the queue goes on after a drop
+        await other.flush(5.0)
+        return passing.stored, dropped, lasting.stored, dropped_too
+
+    stored, dropped, stored_too, dropped_too = on_virtual_time(main)
+    assert stored == ["job@1"] and dropped == []
+    assert stored_too == ["job@3"] and dropped_too == [1]
+
+
+def test_a_flush_wakes_a_writer_waiting_out_its_backoff() -> None:
+    async def main(loop: SimLoop) -> tuple[bool, float, list[str]]:
+        store = Store([BackendUnavailable("down")] * 7)  # backoff 0.02, 0.04 ... 1.28 s after the 7th failure
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        recorder.add(record("job@1"))
+        await asyncio.sleep(1.6)  # 7 failures (each after a 20 ms linger), backoffs of 0.02 to 0.64 s in between
+        assert store.calls == 7  # the writer now sleeps out a backoff of 1.28 s
+        t0 = loop.now
+        done = await recorder.flush(0.3)
+        return done, loop.now - t0, store.stored
+
+    done, took, stored = on_virtual_time(main)
+    assert done and stored == ["job@1"] and took < 0.1

@@ -1,0 +1,588 @@
+"""The deterministic simulator (``loadtest.sim``, issue #13): its loop, network, invariants, replay and holes.
+
+The simulator runs the production elector and gated scheduler (the claim-window
+core). Every hand-built schedule of ``holes.json`` passes on it; so that the
+simulator is proven able to fail, each hole's schedule must also fail, with its
+invariant, once the hole's bug (``loadtest.sim.broken``) is put back from here.
+Thousands of seeds run per ``make test`` and must show no violation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.sim import broken, explore, holes
+from loadtest.sim.cluster import FrozenTime, HostTime, SimMetrics
+from loadtest.sim.history import WALL0, History
+from loadtest.sim.invariants import INVARIANTS, check
+from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
+from loadtest.sim.net import FaultyBackend, InjectedError, Network
+from loadtest.sim.run import run_scenario, run_seed, scenario_for_seed
+from loadtest.sim.scenario import Fault, HostShape, JobShape, RunConfig, Scenario
+from lock_backends import BackendUnavailable, Holder, LockBackendError, memory
+from lock_backends.url import BackendOptions
+from node.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Seeds per `make test` (the issue asks for at least 2,000 within 60 s on 2 cores).
+CI_SEEDS = 2000
+SMOKE_SEEDS = 200
+
+
+def sim_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "loadtest", "sim", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def test_virtual_time_jumps_to_the_next_timer() -> None:
+    loop = SimLoop()
+    try:
+        async def main() -> float:
+            await asyncio.sleep(3600)
+            return loop.time()
+
+        assert loop.run_until_complete(main()) == 3600
+    finally:
+        loop.close()
+
+
+def test_paused_process_runs_late_and_dead_process_never() -> None:
+    loop = SimLoop()
+    seen: list[tuple[str, float]] = []
+    a = Process("a", HostClock(0.0))
+    b = Process("b", HostClock(0.0))
+
+    async def ticker(name: str) -> None:
+        for _ in range(3):
+            await asyncio.sleep(1.0)
+            seen.append((name, loop.now))
+
+    async def main() -> None:
+        for proc in (a, b):
+            ctx = contextvars.copy_context()
+            ctx.run(PROCESS.set, proc)
+            loop.create_task(ticker(proc.name), context=ctx)
+        await asyncio.sleep(1.5)
+        loop.pause(a)
+        loop.kill(b)
+        await asyncio.sleep(2.0)
+        assert a.state == PAUSED and b.state == DEAD
+        loop.resume(a)
+        await asyncio.sleep(3.0)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # a's timer due at 2.0 fired at the resume (3.5); its next sleep counted from there
+    assert seen == [("a", 1.0), ("b", 1.0), ("a", 3.5), ("a", 4.5)]
+
+
+def test_a_process_sleeps_on_its_own_clock() -> None:
+    loop = SimLoop()
+    fast = Process("fast", HostClock(0.0, mono0=50.0, rate=2.0))
+
+    async def nap() -> float:
+        await asyncio.sleep(1.0)  # one second of the process's own clock
+        return loop.now
+
+    try:
+        ctx = contextvars.copy_context()
+        ctx.run(PROCESS.set, fast)
+        assert loop.run_until_complete(loop.create_task(nap(), context=ctx)) == 0.5
+    finally:
+        loop.close()
+
+
+# -- the network -----------------------------------------------------------------------------------
+
+
+def _net_setup(loop: SimLoop) -> tuple[memory.MemoryStore, Network, FaultyBackend]:
+    store = memory.MemoryStore("net-test", HostTime(loop, HostClock(WALL0)))
+    net = Network(loop, random.Random(1), op_timeout=0.5)
+    backend = FaultyBackend(memory.MemoryBackend(store, BackendOptions(op_timeout=0.5)), net, "n0",
+                            lambda: FrozenTime(loop.now, WALL0 + loop.now))
+    return store, net, backend
+
+
+@pytest.mark.parametrize("effect", ["fail-after", "fail-before", "raise", "delay-request"])
+def test_operation_faults(effect: str) -> None:
+    loop = SimLoop()
+    store, net, backend = _net_setup(loop)
+
+    async def main() -> tuple[object, float]:
+        lease = await backend.acquire("baton", Holder("n0"), 2.0)
+        assert lease is not None
+        net.arm("n0", "claim", effect, 0.8, window=1.0, label=effect)
+        t0 = loop.now
+        try:
+            outcome: object = await backend.claim(lease, "job@1")
+        except Exception as exc:
+            outcome = exc
+        took = loop.now - t0
+        await asyncio.sleep(2.0)  # anything still in flight lands
+        return outcome, took
+
+    try:
+        outcome, took = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    applied = "job@1" in store.lock("baton").runs
+    if effect == "fail-after":  # applied, the answer lost: the caller times out
+        assert isinstance(outcome, BackendUnavailable) and applied and took == pytest.approx(0.5)
+    elif effect == "fail-before":
+        assert isinstance(outcome, BackendUnavailable) and not applied
+    elif effect == "raise":  # not a LockBackendError: what the node does not expect
+        assert isinstance(outcome, InjectedError) and not isinstance(outcome, LockBackendError) and not applied
+    else:  # the request arrives after the caller gave up, and is applied then
+        assert isinstance(outcome, BackendUnavailable) and applied and took == pytest.approx(0.5)
+
+
+def test_a_request_sent_before_a_pause_is_applied_during_it() -> None:
+    loop = SimLoop()
+    store, _net, backend = _net_setup(loop)
+    proc = Process("n0", HostClock(WALL0))
+    applied_at: list[float] = []
+
+    async def client() -> None:
+        await backend.acquire("baton", Holder("n0"), 2.0)
+
+    async def main() -> None:
+        ctx = contextvars.copy_context()
+        ctx.run(PROCESS.set, proc)
+        loop.create_task(client(), context=ctx)
+        await asyncio.sleep(0)  # the request leaves
+        loop.pause(proc)
+        for _ in range(100):
+            if store.lock("baton").holder is not None:
+                applied_at.append(loop.now)
+                break
+            await asyncio.sleep(0.001)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert proc.state == PAUSED and applied_at[0] < 0.01
+
+
+# -- the invariants, on hand-made histories ----------------------------------------------------------
+
+
+def _scenario(*jobs: JobShape) -> Scenario:
+    hosts = tuple(HostShape(f"n{i}") for i in range(3))
+    return Scenario(RunConfig.from_seed(0, jobs=jobs, hosts=hosts), [])
+
+
+def _history(end: float = 12.0) -> History:
+    h = History()
+    for i in range(3):
+        h.hosts[f"n{i}"] = {"wall0": WALL0, "rate": 1.0, "offset": 0.0}
+    for i in range(3):
+        h.proc_start(0.0, f"n{i}")
+    h.grant(0.0, 1, "n0")
+    h.lease(0.0, "n0", 0, 1, end)
+    h.end = end
+    return h
+
+
+def _f(seconds: float) -> int:
+    return round((WALL0 + seconds) * 1e6)
+
+
+def _run(h: History, job: str, f: float, *, host: str = "n0", pid: int = 0, token: int = 1, kind: str = "scheduled",
+         start: float | None = None, end: float | None = None, status: str = "ok", fid: int | None = None,
+         key: str = "") -> int:
+    rid = h.start(f if start is None else start, job, _f(f), host, pid, token, kind, fid, key)
+    if end is not None:
+        h.finish(end, rid, status)
+    return rid
+
+
+def _window(h: History, token: int, since: float, until: float, *, host: str = "n0", t: float = 0.0,
+            op: str = "claim_window", sealed: bool = False, busy: tuple[str, ...] = ()) -> None:
+    """The store answered ``token``'s claim (or hand-back) at ``t``: its window of fire times is [since, until)."""
+    h.window(t, host, op, token, token, _f(since), _f(until), sealed, _f(until) if op == "hand_back" else None,
+             list(busy), sent=t)
+
+
+def _every_second(h: History, job: str = "tick", skip: tuple[float, ...] = ()) -> None:
+    for k in range(1, 11):
+        if float(k) not in skip:
+            _run(h, job, float(k), end=k + 0.1)
+
+
+def _violated(h: History, scenario: Scenario) -> set[str]:
+    return {v.invariant for v in check(h, scenario).violations}
+
+
+def test_clean_history_passes_every_invariant() -> None:
+    h = _history()
+    _every_second(h)
+    checked = check(h, _scenario(JobShape("tick", 1000, 0.1)))
+    assert checked.violations == []
+    assert set(checked.counts) == set(INVARIANTS) and checked.counts["lost"] >= 9
+
+
+def test_duplicate_start() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1, recover=True))
+    h = _history()
+    _every_second(h)
+    _run(h, "tick", 5.0, host="n1", pid=1, token=2, start=5.5, end=5.6)
+    assert "duplicate_start" in _violated(h, scenario)
+    # a declared recovery, but the first run's process never failed: still a duplicate
+    h = _history()
+    _every_second(h)
+    _run(h, "tick", 5.0, host="n1", pid=1, token=2, kind="recovery", start=5.5, end=5.6)
+    assert "duplicate_start" in _violated(h, scenario)
+    # the first run's process was killed before the recovery: declared at-least-once, excused
+    h = _history()
+    _every_second(h)
+    h.proc_end(5.2, 0, "killed")
+    _run(h, "tick", 5.0, host="n1", pid=1, token=2, kind="recovery", start=5.5, end=5.6)
+    assert "duplicate_start" not in _violated(h, scenario)
+
+
+def test_fenced_sink() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    h = _history()
+    _every_second(h)
+    h.grant(3.0, 1, "n1")  # the store hands out token 1 again
+    assert "fenced_sink" in _violated(h, scenario)
+    h = _history()
+    _every_second(h, skip=(6.0,))
+    _run(h, "tick", 6.0, host="n1", pid=1, token=1, end=6.1)  # another process writes with the same token
+    assert "fenced_sink" in _violated(h, scenario)
+    h = _history()
+    _every_second(h)
+    rid = _run(h, "tick", 4.0, host="n1", pid=1, token=2, start=4.5)  # a newer token: accepted, a duplicate
+    assert h.runs[rid].accepted and "fenced_sink" in _violated(h, scenario)
+
+
+def test_lost() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    h = _history()
+    _every_second(h, skip=(5.0,))
+    found = [v for v in check(h, scenario).violations if v.invariant == "lost"]
+    assert [v.f_us for v in found] == [_f(5.0)]
+    # started, but cut by a graceful stop
+    h = _history()
+    _every_second(h, skip=(5.0,))
+    _run(h, "tick", 5.0, end=5.05, status="cancelled")
+    assert "lost" in _violated(h, scenario)
+
+
+def _catch_up_after_a_gap(since: float) -> History:
+    """n0 runs every second but 5 and 6; n1 (token 2, window from ``since``) runs 6 as a catch-up at 6.2."""
+    h = _history()
+    _every_second(h, skip=(5.0, 6.0))
+    h.lease(6.1, "n1", 1, 2, 12.0)
+    _window(h, 2, since, 6.5, host="n1", t=6.1)
+    fid = h.fire_enter(6.15, "n1", 1, "tick", _f(6.0), "catch-up")
+    _run(h, "tick", 6.0, host="n1", pid=1, token=2, kind="catch-up", start=6.2, end=6.3, fid=fid)
+    return h
+
+
+def test_lost_excuses_coalescing_into_a_catch_up_run_only_inside_its_window() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    assert "lost" not in _violated(_catch_up_after_a_gap(since=4.5), scenario)
+    # the catch-up's window began after the fire time: it was not the catch-up's to fold
+    assert "lost" in _violated(_catch_up_after_a_gap(since=5.5), scenario)
+
+
+def _killed_leader(how: str, until: float) -> History:
+    """n0 (token 1, window up to ``until``) ends at 4.95 (``how``) before running 5; n1 leads from 6."""
+    h = _history()
+    _every_second(h, skip=(5.0,))
+    _window(h, 1, 0.0, until, t=4.9)
+    h.proc_end(4.95, 0, how)
+    h.lease(6.0, "n1", 1, 2, 12.0)
+    return h
+
+
+def test_lost_excuses_the_claim_window_of_a_crashed_leader_only() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    # inside the window the killed leader held: at most once
+    assert "lost" not in _violated(_killed_leader("killed", until=5.05), scenario)
+    # ... unless the job asked for recovery (at least once)
+    assert "lost" in _violated(_killed_leader("killed", until=5.05), _scenario(JobShape("tick", 1000, 0.1,
+                                                                                       recover=True)))
+    # a graceful stop (a process that exited, after a SIGTERM) excuses nothing
+    assert "lost" in _violated(_killed_leader("exited", until=5.05), scenario)
+    # outside the window it held when it died
+    assert "lost" in _violated(_killed_leader("killed", until=4.99), scenario)
+
+
+def _cut_off_leader(leads_until: float) -> History:
+    """The store is down from 4.5 to 6; n0 (token 1, window up to 5.05) believes it leads until ``leads_until``."""
+    h = History()
+    for i in range(3):
+        h.hosts[f"n{i}"] = {"wall0": WALL0, "rate": 1.0, "offset": 0.0}
+        h.proc_start(0.0, f"n{i}")
+    h.grant(0.0, 1, "n0")
+    h.lease(0.0, "n0", 0, 1, leads_until)
+    h.lease(leads_until, "n0", 0, None, 0.0)
+    h.lease(6.5, "n1", 1, 2, 12.0)
+    h.end = 12.0
+    _every_second(h, skip=(5.0,))
+    _window(h, 1, 0.0, 5.05, t=4.4)
+    h.cut("", 4.5, 6.0)
+    return h
+
+
+def test_lost_excuses_a_cut_off_leaders_window_only_after_it_stopped_leading() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    # its lease lapsed at 4.9 in the outage, before 5 came due, and it could not hand 5 back: at most once
+    assert "lost" not in _violated(_cut_off_leader(leads_until=4.9), scenario)
+    # it still led when 5 came due: a leader runs its window without the store
+    found = [v for v in check(_cut_off_leader(leads_until=5.4), scenario).violations if v.invariant == "lost"]
+    assert _f(5.0) in {v.f_us for v in found}
+
+
+def _skipped_at_five(*, run_on: tuple[str, int], killed_at: float | None = None, ends: float = 5.5,
+                     handed_over: bool = False, viewed: bool = False) -> History:
+    """tick's run of 4 (on ``run_on``) lasts until ``ends``; n0's gate returns for 5 at 5.03 without a run."""
+    h = _history()
+    _every_second(h, skip=(4.0, 5.0))
+    host, pid = run_on
+    _run(h, "tick", 4.0, host=host, pid=pid, start=4.0, end=ends, key="tick@4")
+    if handed_over:
+        _window(h, 1, 0.0, 4.5, host=host, t=4.5, op="hand_back", sealed=True, busy=("tick@4",))
+    if viewed:
+        h.view(4.6, "n0", 0, 1, [("tick@4", "tick", host, 1, _f(20.0))])
+    if killed_at is not None:
+        h.proc_end(killed_at, pid, "killed")
+    fid = h.fire_enter(5.0, "n0", 0, "tick", _f(5.0), "scheduled")
+    h.fire_exit(5.03, fid, "skipped")
+    return h
+
+
+def test_lost_excuses_a_max_instances_skip_only_with_the_runs_going() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1, max_instances=1))
+    # a run going on a live process
+    assert "lost" not in _violated(_skipped_at_five(run_on=("n0", 0)), scenario)
+    assert "lost" not in _violated(_skipped_at_five(run_on=("n1", 1)), scenario)
+    # its process died before the skip
+    assert "lost" in _violated(_skipped_at_five(run_on=("n1", 1), killed_at=4.8), scenario)
+    # ended just before: excused only while the skipping node's last window listed it as handed over, busy
+    assert "lost" in _violated(_skipped_at_five(run_on=("n1", 1), ends=5.02), scenario)
+    assert "lost" not in _violated(_skipped_at_five(run_on=("n1", 1), ends=5.02, handed_over=True, viewed=True),
+                                   scenario)
+    # ... and truly going when it was handed over (a busy entry no hand-back wrote is no evidence)
+    assert "lost" in _violated(_skipped_at_five(run_on=("n1", 1), ends=5.02, viewed=True), scenario)
+
+
+def test_max_instances() -> None:
+    scenario = _scenario(JobShape("long", 1000, 1.5, max_instances=1))
+    h = _history()
+    _run(h, "long", 1.0, end=2.5)
+    _run(h, "long", 2.0, host="n1", pid=1, token=2, end=3.5)
+    assert "max_instances" in _violated(h, scenario)
+    # the first run's process was killed: it no longer counts
+    h = _history()
+    _run(h, "long", 1.0)
+    h.proc_end(1.8, 0, "killed")
+    _run(h, "long", 2.0, host="n1", pid=1, token=2, end=3.5)
+    assert "max_instances" not in _violated(h, scenario)
+
+
+def test_waits_forever() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    h = _history()
+    _every_second(h)
+    h.fire_enter(1.0, "n0", 0, "tick", _f(1.0), "scheduled")
+    assert "waits_forever" in _violated(h, scenario)
+    h = _history()
+    _every_second(h)
+    fid = h.fire_enter(1.0, "n0", 0, "tick", _f(1.0), "scheduled")
+    h.fire_exit(3.0, fid, "fenced")
+    assert "waits_forever" not in _violated(h, scenario)
+    h = _history()
+    _every_second(h)
+    h.fire_enter(1.0, "n0", 0, "tick", _f(1.0), "scheduled")
+    h.pause("n0", 0, 2.0, 11.0)  # it was stopped, not waiting
+    assert "waits_forever" not in _violated(h, scenario)
+
+
+def test_one_leader() -> None:
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    h = _history()
+    _every_second(h)
+    h.lease(6.0, "n1", 1, 2, 8.0)  # n0 still believes until 12
+    assert "one_leader" in _violated(h, scenario)
+    h = _history()
+    _every_second(h)
+    h.lease(5.0, "n0", 0, None, 0.0)
+    h.lease(5.0, "n1", 1, 2, 8.0)  # one after the other
+    assert "one_leader" not in _violated(h, scenario)
+
+
+@pytest.mark.parametrize(("rate", "overlap"), [(0.95, True), (0.99, False)])
+def test_one_leader_catches_a_clock_outside_the_drift_bound(rate: float, overlap: bool) -> None:
+    """A paused leader believes until its local deadline: a clock 5% slow (the margin is 2%) outlives the lease."""
+    hosts = (HostShape("n0", rate=rate), HostShape("n1"), HostShape("n2"))
+    config = RunConfig.from_seed(0, jobs=(JobShape("tick", 500, 0.01),), hosts=hosts)
+    result = run_scenario(Scenario(config, [Fault(3.0, "pause", "n0", duration=4.0)]))
+    assert ("one_leader" in {v.invariant for v in result.checked.violations}) == overlap
+
+
+# -- whole runs ------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_history_in_process() -> None:
+    first = run_seed(11)
+    assert first.error is None
+    assert run_seed(11).history.dump() == first.history.dump()
+    assert scenario_for_seed(11).to_dict() == first.scenario.to_dict()
+
+
+def test_replay_from_the_command_line_is_byte_for_byte(tmp_path: Path) -> None:
+    runs = [sim_cli("--seed", "11", "--dump-history", str(tmp_path / f"h{i}.jsonl")) for i in range(2)]
+    for run in runs:
+        assert run.returncode in (0, 1), run.stderr
+        assert "faults (" in run.stdout and ("OK" in run.stdout or "replay: python -m loadtest sim --seed 11"
+                                              in run.stdout)
+    assert (tmp_path / "h0.jsonl").read_bytes() == (tmp_path / "h1.jsonl").read_bytes()
+    assert (tmp_path / "h0.jsonl").read_text() == run_seed(11).history.dump()
+
+
+@pytest.mark.parametrize("hole", holes.load(findings=True), ids=lambda h: h.name)
+def test_each_hole_and_finding_schedule_passes(hole: holes.Hole) -> None:
+    result = run_scenario(hole.scenario)
+    assert result.error is None
+    assert result.checked.violations == [], [v.detail for v in result.checked.violations]
+
+
+@pytest.mark.parametrize("hole", holes.load(), ids=lambda h: f"{h.name}+{h.bug}")
+def test_each_hole_is_found_again_with_its_bug_put_back(hole: holes.Hole) -> None:
+    """The simulator can still fail: each hole of #12, re-created from here (loadtest.sim.broken), is reported."""
+    with broken.injected(hole.bug):
+        result = run_scenario(hole.scenario)
+    assert result.error is None
+    found = [v for v in result.checked.violations if v.invariant == hole.expect]
+    assert found, f"{hole.name}: expected {hole.expect}, got {[v.invariant for v in result.checked.violations]}"
+    if hole.fire_time is not None:
+        assert _f(hole.fire_time) in {v.f_us for v in found}, [v.detail for v in found]
+    assert holes.classify(found[0], result.history) == hole.hole
+
+
+def test_every_bug_has_a_hole_and_is_put_back_only_inside_the_block() -> None:
+    assert {h.bug for h in holes.load()} == set(broken.BUGS)
+    assert all(broken.BUGS[h.bug][0] == h.hole for h in holes.load())
+    from loadtest.sim import cluster
+    from node.scheduler import GatedScheduler
+
+    before = (GatedScheduler._hand_back, GatedScheduler._over_limit, cluster.BACKEND)
+    with broken.injected("no-hand-back"), broken.injected("hand-back-without-busy"):
+        assert GatedScheduler._hand_back is not before[0] and cluster.BACKEND is not before[2]
+    assert (GatedScheduler._hand_back, GatedScheduler._over_limit, cluster.BACKEND) == before
+
+
+def test_sim_metrics_has_the_interface_of_the_real_metrics() -> None:
+    real = Metrics("memory")
+    public = {name for name in vars(real) if not name.startswith("_")}
+    methods = {name for name in dir(Metrics) if not name.startswith("_") and callable(getattr(Metrics, name))}
+    sim = SimMetrics("memory")
+    assert public <= set(vars(sim)), public - set(vars(sim))
+    assert all(callable(getattr(sim, name, None)) for name in methods)
+    sim.runs_of("job", "ok").inc(3)  # records nothing, raises nothing
+    sim.duration_of("job").observe(0.1)
+    sim.fire_lag.observe(1.0)
+
+
+def test_exploration_smoke() -> None:
+    summary = explore.explore(range(SMOKE_SEEDS), workers=explore.default_workers())
+    assert summary.runs == SMOKE_SEEDS and not summary.errors, summary.lines()
+    assert all(summary.checked[name] > 0 for name in INVARIANTS if name != "one_leader")
+    assert summary.faults["term"] and summary.faults["pause"] and summary.faults["op:fail-after"]
+
+
+def test_no_violation_over_ci_seeds() -> None:
+    """At least 2,000 seeds on up to 2 cores: every invariant holds (the time goal is the bench's, not this test's)."""
+    summary = explore.explore(range(CI_SEEDS), workers=explore.default_workers())
+    assert summary.runs == CI_SEEDS
+    assert summary.ok, "\n".join(["the simulator found a violation (replay each seed below):", *summary.lines()])
+
+
+def test_shrink_keeps_the_violation_with_fewer_faults() -> None:
+    scenario = Scenario(holes.by_name("hole1-sigterm-within-claim-ahead-lead").scenario.config,
+                        [Fault(2.0, "clock_step", "n2", delta=0.3), Fault(3.0, "op", "n1", op="leader",
+                                                                           effect="fail-before"),
+                         Fault(4.95, "term", "leader", duration=1.0)])
+    with broken.injected("no-hand-back"):
+        shrunk, result = explore.shrink(scenario, "lost")
+    assert [f.kind for f in shrunk.faults] == ["term"]
+    assert any(v.invariant == "lost" for v in result.checked.violations)
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+def test_cli_bad_input_is_one_line_and_exit_2() -> None:
+    for args in (["--seed", "x"], ["--runs", "0"], ["--hole", "nope"], ["--schedule", "/nonexistent.json"],
+                 ["--seed", "1", "--workers", "2"], [], ["--seed", "1", "--inject", "nope"]):
+        run = sim_cli(*args)
+        assert run.returncode == 2, (args, run.stdout, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith("error: "), (args, run.stderr)
+
+
+def test_cli_hole_schedule_and_json(tmp_path: Path) -> None:
+    run = sim_cli("--hole", "hole2-claim-applied-answer-lost", "--save", str(tmp_path / "s.json"))
+    assert run.returncode == 0 and "OK: every invariant held" in run.stdout, run.stdout
+    bugged = sim_cli("--schedule", str(tmp_path / "s.json"), "--inject", "claims-not-idempotent")
+    assert bugged.returncode == 1 and "first violation: lost" in bugged.stdout and ">>" in bugged.stdout
+    assert "--inject claims-not-idempotent" in bugged.stdout  # the replay line puts the bug back too
+    again = sim_cli("--schedule", str(tmp_path / "s.json"), "--json", "--inject", "claims-not-idempotent")
+    assert again.returncode == 1
+    data = json.loads(again.stdout)
+    assert data["violations"][0]["invariant"] == "lost" and data["scenario"]["faults"][0]["op"] == "claim_window"
+
+
+def test_cli_holes_pass_and_fail_with_their_bugs() -> None:
+    run = sim_cli("--hole", "all")
+    assert run.returncode == 0, run.stdout
+    assert run.stdout.count("passes") == len(holes.load(findings=True))
+    assert run.stdout.count(" found") == len(holes.load()) and "NOT FOUND" not in run.stdout
+
+
+def test_cli_explores_and_prints_failing_seeds() -> None:
+    run = sim_cli("--runs", "6", "--workers", "2", "--quiet")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "runs: 6 " in run.stdout and "invariants checked:" in run.stdout and "violations: none" in run.stdout
+    bugged = sim_cli("--runs", "12", "--workers", "2", "--quiet", "--inject", "no-hand-back")
+    assert bugged.returncode == 1, bugged.stdout + bugged.stderr
+    assert "replay: python -m loadtest sim --seed " in bugged.stdout and "--inject no-hand-back" in bugged.stdout
+
+
+# -- the bench section ----------------------------------------------------------------------------------
+
+
+def test_bench_section_reports_speed_faults_checks_and_no_violation(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest.bench import runner
+    from loadtest.bench import sim as section
+
+    monkeypatch.setattr(section, "QUICK_RUNS", 12)
+    assert runner.main(["--quick", "--sections", "sim", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "report.json").read_text())["sections"]["sim"]
+    assert doc["status"] == "ok"
+    data = doc["data"]
+    assert data["runs"] == 12 and data["ok"] and data["runs_per_s"] > 0 and data["faults"]
+    assert set(data["checked"]) == set(INVARIANTS) and data["load_before"] is not None
+    assert all(p["found"] for p in data["holes_with_their_bug"]) and len(data["holes_with_their_bug"]) == 7
+    md = (tmp_path / "report.md").read_text()
+    assert "Deterministic simulator" in md and "**violations: 0** in 12 runs" in md and "runs/s" in md
