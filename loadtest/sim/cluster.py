@@ -198,7 +198,7 @@ class SimMetrics:
     """
 
     FAMILIES = ("is_leader", "transitions", "lease_token", "job_runs", "fire_lag", "duration", "lock_ops",
-                "lock_op_seconds", "records_dropped", "clock_skew")
+                "lock_op_seconds", "records_dropped", "clock_skew", "api_reads_rejected")
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
