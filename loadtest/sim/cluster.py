@@ -52,6 +52,7 @@ from lock_backends.clock import to_us
 from lock_backends.url import BackendOptions
 from node.app import Node
 from node.election import ElectionConfig, Elector
+from node.forward import Forwarder
 from node.jobs import JobRegistry, JobSpec, RunContext, every
 from node.outcomes import RunKind, RunOutcome
 from node.scheduler import GatedScheduler
@@ -269,6 +270,7 @@ class SimulatedNode(Node):
             shutdown_grace=config.shutdown_grace, sync_workers=1)
         self._http = None
         self._handing_over = None
+        self.forwarder = Forwarder(self.holder.url, (), timeout=1.0)  # no peers: never opens a connection
         #: Set once ``start`` returned (uvicorn's ``started``: a SIGTERM before it hands nothing over).
         self.started = asyncio.Event()
         #: A SIGTERM arrived (uvicorn is shutting down: a second one changes nothing).
@@ -337,6 +339,8 @@ class Cluster:
             history.hosts[n.name] = {"wall0": n.clock.wall0, "rate": n.clock.rate, "offset": n.clock.offset}
         self._bodies: dict[int, dict[int, asyncio.Task[Any]]] = {}
         self._paused_since: dict[int, float] = {}
+        #: Fault tasks that died of an exception (``_in``): each makes the run a simulator error.
+        self.task_errors: list[str] = []
         self.registry = JobRegistry()
         for shape in config.jobs:
             self.registry.add(JobSpec(shape.id, self._body(shape), lambda tz, s=shape.period_ms / 1000: every(s, tz),
@@ -473,9 +477,20 @@ class Cluster:
         self.loop.call_at_true(self.loop.now + delay, callback, *args, context=contextvars.Context())
 
     def _in(self, n: SimHost, coro_fn: Callable[[], Any]) -> None:
-        """Run ``coro_fn()`` as a task of the host's current process."""
+        """Run ``coro_fn()`` as a task of the host's current process.
+
+        A fault's task that dies of an exception is a simulator error, never
+        silence: a SIGTERM whose ``Node.stop`` raised would otherwise leave the
+        process up forever and its host's faults unapplied.
+        """
         assert n.context is not None
-        self.loop.create_task(coro_fn(), context=n.context.copy())
+        task = self.loop.create_task(coro_fn(), context=n.context.copy())
+        task.add_done_callback(self._fault_task_done)
+
+    def _fault_task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            name = getattr(task.get_coro(), "__qualname__", "a task")
+            self.task_errors.append(f"{type(exc).__name__} in {name}: {exc}")
 
     # -- faults -------------------------------------------------------------------------------------
 

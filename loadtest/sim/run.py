@@ -91,6 +91,8 @@ def run_scenario(scenario: Scenario) -> RunResult:
             except (Deadlock, RunawayLoop) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             sim.finish()
+            if error is None and sim.task_errors:
+                error = "a fault's task failed: " + sim.task_errors[0]
             history.freeze(loop.now)
             _close_tasks(loop)
     except Exception as exc:  # a bug of the simulator: reported, never taken for a verdict
