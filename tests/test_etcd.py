@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aetcd  # type: ignore[import-untyped, unused-ignore]
-import grpc  # type: ignore[import-untyped, unused-ignore]
+import aetcd
+import grpc
 import pytest
 
 from loadtest.servers import Cluster, Server, free_port, start_backend
@@ -577,8 +577,8 @@ async def test_server_time_from_the_date_header(etcd_url: str, make_backend: Fac
 
 
 def test_channel_death_is_a_connection_error() -> None:
-    from aetcd.exceptions import InternalError  # type: ignore[import-untyped, unused-ignore]
-    from grpc.aio import AioRpcError, Metadata  # type: ignore[import-untyped, unused-ignore]
+    from aetcd.exceptions import InternalError
+    from grpc.aio import AioRpcError, Metadata
 
     def status(code: grpc.StatusCode, details: str, debug: str = "") -> AioRpcError:
         return AioRpcError(code, Metadata(), Metadata(), details=details, debug_error_string=debug)

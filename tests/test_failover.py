@@ -28,6 +28,7 @@ import pytest
 
 from loadtest import scenario
 from loadtest.cluster import Timing
+from lock_backends.registry import BY_NAME, SHARED
 
 ROUNDS = int(os.environ.get("BATON_FAILOVER_ROUNDS", "1"))
 #: SIGTERM (or the step-down, or SIGKILL) this long before the fire time: after the leader claimed it
@@ -38,10 +39,10 @@ TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, m
 #: here, which the checker's rule for recoverable fire times in a crash window assumes.
 SHAPES = "basic:2@1,sparse:1@8,long:1@8/2.5,recover:1@4"
 AIMED = ("term", "step-down", "kill")
-BACKENDS = ["file", "redis", "postgres", "etcd"]
+BACKENDS = list(SHARED)
 
 def faults_for(backend: str) -> list[str]:
-    plain = ["pause"] + (["partition", "restart-backend"] if backend != "file" else [])
+    plain = ["pause"] + (["partition", "restart-backend"] if BY_NAME[backend].server else [])
     return [*AIMED] * ROUNDS + plain
 
 

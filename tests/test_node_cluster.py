@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 from loadtest.cluster import LocalCluster, NodeProc, Timing
+from lock_backends.registry import SHARED
 from node.metrics import METRIC_NAMES
+from node.outcomes import RunOutcome
 from tests.probes import ProbeSink
 
 TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, misfire_grace=30.0)
@@ -65,7 +67,7 @@ def assert_no_uncoalesced_misses(sink: ProbeSink, jobs: int, since: datetime, un
             t += timedelta(seconds=1)
 
 
-@pytest.mark.parametrize("backend", ["file", "redis", "postgres", "etcd"])
+@pytest.mark.parametrize("backend", SHARED)
 def test_cluster_failover(backend: str, tmp_path: Path, sink: ProbeSink) -> None:
     cluster = start_cluster(tmp_path, backend, sink)
     try:
@@ -135,7 +137,7 @@ def test_admin_routes_metrics_and_runs(tmp_path: Path, sink: ProbeSink) -> None:
         assert r.status_code == 307
         assert r.headers["location"] == f"{leader.url}/admin/jobs/probe-000/run"
         r = httpx.post(r.headers["location"], headers=auth, timeout=15)
-        assert r.status_code == 200 and r.json()["outcome"] == "ok"
+        assert r.status_code == 200 and r.json()["outcome"] == RunOutcome.OK
         assert any(x["node"] == leader.node_id for x in sink.snapshot())
         # unknown job 404, no token 401, wrong token 401
         assert httpx.post(f"{leader.url}/admin/jobs/nope/run", headers=auth).status_code == 404

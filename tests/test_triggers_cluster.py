@@ -31,7 +31,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.cluster import LocalCluster, NodeProc, Timing
+from lock_backends.registry import SHARED
 from node.jobs import fire_times
+from node.outcomes import RunKind, RunOutcome
 from tests.cluster_jobs import ONE_SHOTS, build
 
 TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, misfire_grace=10.0)
@@ -41,7 +43,7 @@ END = 34.0
 #: A killed leader may have claimed this far past the kill (the lead, 0.25 s) and been this late
 #: starting what came just before it (a loaded machine).
 LOST_AFTER, LOST_BEFORE = 0.35, 0.5
-ALARMS = ("duplicate", "lost", "missed", "fenced")
+ALARMS = (RunOutcome.DUPLICATE, RunOutcome.LOST, RunOutcome.MISSED, RunOutcome.FENCED)
 
 
 def parse(t: str) -> datetime:
@@ -65,7 +67,7 @@ def scrape(node: NodeProc) -> dict[tuple[str, str], float]:
 
 # Runs on every backend; file, redis and postgres pass once their claim-window ports are merged
 # (on the jobs branch only memory:// and etcd have them).
-@pytest.mark.parametrize("backend", ["etcd", "file", "redis", "postgres"])
+@pytest.mark.parametrize("backend", SHARED)
 def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_path: Path) -> None:
     t0 = (datetime.now(UTC) + timedelta(seconds=20)).replace(microsecond=0)
     records = tmp_path / "records.jsonl"
@@ -132,11 +134,11 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
         counts = Counter(parse(s["scheduled_at"]) for s in runs if s["kind"] != "recovery")
         problems += [f"{spec.id} started {t.isoformat()} {n} times" for t, n in counts.items() if n > 1]
         if not spec.recover:
-            problems += [f"{spec.id} ran a recovery" for s in runs if s["kind"] == "recovery"]
+            problems += [f"{spec.id} ran a recovery" for s in runs if s["kind"] == RunKind.RECOVERY]
         ran = {parse(s["scheduled_at"]) for s in runs}
         # a fire time that found max_instances runs still going (a catch-up run just before it) is
         # skipped, and counted so by the node: APScheduler's rule, not a miss
-        skips = int(totals[(spec.id, "skipped")])
+        skips = int(totals[(spec.id, RunOutcome.SKIPPED)])
         for t in fire_times(spec.make_trigger(UTC), begin, end):
             if t in ran:
                 continue
@@ -163,7 +165,7 @@ def test_every_trigger_kind_survives_kill_term_and_step_down(backend: str, tmp_p
                for a, b in itertools.pairwise(overlapping)), "max_instances=2 never overlapped"
     assert {s["label"] for s in by_job["with-args"]} == {"x"} and {s["n"] for s in by_job["with-args"]} == {3}
 
-    false_alarms = {k: v for k, v in totals.items() if v and (k[1] == "duplicate" or (
+    false_alarms = {k: v for k, v in totals.items() if v and (k[1] == RunOutcome.DUPLICATE or (
         k[0] in ONE_SHOTS and k[1] in ALARMS))}
     assert problems == [] and false_alarms == {}, (problems, false_alarms, faults, excuses)
     assert [f for f, took, _ in faults if f != "kill" and took > 1.5] == [], faults

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,11 @@ def anchor(i: int, n: int) -> datetime:
 
 def trigger(i: int, n: int) -> IntervalTrigger:
     return IntervalTrigger(seconds=INTERVAL, start_date=anchor(i, n), timezone=UTC)
+
+
+def _lag_trigger(i: int, n: int, tz: tzinfo) -> IntervalTrigger:
+    """``trigger(i, n)`` as a node builds it: per time zone (the probe's is UTC whatever the node's)."""
+    return trigger(i, n)
 
 
 def fire_time(now: datetime, start: datetime) -> datetime:
@@ -121,7 +127,7 @@ async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tup
 
     registry = JobRegistry()
     for i in range(n):
-        registry.add(JobSpec(f"lag-{i:05d}", body, lambda tz, i=i: trigger(i, n), False, "fire-lag probe"))
+        registry.add(JobSpec(f"lag-{i:05d}", body, functools.partial(_lag_trigger, i, n), False, "fire-lag probe"))
     settings = Settings(node_id="bench-lag", lock_url=url, lock_name=f"bench-lag-{uuid.uuid4().hex[:8]}",
                         lease_ttl=10, renew_deadline=7, retry_period=2, misfire_grace=60, demo_jobs=False,
                         probe_jobs=0, claims="on")
