@@ -1,14 +1,18 @@
-"""Fixtures that start real servers on free loopback ports.
+"""Fixtures that start real servers on free loopback ports, and the tiers the suite is selected by.
 
-Each server kind starts once per test session, lazily, and stops at the end.
+Each server kind starts once per test session (per xdist worker), lazily, and stops at the end.
 Tests that stop or restart a server get their own (``private_server``). A
 missing binary fails the test with the command that installs it.
+
+Every test file belongs to one tier (``TIERS``), a marker of the same name on each of its tests:
+``make test-fast`` runs ``-m "contract or unit or sim"``, ``make test`` runs them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,12 +21,59 @@ from typing import TypeVar
 
 import pytest
 
-from loadtest.servers import Cluster, start_backend
+from loadtest.servers import Cluster, port_range, start_backend
 from lock_backends import BackendUnavailable, LockBackend, from_url
 from lock_backends.memory import drop_store
 from lock_backends.registry import NAMES, SERVERS, SHARED
 
 T = TypeVar("T")
+
+#: The tier of each test file; a file not listed is ``other`` (run by ``make test`` only). Tests run tier by
+#: tier in this order, each tier's files in the order listed: the longest first, so that parallel workers
+#: (``make test`` runs ``pytest -n``) do not end waiting on one long test started last.
+TIERS: dict[str, tuple[str, ...]] = {
+    # quick runs of the benchmark (the peers' one builds a venv of its own)
+    "bench": ("test_bench_peers.py", "test_bench.py", "test_bench_load.py"),
+    # real node processes: clusters, faults, the harness's commands, the README's own commands
+    "cluster": ("test_triggers_cluster.py", "test_failover.py", "test_stored_jobs_cluster.py", "test_node_cluster.py",
+                "test_up.py", "test_your_jobs.py", "test_loadtest_cli.py", "test_prometheus.py"),
+    "other": (),
+    # one backend's own behaviour, on real servers (some of them private, stopped and restarted)
+    "backend": ("test_file_backend.py", "test_etcd.py", "test_postgres.py", "test_sigstop.py", "test_redis.py",
+                "test_redis_traps.py"),
+    # the LockBackend contract on every backend
+    "contract": ("test_contract.py",),
+    # the simulator: seeded runs on virtual time
+    "sim": ("test_sim.py",),
+    # in one process: nodes on the in-memory store or a shared server, the checker, config, triggers, deploy/
+    "unit": ("test_skew.py", "test_claim_window.py", "test_job_options.py", "test_exactly_once.py",
+             "test_stored_jobs.py", "test_deploy.py", "test_config.py", "test_checker.py", "test_election.py",
+             "test_embed.py", "test_metrics.py", "test_triggers.py"),
+}
+TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+_RANK = {tier: i for i, tier in enumerate(TIERS)}
+_FILE_RANK = {name: i for names in TIERS.values() for i, name in enumerate(names)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: a test of the {tier} tier (tests/conftest.py TIERS)")
+    # Parallel workers restart servers and nodes on the ports they picked: give each worker its own range.
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
+        low, high = port_range()
+        size = (high - low + 1) // count
+        os.environ["BATON_PORT_RANGE"] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(TIER_OF.get(item.path.name, "other"))
+    # stable: within a file, pytest's own order (which sets up each module fixture's parameter once) stays
+    items.sort(key=lambda item: (_RANK[TIER_OF.get(item.path.name, "other")],
+                                 _FILE_RANK.get(item.path.name, 0), str(item.path)))
+
 
 #: Every backend, the in-memory reference included: the contract holds for all of them.
 BACKENDS = list(NAMES)

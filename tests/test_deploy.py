@@ -31,6 +31,8 @@ from loadtest.servers import free_port
 from node.config import Settings, env_name, load
 
 ROOT = Path(__file__).resolve().parent.parent
+#: One worker runs this file (``--dist loadgroup``): compose resolved, a node's metrics read once, for all.
+pytestmark = pytest.mark.xdist_group("test_deploy")
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 SECRETS = ("BATON_ADMIN_TOKEN", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD")

@@ -63,7 +63,9 @@ def summary(result: dict[str, Any]) -> str:
     return json.dumps({k: result.get(k) for k in keep}, indent=1)[:6000]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+#: Each backend's scenario runs once, on one worker, for both tests that read it (``--dist loadgroup``).
+@pytest.fixture(scope="module", params=[pytest.param(b, marks=pytest.mark.xdist_group(f"failover-{b}"))
+                                        for b in BACKENDS])
 def aimed_run(request: pytest.FixtureRequest,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     backend = request.param
@@ -123,6 +125,7 @@ def skewed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
     return result, end
 
 
+@pytest.mark.xdist_group("failover-skew")
 def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     result, end = skewed_run
     assert end["skew_s"] == 30.0
@@ -135,6 +138,7 @@ def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], di
         assert result["early"] == 0, summary(result)
 
 
+@pytest.mark.xdist_group("failover-skew")
 def test_skewed_node_never_leads(skewed_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     result, end = skewed_run
     assert not end["skewed_led"]

@@ -44,6 +44,8 @@ from tests.conftest import TTL, eventually
 from tests.test_sigstop import read_line
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
+#: One worker runs this file (``--dist loadgroup``): the week of runs is written once, for every test that reads it.
+pytestmark = pytest.mark.xdist_group("test_file_backend")
 T = TypeVar("T")
 R = TypeVar("R")
 US = 1_000_000
