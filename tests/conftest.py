@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -177,3 +179,26 @@ async def eventually(what: str, op: Callable[[], Awaitable[T | None]], within: f
         if time.monotonic() - start > within:
             raise AssertionError(f"{what}: not within {within}s")
         await asyncio.sleep(every)
+
+
+def expiry_bound(status: Callable[[], dict[str, Any] | None]) -> float:
+    """The monotonic instant before which nobody can take the lease *by expiry*: the leader's lease left.
+
+    Read from the leader's ``/status`` (``status``) just before it is asked to hand over; conservative
+    (counted from before the request went out). A handoff that gets a new leader before this instant went
+    through release, whatever the machine's load; a fixed bound such as "1.5 s" fails first on a busy one.
+    """
+    asked = time.monotonic()
+    seen = status()
+    assert seen is not None and seen["role"] == "leader", seen
+    return asked + float(seen["lease_remaining_s"])
+
+
+def node_start_seconds() -> float:
+    """Seconds one node process takes to import itself on this machine now (1 s on an idle 2-core box).
+
+    Deadlines a test sets before its nodes exist (a schedule's T0) scale with it, not with a fixed guess.
+    """
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import node.app"], check=True, cwd=Path(__file__).resolve().parent.parent)
+    return time.monotonic() - started
