@@ -31,10 +31,12 @@ Window
 Duplicate starts
     A (job, scheduled_at) pair with more than one record. Exception, reported
     under *at-least-once recovery*: a recoverable job's second start whose later
-    start is a ``recovery`` run, after a ``kill`` (chaos log) of the node of the
-    start before it, between the two starts (Quartz's ``requestsRecovery``: the
-    body may have run before its node died). Any other double start is a
-    duplicate. ``duplicates`` counts pairs, not extra starts.
+    start is a ``recovery`` run, after a crash fault (``kill``, or a ``pause`` or
+    ``partition`` past the TTL: the README's guarantees treat them alike; chaos log)
+    of the node of the start before it, between the two starts (Quartz's
+    ``requestsRecovery``: the body may have run before its node died, or stalled
+    before it could say so). Any other double start is a duplicate. ``duplicates``
+    counts pairs, not extra starts.
 
 Fenced-sink duplicates
     Per job, records in ``started_at`` order; a sink accepts a record iff its
@@ -441,13 +443,12 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     in_window = [p for p in probes_ if p.sched_us <= end_us + GRID_TOLERANCE_US]
     evidence = Evidence(probes_)
 
-    # -- faults: crash windows, kills ------------------------------------------------------
+    # -- faults: crash windows, crashes ----------------------------------------------------
     crash_windows: list[CrashWindow] = []
-    kills: list[tuple[datetime, str]] = []
+    crashes: list[tuple[datetime, str, str]] = []  # (ts, target, fault)
     for ts, entry in starts:
-        if entry["fault"] == "kill":
-            kills.append((ts, str(entry.get("target"))))
         if entry["fault"] in CRASH_FAULTS:
+            crashes.append((ts, str(entry.get("target")), str(entry["fault"])))
             leader = evidence.leader_at(ts)
             if leader is not None and entry.get("target") == leader.node:
                 ts_us = Grid.micros(ts)
@@ -460,12 +461,12 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     for p in in_window:
         by_pair[(p.job, p.sched_us)].append(p)
 
-    def recovered_after_kill(first: Probe, later: Probe) -> tuple[datetime, str] | None:
+    def recovered_after_crash(first: Probe, later: Probe) -> tuple[datetime, str, str] | None:
         if later.kind != RunKind.RECOVERY:
             return None
-        for ts, target in kills:
+        for ts, target, fault in crashes:
             if target == first.node and first.started_at <= ts <= later.started_at:
-                return ts, target
+                return ts, target, fault
         return None
 
     duplicate_starts: list[dict[str, Any]] = []
@@ -475,13 +476,13 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                                   key=lambda kv: (kv[0][1], kv[0][0])):
         runs = sorted(runs, key=lambda p: (p.started_at, p.order))
         shape = shape_of.get(job)
-        kills_seen = [recovered_after_kill(a, b) for a, b in pairwise(runs)] if shape and shape.recover else [None]
+        kills_seen = [recovered_after_crash(a, b) for a, b in pairwise(runs)] if shape and shape.recover else [None]
         entry = {"job": job, "shape": shape.shape if shape else None, "scheduled_at": iso(runs[0].scheduled_at),
                  "starts": len(runs), "runs": [{"node": p.node, "token": p.token, "started_at": iso(p.started_at),
                                                 "kind": p.kind} for p in runs]}
         if all(kills_seen):
             recovered_pairs.add((job, us))
-            at_least_once.append({**entry, "kills": [{"fault": "kill", "target": seen[1], "ts": iso(seen[0])}
+            at_least_once.append({**entry, "kills": [{"fault": seen[2], "target": seen[1], "ts": iso(seen[0])}
                                                      for seen in kills_seen if seen is not None]})
         else:
             duplicate_starts.append(entry)
@@ -942,7 +943,7 @@ def render(result: dict[str, Any]) -> None:
         console.print(f"[red]early[/red] {run['job']} @ {run['scheduled_at']} on {run['node']} "
                       f"(token {run['token']}): {run['early_by_s']}s before its fire time", soft_wrap=True)
     for rec in result["at_least_once"]["list"][:5]:
-        kills = ", ".join(f"kill {k['target']} at {k['ts']}" for k in rec["kills"])
+        kills = ", ".join(f"{k['fault']} {k['target']} at {k['ts']}" for k in rec["kills"])
         console.print(f"[cyan]at-least-once[/cyan] {rec['job']} @ {rec['scheduled_at']}: "
                       f"{rec['starts']} starts, recovered after {kills}", soft_wrap=True)
     for gap in result["excused_gaps"][:TABLE_LINES]:
