@@ -3,6 +3,9 @@ PY := $(VENV)/bin/python
 #: pytest-xdist workers. The real-process tests mostly wait on the clock, so more workers than cores pay.
 WORKERS ?= 4
 PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadgroup
+# Every worker, node and server launcher is a new interpreter: let them keep compiled bytecode (an
+# environment that turns it off makes each one compile the project and the tests again, seconds apiece).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: up test test-fast lint bench install clean
 
