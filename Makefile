@@ -1,20 +1,32 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
+#: pytest-xdist workers. The real-process tests mostly wait on the clock, so more workers than cores pay.
+WORKERS ?= 4
+PYTEST := $(PY) -m pytest -n $(WORKERS) --dist loadgroup
+# Every worker, node and server launcher is a new interpreter: let them keep compiled bytecode (an
+# environment that turns it off makes each one compile the project and the tests again, seconds apiece).
+unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: up test lint bench install clean
+.PHONY: up test test-fast lint bench install clean
 
 # A local cluster of 3 nodes on the embedded file-lock backend (no server needed), with a live table.
 up: $(PY)
 	$(PY) -m loadtest up
 
-# Install the servers, the venv and the package, then run lint and the whole test suite.
+# Install the servers, the venv and the package, then run lint, the type check and the whole test suite.
 test:
 	bash scripts/install-test-deps.sh
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(VENV)/bin/mypy
+	$(PYTEST)
+
+# The edit-run loop: the contract on every backend, the in-process tests, the simulator (tiers: tests/conftest.py).
+test-fast: $(PY)
+	$(PYTEST) -m "contract or unit or sim"
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Lock-operation latency per backend (a table), then the full benchmark report: bench/report.md,
 # bench/report.json and PNG plots (tens of minutes; `$(PY) -m loadtest bench --quick` takes a couple).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from loadtest.servers import ServerError
 DEFAULT_STATE_DIR = ".baton"
 
 
-def positive(kind: type[float] | type[int]) -> object:
+def positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
     def parse(text: str) -> float | int:
         try:
             value = kind(text)

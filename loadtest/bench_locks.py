@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import sys
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from loadtest.servers import ServerError, start_backend
 from lock_backends import Holder, LockBackend, from_url
+from lock_backends.registry import SHARED
 
 Op = Callable[[], Awaitable[Any]]
 
@@ -101,7 +103,7 @@ async def bench_backend(kind: str, url: str, workdir: Path, iterations: int,
             renewed = await backend.renew(lease)
             samples["renew"].append(time.perf_counter() - t0)
             lease = renewed or lease
-            samples["claim"].append(await timed(lambda lease=lease, i=i: backend.claim(lease, f"k{i}")))
+            samples["claim"].append(await timed(functools.partial(backend.claim, lease, f"k{i}")))
             await backend.release(lease)
             tick()
     finally:
@@ -150,13 +152,12 @@ async def run(kinds: list[str], iterations: int, console: Console) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_locks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="file,redis,postgres,etcd",
-                        help="comma-separated subset of file,redis,postgres,etcd")
+    parser.add_argument("--backends", default=",".join(SHARED), help=f"comma-separated subset of {','.join(SHARED)}")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.backends.split(",") if k.strip()]
-    unknown = set(kinds) - {"file", "redis", "postgres", "etcd"}
+    unknown = set(kinds) - set(SHARED)
     if unknown or args.iterations < 1:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}" if unknown
                      else "--iterations must be at least 1")

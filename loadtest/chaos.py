@@ -243,6 +243,7 @@ class Chaos:
         shapes = self.shapes()
         if not shapes:
             raise ChaosError("--aim needs probe jobs to aim at; the cluster has none")
+        shape: ProbeShape | None
         if aim.shape is None:
             shape = max(shapes, key=lambda s: s.interval)
         else:

@@ -31,10 +31,12 @@ Window
 Duplicate starts
     A (job, scheduled_at) pair with more than one record. Exception, reported
     under *at-least-once recovery*: a recoverable job's second start whose later
-    start is a ``recovery`` run, after a ``kill`` (chaos log) of the node of the
-    start before it, between the two starts (Quartz's ``requestsRecovery``: the
-    body may have run before its node died). Any other double start is a
-    duplicate. ``duplicates`` counts pairs, not extra starts.
+    start is a ``recovery`` run, after a crash fault (``kill``, or a ``pause`` or
+    ``partition`` past the TTL: the README's guarantees treat them alike; chaos log)
+    of the node of the start before it, between the two starts (Quartz's
+    ``requestsRecovery``: the body may have run before its node died, or stalled
+    before it could say so). Any other double start is a duplicate. ``duplicates``
+    counts pairs, not extra starts.
 
 Fenced-sink duplicates
     Per job, records in ``started_at`` order; a sink accepts a record iff its
@@ -125,12 +127,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-# The probe schedule (shapes, job ids, intervals) is a description of the workload, shared with the nodes
-# that run it; nothing of how a node behaves is imported.
+# The probe schedule (shapes, job ids, intervals), the interval grid and the run kinds a record names are a
+# description of the workload and its records, shared with the nodes that run it; nothing of how a node
+# behaves is imported.
+from node.outcomes import RunKind
 from node.probes import SPEC_FORM, ProbeShape, ProbeSpecError, parse_shapes, spec_text
+from node.triggers import INTERVAL_EPOCH
 
-#: Interval fire times count from here. Must equal ``node.jobs.INTERVAL_EPOCH`` (a test asserts they agree).
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+#: Interval fire times count from here.
+EPOCH = INTERVAL_EPOCH
 #: A scheduled_at this close to a grid instant is that instant (float intervals, clock formatting).
 GRID_TOLERANCE_US = 1000
 #: Lists in the report are cut here; the counts next to them are complete.
@@ -143,8 +148,8 @@ CRASH_SLACK = 0.1
 EARLY_TOLERANCE = 0.05
 #: A catch-up looks back the grace from the moment its node won; its runs start a little after that.
 CATCH_UP_SLACK_US = 1_000_000
-#: Run kinds (``node.outcomes.RunKind``; a test asserts they agree). A record without one is scheduled.
-KINDS = ("scheduled", "catch_up", "recovery", "manual")
+#: Run kinds a record may name (``node.outcomes.RunKind``). A record without one is scheduled.
+KINDS = tuple(k.value for k in RunKind)
 #: Faults after which the leader may hold claims it never starts: the at-most-once window of a crash.
 CRASH_FAULTS = ("kill", "pause", "partition")
 
@@ -202,7 +207,7 @@ class Probe:
     started_at: datetime
     order: int  # position in the input, to keep sorts stable and reproducible
     sched_us: int  # scheduled_at as microseconds since EPOCH: exact, hashable, cheap to compare
-    kind: str = "scheduled"
+    kind: str = RunKind.SCHEDULED
     received_at: datetime | None = None
 
     @classmethod
@@ -214,7 +219,7 @@ class Probe:
         scheduled_at = parse_time(obj["scheduled_at"])
         received = parse_time(obj["received_at"]) if "received_at" in obj else None
         return cls(obj["job"], scheduled_at, obj["node"], obj["token"], parse_time(obj["started_at"]), order,
-                   Grid.micros(scheduled_at), str(obj.get("kind", "scheduled")), received)
+                   Grid.micros(scheduled_at), str(obj.get("kind", RunKind.SCHEDULED)), received)
 
     @property
     def early_by(self) -> float:
@@ -416,8 +421,8 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     if start is not None:
         everything = [p for p in everything if p.scheduled_at >= start - timedelta(microseconds=GRID_TOLERANCE_US)]
     warnings: list[str] = []
-    manual = [p for p in everything if p.kind == "manual"]
-    probes_ = [p for p in everything if p.kind != "manual"]
+    manual = [p for p in everything if p.kind == RunKind.MANUAL]
+    probes_ = [p for p in everything if p.kind != RunKind.MANUAL]
     unknown_kinds = sorted({p.kind for p in probes_} - set(KINDS))
     if unknown_kinds:
         warnings.append(f"record kind(s) {', '.join(unknown_kinds)} unknown: judged as scheduled runs")
@@ -438,13 +443,12 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     in_window = [p for p in probes_ if p.sched_us <= end_us + GRID_TOLERANCE_US]
     evidence = Evidence(probes_)
 
-    # -- faults: crash windows, kills ------------------------------------------------------
+    # -- faults: crash windows, crashes ----------------------------------------------------
     crash_windows: list[CrashWindow] = []
-    kills: list[tuple[datetime, str]] = []
+    crashes: list[tuple[datetime, str, str]] = []  # (ts, target, fault)
     for ts, entry in starts:
-        if entry["fault"] == "kill":
-            kills.append((ts, str(entry.get("target"))))
         if entry["fault"] in CRASH_FAULTS:
+            crashes.append((ts, str(entry.get("target")), str(entry["fault"])))
             leader = evidence.leader_at(ts)
             if leader is not None and entry.get("target") == leader.node:
                 ts_us = Grid.micros(ts)
@@ -457,12 +461,12 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     for p in in_window:
         by_pair[(p.job, p.sched_us)].append(p)
 
-    def recovered_after_kill(first: Probe, later: Probe) -> tuple[datetime, str] | None:
-        if later.kind != "recovery":
+    def recovered_after_crash(first: Probe, later: Probe) -> tuple[datetime, str, str] | None:
+        if later.kind != RunKind.RECOVERY:
             return None
-        for ts, target in kills:
+        for ts, target, fault in crashes:
             if target == first.node and first.started_at <= ts <= later.started_at:
-                return ts, target
+                return ts, target, fault
         return None
 
     duplicate_starts: list[dict[str, Any]] = []
@@ -472,14 +476,14 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                                   key=lambda kv: (kv[0][1], kv[0][0])):
         runs = sorted(runs, key=lambda p: (p.started_at, p.order))
         shape = shape_of.get(job)
-        kills_seen = [recovered_after_kill(a, b) for a, b in pairwise(runs)] if shape and shape.recover else [None]
+        kills_seen = [recovered_after_crash(a, b) for a, b in pairwise(runs)] if shape and shape.recover else [None]
         entry = {"job": job, "shape": shape.shape if shape else None, "scheduled_at": iso(runs[0].scheduled_at),
                  "starts": len(runs), "runs": [{"node": p.node, "token": p.token, "started_at": iso(p.started_at),
                                                 "kind": p.kind} for p in runs]}
         if all(kills_seen):
             recovered_pairs.add((job, us))
-            at_least_once.append({**entry, "kills": [{"fault": "kill", "target": target, "ts": iso(ts)}
-                                                     for ts, target in kills_seen if ts is not None]})
+            at_least_once.append({**entry, "kills": [{"fault": seen[2], "target": seen[1], "ts": iso(seen[0])}
+                                                     for seen in kills_seen if seen is not None]})
         else:
             duplicate_starts.append(entry)
 
@@ -582,14 +586,15 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                 missed.append((t_us, job, f"recoverable, in the crash window of {w.fault} {w.target} at "
                                           f"{iso(w.ts)}: a claimed fire time must run again (recovery)"))
                 continue
-            first = evidence.first_run_of_a_later_fire_time(t_us)
-            before = evidence.top_token_started_by(t)
-            if (first is not None and Grid.micros(first.started_at) - t_us > grace_us
-                    and (before is None or first.token > before)):
+            later_run = evidence.first_run_of_a_later_fire_time(t_us)
+            top_token = evidence.top_token_started_by(t)
+            if (later_run is not None and Grid.micros(later_run.started_at) - t_us > grace_us
+                    and (top_token is None or later_run.token > top_token)):
                 excused["leaderless"] += 1
-                excuses.append((job, k, "leaderless", first.ref()))
+                excuses.append((job, k, "leaderless", later_run.ref()))
                 continue
-            catch_ups = sorted((p for p in following if p.kind == "catch_up"), key=lambda p: (p.started_at, p.order))
+            catch_ups = sorted((p for p in following if p.kind == RunKind.CATCH_UP),
+                               key=lambda p: (p.started_at, p.order))
             reason = None
             if catch_ups:
                 cu = catch_ups[0]
@@ -611,8 +616,8 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                 if prev_token is not None and next_token <= prev_token:
                     reason = "the leader that ran the job before and after it skipped it"
                 else:
-                    after = min(following, key=lambda p: (p.started_at, p.order))
-                    reason = (f"the job's next run ({after.job}@{iso(after.scheduled_at)}, {after.kind}) is "
+                    next_run = min(following, key=lambda p: (p.started_at, p.order))
+                    reason = (f"the job's next run ({next_run.job}@{iso(next_run.scheduled_at)}, {next_run.kind}) is "
                               "not a catch-up")
             missed.append((t_us, job, reason))
     missed.sort()
@@ -735,7 +740,7 @@ def failovers(starts: list[tuple[datetime, dict[str, Any]]], by_started: list[Pr
         if seconds is not None:
             per_kind[kind].append(seconds)
         row = {"ts": iso(ts), "fault": kind, "target": entry.get("target"),
-               "leader": leader.node if leader else None, "hit_leader": bool(leader)
+               "leader": leader.node if leader else None, "hit_leader": leader is not None
                and entry.get("target") == leader.node,
                "failover_s": seconds, "new_leader": newer.node if newer else None,
                "new_token": newer.token if newer else None}
@@ -938,7 +943,7 @@ def render(result: dict[str, Any]) -> None:
         console.print(f"[red]early[/red] {run['job']} @ {run['scheduled_at']} on {run['node']} "
                       f"(token {run['token']}): {run['early_by_s']}s before its fire time", soft_wrap=True)
     for rec in result["at_least_once"]["list"][:5]:
-        kills = ", ".join(f"kill {k['target']} at {k['ts']}" for k in rec["kills"])
+        kills = ", ".join(f"{k['fault']} {k['target']} at {k['ts']}" for k in rec["kills"])
         console.print(f"[cyan]at-least-once[/cyan] {rec['job']} @ {rec['scheduled_at']}: "
                       f"{rec['starts']} starts, recovered after {kills}", soft_wrap=True)
     for gap in result["excused_gaps"][:TABLE_LINES]:

@@ -22,9 +22,11 @@ import httpx
 
 from loadtest.proxy import ProxyHub
 from loadtest.servers import Cluster, ServerError, free_port, owned_popen, port_open, start_backend
+from lock_backends.registry import BY_NAME, SHARED
 from node.probes import effective_shapes, spec_text
 
-BACKENDS = ("file", "redis", "postgres", "etcd")
+#: The backends a cluster of node processes can run on (every one but the in-process reference).
+BACKENDS = SHARED
 #: One client for every poll of the nodes: ``httpx.get`` builds a client (an SSL context included) per call,
 #: CPU under the GIL that delays whatever else the harness does at that moment (an aimed fault).
 HTTP = httpx.Client(timeout=2.0)
@@ -162,7 +164,7 @@ class LocalCluster:
     def start(self) -> None:
         try:
             self._start_backend()
-            if self.proxies and self.backend != "file":
+            if self.proxies and BY_NAME[self.backend].server:  # a proxy sits on a network connection
                 self.hub = ProxyHub()
             base = self.base_port
             ports = [base + i if base else free_port() for i in range(self.nodes)]

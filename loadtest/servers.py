@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lock_backends.registry import SERVERS
+
 INSTALL_HINT = {
     "redis-server": "apt-get install -y redis-server",
     "etcd": "apt-get install -y etcd-server",
@@ -54,16 +56,37 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def port_range() -> tuple[int, int]:
+    """The ports :func:`free_port` picks from, both ends included: ``BATON_PORT_RANGE`` (``LOW-HIGH``), or
+    from 15000 to just below the kernel's ephemeral range.
+
+    Processes that share the machine and restart servers on the same port (parallel test workers) each get
+    a range of their own, so none can take a port another one has stopped a server on for a moment.
+    """
+    given = os.environ.get("BATON_PORT_RANGE", "")
+    if given:
+        low_text, _, high_text = given.partition("-")
+        try:
+            low, high = int(low_text), int(high_text)
+        except ValueError:
+            raise ServerError(f"BATON_PORT_RANGE={given!r} is not LOW-HIGH") from None
+        if not 1024 <= low < high <= 65535:
+            raise ServerError(f"BATON_PORT_RANGE={given!r} is not LOW-HIGH within 1024-65535")
+        return low, high
+    low = _ephemeral_low()
+    return min(15000, low - 1000), low - 1
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free port *below* the kernel's ephemeral range.
+    """A free port *below* the kernel's ephemeral range (in :func:`port_range`).
 
     Servers and nodes are stopped and started again on the same port. A port
     from the ephemeral range could meanwhile be taken as the local end of some
     outgoing connection, and the restart would fail with "address in use".
     """
-    low = _ephemeral_low()
+    low, high = port_range()
     for _ in range(200):
-        port = random.randint(min(15000, low - 1000), low - 1)
+        port = random.randint(low, high)
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -235,11 +258,14 @@ class Server:
         )
         log.close()
         try:
-            wait_until(lambda: self._alive_or_raise() and self.ready(), timeout,
-                       f"{self.kind} on {self.port}")
+            wait_until(self.answers, timeout, f"{self.kind} on {self.port}")
         except ServerError:
             self.stop()
             raise
+
+    def answers(self) -> bool:
+        """Whether the server answers yet; raises if its process exited."""
+        return self._alive_or_raise() and self.ready()
 
     def _alive_or_raise(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -263,10 +289,6 @@ class Server:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         wait_until(lambda: not port_open(self.port), 10, f"{self.kind} port {self.port} to close")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def close(self) -> None:
         self.stop()
@@ -327,14 +349,12 @@ class Cluster:
     def start(self) -> None:
         for member in self.members:
             member.proc = None
-        procs_started: list[Server] = []
         try:
             if self.kind == "etcd" and len(self.members) > 1:
                 self._start_etcd_members()
             else:
                 for member in self.members:
                     member.start()
-                    procs_started.append(member)
         except BaseException:
             self.stop()
             raise
@@ -347,7 +367,7 @@ class Cluster:
                                  stdin=subprocess.DEVNULL, start_new_session=True, cwd=m.workdir)
             log.close()
         for m in self.members:
-            wait_until(lambda m=m: m._alive_or_raise() and m.ready(), 60, f"etcd member on {m.port}")
+            wait_until(m.answers, 60, f"etcd member on {m.port}")
 
     def stop(self) -> None:
         for member in self.members:
@@ -360,10 +380,6 @@ class Cluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
         for extra in self.extra_dirs:
             shutil.rmtree(extra, ignore_errors=True)
-
-    @property
-    def pids(self) -> list[int]:
-        return [m.proc.pid for m in self.members if m.proc is not None]
 
 
 def _redis_ready(port: int) -> Callable[[], bool]:
@@ -488,7 +504,7 @@ def container_cluster(kind: str, workdir: Path) -> Cluster:
 
 
 def start_backend(kind: str, workdir: Path | None = None, etcd_members: int = 1) -> Cluster:
-    """Start a backend server of ``kind`` ("redis", "postgres", "etcd") and wait until it answers.
+    """Start a backend server of ``kind`` (one of ``lock_backends.registry.SERVERS``) and wait until it answers.
 
     Containers (testcontainers) when a Docker engine answers, local binaries otherwise; set
     ``BATON_USE_DOCKER=0`` to insist on local binaries. A multi-member etcd always uses binaries.
@@ -496,16 +512,16 @@ def start_backend(kind: str, workdir: Path | None = None, etcd_members: int = 1)
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix=f"baton-{kind}-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    if kind in ("redis", "postgres", "etcd") and etcd_members == 1 and docker_available():
+    if kind not in SERVERS:
+        raise ServerError(f"unknown backend server {kind!r}; expected one of {', '.join(SERVERS)}")
+    if etcd_members == 1 and docker_available():
         cluster = container_cluster(kind, workdir)
     elif kind == "redis":
         cluster = redis_cluster(workdir)
     elif kind == "postgres":
         cluster = postgres_cluster(workdir)
-    elif kind == "etcd":
-        cluster = etcd_cluster(workdir, etcd_members)
     else:
-        raise ServerError(f"unknown backend server {kind!r}; expected redis, postgres or etcd")
+        cluster = etcd_cluster(workdir, etcd_members)
     cluster.own_workdir = own
     cluster.start()
     return cluster

@@ -41,9 +41,9 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc  # type: ignore[import-untyped, unused-ignore]
-from aetcd import rpc  # type: ignore[import-untyped, unused-ignore]
-from aetcd.utils import prefix_range_end  # type: ignore[import-untyped, unused-ignore]
+import grpc
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
 
 from lock_backends import clock
 from lock_backends._common import renewed

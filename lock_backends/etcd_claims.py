@@ -42,7 +42,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from aetcd.utils import prefix_range_end  # type: ignore[import-untyped, unused-ignore]
+from aetcd.utils import prefix_range_end
 
 from lock_backends import clock
 from lock_backends.base import BusyRun, Lease, RunRecord, Window, handed_back, next_window

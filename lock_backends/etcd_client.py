@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
-import aetcd  # type: ignore[import-untyped, unused-ignore]
-import grpc  # type: ignore[import-untyped, unused-ignore]
-from aetcd import rpc  # type: ignore[import-untyped, unused-ignore]
-from aetcd.exceptions import (  # type: ignore[import-untyped, unused-ignore]
+import aetcd
+import grpc
+from aetcd import rpc
+from aetcd.exceptions import (
     ClientError,
     ConnectionFailedError,
     ConnectionTimeoutError,

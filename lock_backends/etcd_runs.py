@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aetcd.utils import prefix_range_end  # type: ignore[import-untyped, unused-ignore]
+from aetcd.utils import prefix_range_end
 
 from lock_backends import clock
 from lock_backends._common import listing_limit
@@ -370,5 +370,5 @@ async def _all_or_first_error(coros: Sequence[Awaitable[None]]) -> None:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error

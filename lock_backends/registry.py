@@ -25,17 +25,19 @@ class BackendKind:
     server: bool
     #: True when processes (nodes) can share it: every backend but the in-process one.
     shared: bool = True
+    #: The server's executable (what the harness starts and the benchmark report asks for its version).
+    binary: str | None = None
 
 
 KINDS: tuple[BackendKind, ...] = (
     BackendKind("file", ("file",), "lock_backends.file", "FileBackend",
                 "file:///absolute/path/to/lock-directory", server=False),
     BackendKind("redis", ("redis", "rediss"), "lock_backends.redis", "RedisBackend",
-                "redis://[:password@]host[:port][/db]", server=True),
+                "redis://[:password@]host[:port][/db]", server=True, binary="redis-server"),
     BackendKind("postgres", ("postgresql", "postgres"), "lock_backends.postgres", "PostgresBackend",
-                "postgresql://[user[:password]@]host[:port]/dbname", server=True),
+                "postgresql://[user[:password]@]host[:port]/dbname", server=True, binary="postgres"),
     BackendKind("etcd", ("etcd",), "lock_backends.etcd", "EtcdBackend",
-                "etcd://host:port[,host:port...]", server=True),
+                "etcd://host:port[,host:port...]", server=True, binary="etcd"),
     BackendKind("memory", ("memory",), "lock_backends.memory", "MemoryBackend",
                 "memory://store-name (one process only: tests and the simulator)", server=False, shared=False),
 )

@@ -77,13 +77,13 @@ class BatonClient:
                 kwargs: dict[str, Any] | None = None, **trigger_fields_and_options: Any) -> dict[str, Any]:
         """Store a new job calling ``func`` (``"module:function"``); ``JobConflict`` if the id is taken."""
         body = _job(job_id, func, trigger, args, kwargs, trigger_fields_and_options)
-        return self._call("POST", "/admin/jobs", json=body)  # type: ignore[no-any-return]
+        return self._object("POST", "/admin/jobs", json=body)
 
     def put_job(self, job_id: str, func: str, trigger: str, *, args: list[Any] | tuple[Any, ...] = (),
                 kwargs: dict[str, Any] | None = None, **trigger_fields_and_options: Any) -> dict[str, Any]:
         """Store a job under ``job_id``, replacing the stored one if there is one."""
         body = _job(job_id, func, trigger, args, kwargs, trigger_fields_and_options)
-        return self._call("PUT", f"/admin/jobs/{job_id}", json=body)  # type: ignore[no-any-return]
+        return self._object("PUT", f"/admin/jobs/{job_id}", json=body)
 
     def modify_job(self, job_id: str, **changes: Any) -> dict[str, Any]:
         """Change some of a stored job's fields (``args``, ``max_instances``, ...), keeping the others."""
@@ -106,16 +106,16 @@ class BatonClient:
             for name in {n for names in TRIGGER_FIELDS.values() for n in names}:
                 body.pop(name, None)
         body.update(changes)
-        return self._call("PUT", f"/admin/jobs/{job_id}", json=body)  # type: ignore[no-any-return]
+        return self._object("PUT", f"/admin/jobs/{job_id}", json=body)
 
     # -- reading, and acting on any job ------------------------------------------------------
 
     def get_jobs(self) -> list[dict[str, Any]]:
         """Every job, code-defined and stored (``origin``), with its schedule and next fire time."""
-        return self._call("GET", "/jobs")  # type: ignore[no-any-return]
+        return self._rows("GET", "/jobs")
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
+        return self._object("GET", f"/jobs/{job_id}")
 
     def pause_job(self, job_id: str) -> None:
         self._call("POST", f"/admin/jobs/{job_id}/pause")
@@ -125,15 +125,25 @@ class BatonClient:
 
     def run_job(self, job_id: str, *, force: bool = False) -> dict[str, Any]:
         """Run now, on the leader; the answer carries the outcome (``JobConflict`` if paused or at max_instances)."""
-        return self._call("POST", f"/admin/jobs/{job_id}/run",  # type: ignore[no-any-return]
-                          params={"force": "true"} if force else None)
+        return self._object("POST", f"/admin/jobs/{job_id}/run", params={"force": "true"} if force else None)
 
     def runs(self, *, job: str | None = None, outcome: str | None = None, since: str | None = None,
              limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first: outcome, kind, duration_ms, error, the body's returned ``value``."""
         params = {k: v for k, v in {"job": job, "outcome": outcome, "since": since, "limit": limit}.items()
                   if v is not None}
-        return self._call("GET", "/runs", params=params)["runs"]  # type: ignore[no-any-return]
+        runs: list[dict[str, Any]] = self._object("GET", "/runs", params=params)["runs"]
+        return runs
+
+    def _object(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        """``_call`` for a route that answers a JSON object."""
+        body: dict[str, Any] = self._call(method, path, **kw)
+        return body
+
+    def _rows(self, method: str, path: str, **kw: Any) -> list[dict[str, Any]]:
+        """``_call`` for a route that answers a JSON list of objects."""
+        body: list[dict[str, Any]] = self._call(method, path, **kw)
+        return body
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         response = self._http.request(method, path, **kw)

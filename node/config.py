@@ -105,8 +105,8 @@ SECRET_FIELDS = frozenset({"admin_token"})
 #: Settings holding URLs: shown only through ``redact``.
 URL_FIELDS = frozenset({"lock_url", "advertise_url", "probe_url", "peers"})
 #: ``BATON_*`` variables that are not node settings and that a node therefore ignores: the
-#: test harness reads them (``BATON_USE_DOCKER``: loadtest/servers.py).
-NOT_NODE_SETTINGS = frozenset({"BATON_USE_DOCKER"})
+#: test harness reads them (``BATON_USE_DOCKER``, ``BATON_PORT_RANGE``: loadtest/servers.py).
+NOT_NODE_SETTINGS = frozenset({"BATON_USE_DOCKER", "BATON_PORT_RANGE"})
 
 
 def env_name(field: str) -> str:

@@ -35,7 +35,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from lock_backends.clock import from_us, to_us
 from node.outcomes import RunKind
-from node.triggers import INTERVAL_EPOCH, REFUSED, TRIGGER_FIELDS, JobSpecError, Schedule, schedule
+from node.triggers import INTERVAL_EPOCH as INTERVAL_EPOCH  # part of this module's API
+from node.triggers import REFUSED, TRIGGER_FIELDS, JobSpecError, Schedule, schedule
 
 log = logging.getLogger("baton.jobs")
 

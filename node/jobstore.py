@@ -45,7 +45,7 @@ def _slot(job: Job) -> tuple[float, str]:
     return (_PAUSED if timestamp is None else timestamp, job.id)
 
 
-class BatonJobStore(BaseJobStore):  # type: ignore[misc]
+class BatonJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is untyped: its classes are Any
     def __init__(self) -> None:
         super().__init__()
         self._order: SortedList = SortedList()
@@ -57,7 +57,7 @@ class BatonJobStore(BaseJobStore):  # type: ignore[misc]
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         now_timestamp = datetime_to_utc_timestamp(now)
-        due = []
+        due: list[Job] = []
         for timestamp, job_id in self._order:
             if timestamp > now_timestamp or len(due) >= DUE_CHUNK:
                 break

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 # ``_created`` timestamps would add a series beside every counter and histogram, per job; nobody queries them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves this one unannotated
 
 #: Every metric family a node exports (without the _total/_bucket suffixes).
 METRIC_NAMES = (

@@ -26,6 +26,7 @@ the checker and for ``loadtest.chaos``, which aims faults at them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def add_probe_jobs(jobs: JobRegistry, count: int, interval: float, url: str,
     for shape in effective_shapes(shapes, count, interval):
         for job_id in shape.job_ids():
             jobs.add(JobSpec(job_id, _probe_body(shape, url, client),
-                             lambda tz, s=shape.interval: every(s, tz), shape.recover,
+                             functools.partial(every, shape.interval), shape.recover,
                              f"{shape.shape} probe for the checker", max_instances=shape.max_instances))
 
 

@@ -44,11 +44,11 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, cast
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.job import Job
@@ -121,7 +121,7 @@ class Running:
     task: asyncio.Future[Any] | None = field(default=None, repr=False)
 
 
-class FireTimeExecutor(AsyncIOExecutor):
+class FireTimeExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped: its classes are Any
     """Hands each run's scheduled fire time to the gate, which APScheduler 3 does not pass to jobs.
 
     The submission is announced synchronously (``on_submit``, which answers the
@@ -482,7 +482,8 @@ class GatedScheduler:
         if kind is RunKind.SCHEDULED or kind is RunKind.CATCH_UP:
             self._pending.setdefault(pending_key, t_us)
         try:
-            admitted = self._admit_now(spec, t_us) if kind is RunKind.SCHEDULED else None
+            admitted: Refusal | tuple[Lease, str] | None = (
+                self._admit_now(spec, t_us) if kind is RunKind.SCHEDULED else None)
             if admitted is None:
                 admitted = await self._admit(spec, scheduled_at, kind, force)
             if isinstance(admitted, Refusal):
@@ -698,7 +699,7 @@ class GatedScheduler:
         reset = current_run.set(ctx)
         try:
             if spec.is_async:
-                return await spec.func(ctx)
+                return await cast(Awaitable[object], spec.func(ctx))  # is_async: a coroutine function
             # a plain def runs in a thread, so it cannot block the loop the lease is renewed on
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._sync_pool, contextvars.copy_context().run, spec.func, ctx)

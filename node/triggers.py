@@ -65,7 +65,7 @@ class JobSpecError(ValueError):
         super().__init__(f"job {job_id!r}: {field}: {message}")
 
 
-class OnceTrigger(DateTrigger):
+class OnceTrigger(DateTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped: its classes are Any
     """A date trigger whose fire time is due only once, and never again once it lies in the past.
 
     APScheduler's ``DateTrigger`` answers its run date to any "next fire time
@@ -74,10 +74,12 @@ class OnceTrigger(DateTrigger):
     as due again (and the gate would then count it lost or a duplicate).
     """
 
+    run_date: datetime  # set by DateTrigger
+
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
         if previous_fire_time is not None or self.run_date < now:
             return None
-        return self.run_date  # type: ignore[no-any-return]
+        return self.run_date
 
     def __str__(self) -> str:
         return f"date[{self.run_date.isoformat()}]"

@@ -1,28 +1,83 @@
-"""Fixtures that start real servers on free loopback ports.
+"""Fixtures that start real servers on free loopback ports, and the tiers the suite is selected by.
 
-Each server kind starts once per test session, lazily, and stops at the end.
+Each server kind starts once per test session (per xdist worker), lazily, and stops at the end.
 Tests that stop or restart a server get their own (``private_server``). A
 missing binary fails the test with the command that installs it.
+
+Every test file belongs to one tier (``TIERS``), a marker of the same name on each of its tests:
+``make test-fast`` runs ``-m "contract or unit or sim"``, ``make test`` runs them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
-from loadtest.servers import Cluster, start_backend
+from loadtest.servers import Cluster, port_range, start_backend
 from lock_backends import BackendUnavailable, LockBackend, from_url
 from lock_backends.memory import drop_store
 from lock_backends.registry import NAMES, SERVERS, SHARED
 
 T = TypeVar("T")
+
+#: The tier of each test file (a test file not listed is a collection error). Tests run tier by
+#: tier in this order, each tier's files in the order listed: the longest first, so that parallel workers
+#: (``make test`` runs ``pytest -n``) do not end waiting on one long test started last.
+TIERS: dict[str, tuple[str, ...]] = {
+    # quick runs of the benchmark (the peers' one builds a venv of its own)
+    "bench": ("test_bench_peers.py", "test_bench.py", "test_bench_load.py"),
+    # real node processes: clusters, faults, the harness's commands, the README's own commands
+    "cluster": ("test_triggers_cluster.py", "test_failover.py", "test_stored_jobs_cluster.py", "test_node_cluster.py",
+                "test_up.py", "test_your_jobs.py", "test_loadtest_cli.py", "test_prometheus.py"),
+    # one backend's own behaviour, on real servers (some of them private, stopped and restarted)
+    "backend": ("test_api_flood.py", "test_file_backend.py", "test_etcd.py", "test_postgres.py", "test_sigstop.py",
+                "test_redis.py", "test_redis_traps.py"),
+    # the LockBackend contract on every backend
+    "contract": ("test_contract.py",),
+    # the simulator: seeded runs on virtual time
+    "sim": ("test_sim.py",),
+    # in one process: nodes on the in-memory store or a shared server, the checker, config, triggers, deploy/
+    "unit": ("test_skew.py", "test_claim_window.py", "test_job_options.py", "test_exactly_once.py",
+             "test_stored_jobs.py", "test_deploy.py", "test_config.py", "test_checker.py", "test_election.py",
+             "test_embed.py", "test_metrics.py", "test_triggers.py", "test_api_fuzz.py", "test_api_forwarding.py",
+             "test_api_corrupt.py", "test_run_recorder.py"),
+}
+TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+_RANK = {tier: i for i, tier in enumerate(TIERS)}
+_FILE_RANK = {name: i for names in TIERS.values() for i, name in enumerate(names)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: a test of the {tier} tier (tests/conftest.py TIERS)")
+    # Parallel workers restart servers and nodes on the ports they picked: give each worker its own range.
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
+        low, high = port_range()
+        size = (high - low + 1) // count
+        os.environ["BATON_PORT_RANGE"] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unlisted = sorted({item.path.name for item in items if item.path.name not in TIER_OF})
+    if unlisted:  # else `make test-fast` would leave it out without a word
+        raise pytest.UsageError(f"test files in no tier: {', '.join(unlisted)}; add each to TIERS in tests/conftest.py")
+    for item in items:
+        item.add_marker(TIER_OF[item.path.name])
+    # stable: within a file, pytest's own order (which sets up each module fixture's parameter once) stays
+    items.sort(key=lambda item: (_RANK[TIER_OF[item.path.name]], _FILE_RANK[item.path.name], str(item.path)))
+
 
 #: Every backend, the in-memory reference included: the contract holds for all of them.
 BACKENDS = list(NAMES)
@@ -126,3 +181,26 @@ async def eventually(what: str, op: Callable[[], Awaitable[T | None]], within: f
         if time.monotonic() - start > within:
             raise AssertionError(f"{what}: not within {within}s")
         await asyncio.sleep(every)
+
+
+def expiry_bound(status: Callable[[], dict[str, Any] | None]) -> float:
+    """The monotonic instant before which nobody can take the lease *by expiry*: the leader's lease left.
+
+    Read from the leader's ``/status`` (``status``) just before it is asked to hand over; conservative
+    (counted from before the request went out). A handoff that gets a new leader before this instant went
+    through release, whatever the machine's load; a fixed bound such as "1.5 s" fails first on a busy one.
+    """
+    asked = time.monotonic()
+    seen = status()
+    assert seen is not None and seen["role"] == "leader", seen
+    return asked + float(seen["lease_remaining_s"])
+
+
+def node_start_seconds() -> float:
+    """Seconds one node process takes to import itself on this machine now (1 s on an idle 2-core box).
+
+    Deadlines a test sets before its nodes exist (a schedule's T0) scale with it, not with a fixed guess.
+    """
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import node.app"], check=True, cwd=Path(__file__).resolve().parent.parent)
+    return time.monotonic() - started

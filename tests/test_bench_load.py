@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -70,7 +71,7 @@ def test_backend_load_quick_on_redis(tmp_path: Path) -> None:
     result = load.run(ctx)
     rows = result.data["rows"]
 
-    def one(**match: object) -> dict[str, object]:
+    def one(**match: object) -> dict[str, Any]:
         found = load.find(rows, **match)
         assert found is not None, f"no row {match} in {rows}"
         return found

@@ -24,6 +24,8 @@ from loadtest.peers import probe
 from node.jobs import INTERVAL_EPOCH
 
 ROOT = Path(__file__).resolve().parent.parent
+#: One worker runs this file (``--dist loadgroup``): the quick peers section runs once, for every test.
+pytestmark = pytest.mark.xdist_group("test_bench_peers")
 
 
 @pytest.fixture(scope="module")

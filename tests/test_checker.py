@@ -363,6 +363,23 @@ def test_second_start_by_recovery_after_a_kill_is_at_least_once_not_a_duplicate(
     assert judge(renamed, probes="sparse:1@4", chaos=kill)["duplicates"] == 1
 
 
+@pytest.mark.parametrize("fault_kind", ["pause", "partition"])
+def test_second_start_by_recovery_after_a_pause_or_partition_is_at_least_once(fault_kind: str) -> None:
+    """A leader stopped (or cut off) past the TTL right after it started a recoverable run cannot report
+    it; the next leader runs it again, as after a kill (the README's guarantees treat them alike)."""
+    started = rec(0, 5, interval=4.0, prefix="recover", lag=0.01)
+    records, _ = sparse_kill(kind=fault_kind, shape="recover", recovery=True)
+    records.append(started)
+    stopped = [fault(fault_kind, "node-1", at(5, 4.0) + timedelta(seconds=0.5))]
+    result = judge(records, probes="recover:1@4", chaos=stopped)
+    assert result["verdict"] == "pass" and result["duplicates"] == 0
+    assert result["at_least_once"]["list"][0]["kills"] == [
+        {"fault": fault_kind, "target": "node-1", "ts": stopped[0]["ts"]}]
+    # a fault on another node excuses nothing
+    elsewhere = [{**stopped[0], "target": "node-2"}]
+    assert judge(records, probes="recover:1@4", chaos=elsewhere)["duplicates"] == 1
+
+
 def test_early_runs_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     records = run(range(10))
     records[3 * JOBS]["started_at"] = (at(3) - timedelta(seconds=0.2)).isoformat()  # by the node's own clock

@@ -16,6 +16,7 @@ from lock_backends import RunQuery, from_url
 from node.app import Node
 from node.config import Settings
 from node.jobs import JobRegistry, JobSpec, RunContext, claim_key, every
+from node.outcomes import RunKind, RunOutcome
 from tests.conftest import eventually
 
 INTERVAL = 0.3
@@ -59,7 +60,7 @@ async def test_every_run_is_in_a_window_and_recorded_through_a_stop(backend_url:
     by_key = {r.key: r for r in records}
     # every run reported, with its token and kind; nothing reported that did not run
     assert set(by_key) == {claim_key(run.job_id, run.scheduled_at) for run in ran}
-    assert all(r.result is not None and r.result["outcome"] == "ok" and r.result["kind"] == "scheduled"
+    assert all(r.result is not None and r.result["outcome"] == RunOutcome.OK and r.result["kind"] == RunKind.SCHEDULED
                for r in records)
 
 
@@ -98,6 +99,6 @@ async def test_a_run_starts_only_inside_its_tokens_window(backend_url: str, lock
         # a fire time from before this leader's window belongs to whoever held the window then
         before = datetime.fromtimestamp(window.since_us / 1e6, UTC) - timedelta(seconds=INTERVAL)
         outcome = await node.scheduler.fire("tick-0000", before)
-        assert outcome in ("lost", "missed")
+        assert outcome in (RunOutcome.LOST, RunOutcome.MISSED)
     finally:
         await node.stop()

@@ -181,7 +181,7 @@ def test_bind_failures_blame_the_host_or_the_port(env: pytest.MonkeyPatch, capsy
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     with env.context() as m:
-        m.setattr(cli.socket, "getaddrinfo", unresolvable)
+        m.setattr(socket, "getaddrinfo", unresolvable)
         code, line = run_main(["--host", "nowhere.invalid", "--port", str(free_port())], capsys)
     assert code == 2 and "BATON_HOST:" in line and "nowhere.invalid" in line, line
 

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
+from starlette.routing import Route
 
 from loadtest.chaos import FAULTS
 from loadtest.collector import make_app
@@ -30,6 +31,8 @@ from loadtest.servers import free_port
 from node.config import Settings, env_name, load
 
 ROOT = Path(__file__).resolve().parent.parent
+#: One worker runs this file (``--dist loadgroup``): compose resolved, a node's metrics read once, for all.
+pytestmark = pytest.mark.xdist_group("test_deploy")
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 SECRETS = ("BATON_ADMIN_TOKEN", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
@@ -151,7 +154,7 @@ def test_nodes_report_probes_to_the_collector_on_a_bind_mount(resolved: dict[str
     command = collector["command"]
     port, out = command[command.index("--port") + 1], command[command.index("--out") + 1]
     posts = {route.path for route in make_app(tmp_path / "probes.jsonl").routes
-             if "POST" in (getattr(route, "methods", None) or ())}
+             if isinstance(route, Route) and "POST" in (route.methods or ())}
     for name, svc in nodes(resolved).items():
         url = urlsplit(svc["environment"]["BATON_PROBE_URL"])
         assert (url.hostname, url.port) == ("collector", int(port)), name
@@ -266,7 +269,7 @@ def test_every_alert_fires_and_stays_quiet_in_promtool_unit_tests() -> None:
     alerts = {rule["alert"] for group in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
               for rule in group["rules"] if "alert" in rule}
     assert {"BatonNoLeader", "BatonSplitBrain", "BatonFencedOrDuplicateRuns", "BatonFireLagHigh"} <= alerts
-    fires, quiet = set(), set()
+    fires, quiet = set[str](), set[str]()
     for case in yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())["tests"]:
         for check in case.get("alert_rule_test", []):
             (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
@@ -344,7 +347,7 @@ def node_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]
 
 
 def exported_names(text: str) -> set[str]:
-    names = set()
+    names: set[str] = set()
     suffixes = {"counter": ("", "_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "summary": ("", "_sum", "_count", "_created")}
     for line in text.splitlines():

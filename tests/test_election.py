@@ -44,7 +44,7 @@ def test_durations_are_checked(ttl: float, renew: float, retry: float) -> None:
 
 
 async def test_one_leader_and_fast_handoff_on_stop() -> None:
-    store, events = Store(), []
+    store, events = Store(), list[tuple[str, str]]()
     a, b = make(store, "a", events), make(store, "b", events)
     a.start()
     await until(lambda: a.is_leader)
@@ -61,7 +61,7 @@ async def test_one_leader_and_fast_handoff_on_stop() -> None:
 
 
 async def test_unreachable_store_steps_down_before_deadline_then_leads_again() -> None:
-    store, events = Store(), []
+    store, events = Store(), list[tuple[str, str]]()
     a = make(store, "a", events)
     a.start()
     await until(lambda: a.is_leader)

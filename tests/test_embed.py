@@ -28,7 +28,7 @@ from tests.conftest import eventually
 from tests.memory_backend import MemoryBackend, Store
 
 TOKEN = "s3cret"
-TIMING = {"lease_ttl": 2.0, "renew_deadline": 1.4, "retry_period": 0.2}
+TIMING: dict[str, Any] = {"lease_ttl": 2.0, "renew_deadline": 1.4, "retry_period": 0.2}
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ async def test_the_router_serves_under_the_users_prefix_beside_the_users_routes(
 async def test_a_backend_that_does_not_answer_is_a_503_under_any_app(store: str) -> None:
     b = baton(store, "a", handle_signals=False)
     outage = Store(name=store)
-    b.node.backend.inner = MemoryBackend(outage)  # type: ignore[attr-defined]
+    b.node.backend.inner = MemoryBackend(outage)
     outage.down = True
     async with client(users_app(b)) as c:
         r = await c.get("/baton/runs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -59,7 +60,7 @@ class History:
 
 
 def spec(job_id: str, interval: float, body: Callable[[RunContext], Any], **kw: Any) -> JobSpec:
-    return JobSpec(job_id, body, lambda tz, s=interval: every(s, tz), **kw)
+    return JobSpec(job_id, body, functools.partial(every, interval), **kw)
 
 
 def fire_grid(interval: float, start: datetime, end: datetime) -> list[datetime]:
@@ -371,9 +372,9 @@ async def test_a_manual_run_respects_pause_and_max_instances(make_cluster: Calla
         first, second = await asyncio.gather(client.post("/admin/jobs/report/run?force=true", headers=auth),
                                              client.post("/admin/jobs/report/run?force=true", headers=auth))
         assert sorted([first.status_code, second.status_code]) == [200, 409]
-        runs = (await client.get("/runs", params={"job": "report", "outcome": "ok"})).json()["runs"]
+        runs = (await client.get("/runs", params={"job": "report", "outcome": RunOutcome.OK})).json()["runs"]
         assert len(runs) == 2 and runs[0]["result"]["value"] == {"rows": 42}
-        assert runs[0]["result"]["kind"] == "manual"
+        assert runs[0]["result"]["kind"] == RunKind.MANUAL
 
 
 # -- hole 6: shutdown cut running bodies after 5 s and lost their outcome -----------------------------
@@ -401,5 +402,5 @@ async def test_shutdown_waits_for_bodies_up_to_the_grace_and_records_what_it_cut
     assert 1.4 <= took < 10
     reader = MemoryBackend.from_url(f"memory://{cluster.store}")
     outcomes = {r.job_id: r.outcome for r in await reader.runs("baton", RunQuery(limit=10))}
-    assert outcomes == {"short": "ok", "endless": "cancelled"}
+    assert outcomes == {"short": RunOutcome.OK, "endless": RunOutcome.CANCELLED}
     del cluster.nodes["a"]

@@ -28,6 +28,7 @@ import pytest
 
 from loadtest import scenario
 from loadtest.cluster import Timing
+from lock_backends.registry import BY_NAME, SHARED
 
 ROUNDS = int(os.environ.get("BATON_FAILOVER_ROUNDS", "1"))
 #: SIGTERM (or the step-down, or SIGKILL) this long before the fire time: after the leader claimed it
@@ -38,10 +39,10 @@ TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, m
 #: here, which the checker's rule for recoverable fire times in a crash window assumes.
 SHAPES = "basic:2@1,sparse:1@8,long:1@8/2.5,recover:1@4"
 AIMED = ("term", "step-down", "kill")
-BACKENDS = ["file", "redis", "postgres", "etcd"]
+BACKENDS = list(SHARED)
 
 def faults_for(backend: str) -> list[str]:
-    plain = ["pause"] + (["partition", "restart-backend"] if backend != "file" else [])
+    plain = ["pause"] + (["partition", "restart-backend"] if BY_NAME[backend].server else [])
     return [*AIMED] * ROUNDS + plain
 
 
@@ -62,7 +63,9 @@ def summary(result: dict[str, Any]) -> str:
     return json.dumps({k: result.get(k) for k in keep}, indent=1)[:6000]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+#: Each backend's scenario runs once, on one worker, for both tests that read it (``--dist loadgroup``).
+@pytest.fixture(scope="module", params=[pytest.param(b, marks=pytest.mark.xdist_group(f"failover-{b}"))
+                                        for b in BACKENDS])
 def aimed_run(request: pytest.FixtureRequest,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     backend = request.param
@@ -122,6 +125,7 @@ def skewed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
     return result, end
 
 
+@pytest.mark.xdist_group("failover-skew")
 def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     result, end = skewed_run
     assert end["skew_s"] == 30.0
@@ -134,6 +138,7 @@ def test_skew_fault_early_runs_are_reported(skewed_run: tuple[dict[str, Any], di
         assert result["early"] == 0, summary(result)
 
 
+@pytest.mark.xdist_group("failover-skew")
 def test_skewed_node_never_leads(skewed_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     result, end = skewed_run
     assert not end["skewed_led"]

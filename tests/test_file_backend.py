@@ -44,6 +44,8 @@ from tests.conftest import TTL, eventually
 from tests.test_sigstop import read_line
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
+#: One worker runs this file (``--dist loadgroup``): the week of runs is written once, for every test that reads it.
+pytestmark = pytest.mark.xdist_group("test_file_backend")
 T = TypeVar("T")
 R = TypeVar("R")
 US = 1_000_000
@@ -420,30 +422,43 @@ async def test_64_listings_at_once_never_delay_a_renewal(a_week_of_runs: tuple[P
 
     writes: list[float] = []
 
-    async def claiming_and_recording() -> None:  # the leader's other work goes on too
-        for i in range(10):
+    async def claiming_and_recording(first: int, count: int, into: list[float]) -> None:
+        for i in range(first, first + count):
             started = time.monotonic()
             assert await node.claim(lease, f"manual@{i}") is True
             await node.record_many("lead", [run(f"manual@{i}", lease)])
-            writes.append(time.monotonic() - started)
+            into.append(time.monotonic() - started)
             await asyncio.sleep(0.2)
 
     renewer = asyncio.create_task(renewing())
+    # what a claim and a record cost on this machine now, with no listing going on
+    alone: list[float] = []
+    try:
+        await claiming_and_recording(100, 3, alone)
+    except BaseException:
+        stop.set()
+        await asyncio.gather(renewer, return_exceptions=True)
+        await node.close()
+        raise
+    # queued behind a batch of listings they would take as long as the batch; beside them, not much longer
+    # than alone (0.5 s and 0.3 s: the bounds on an idle machine, where they take about 20 and 5 ms)
+    bound = max(0.5, 10 * max(alone))
+    renew_bound = max(0.3, 10 * max(delays))
     lister = asyncio.create_task(listing())
     try:
-        await claiming_and_recording()
+        await claiming_and_recording(0, 10, writes)  # the leader's other work goes on too
         await asyncio.sleep(max(0.0, 3.0 - sum(writes) - 2.0))
         stop.set()
         await asyncio.gather(renewer, lister)
     finally:
         await node.close()
-    assert max(writes) < 0.5, sorted(writes)
+    assert max(writes) < bound, (sorted(writes), alone)
     listed = sum(isinstance(x, list) for x in answered)
     print(f"renewals: {len(delays)}, slowest {max(delays):.3f}s; listings answered {listed}, "
           f"timed out {len(answered) - listed}")
     assert listed >= 64  # the listings did run, alongside
     assert len(delays) >= 10
-    assert max(delays) < 0.3, sorted(delays)[-5:]
+    assert max(delays) < renew_bound, sorted(delays)[-5:]
 
 
 async def test_listings_and_pages_agree_with_the_reference_backend(files: Callable[..., FileBackend]) -> None:

@@ -19,7 +19,7 @@ import pytest
 from lock_backends.memory import MemoryBackend
 from node.app import Node, create_app
 from node.jobs import JobRegistry, JobSpec, RunContext
-from node.outcomes import RunKind
+from node.outcomes import RunKind, RunOutcome
 from node.stored_jobs import JOB_PREFIX
 from tests import stored_targets
 from tests.conftest import eventually
@@ -98,13 +98,13 @@ async def test_a_job_added_through_a_follower_runs_on_the_leader_and_is_listed_e
             one = (await client.get("/jobs/tenant-42")).json()
             assert one["spec"]["func"] == "tests.stored_targets:sync_tenant"
         # results, as for any job: outcome, duration, the returned value
-        runs = (await follower.get("/runs", params={"job": "tenant-42", "outcome": "ok"})).json()["runs"]
+        runs = (await follower.get("/runs", params={"job": "tenant-42", "outcome": RunOutcome.OK})).json()["runs"]
         assert runs and runs[0]["job"] == "tenant-42"
         assert runs[0]["result"]["value"] == {"tenant": 42, "rows": 3} and "duration_ms" in runs[0]["result"]
         # the admin routes of any job work on stored jobs
         assert (await follower.post("/admin/jobs/tenant-42/pause", headers=AUTH)).status_code == 200
         r = await leader_api.post("/admin/jobs/tenant-42/run", params={"force": "true"}, headers=AUTH)
-        assert r.status_code == 200 and r.json()["outcome"] == "ok"
+        assert r.status_code == 200 and r.json()["outcome"] == RunOutcome.OK
 
 
 async def test_a_one_shot_added_late_through_a_follower_still_runs_once(cluster: Cluster) -> None:

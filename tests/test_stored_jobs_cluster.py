@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from loadtest.cluster import LocalCluster, NodeProc, Timing
+from lock_backends.registry import SHARED
 from node.client import BatonClient, InvalidJob, JobConflict
 from tests.app_procs import wait_until
 
@@ -36,7 +37,7 @@ def jobs_on(node: NodeProc) -> set[str]:
 
 # Runs on every backend; file, redis and postgres pass once their claim-window ports are merged
 # (on the jobs branch only memory:// and etcd have them).
-@pytest.mark.parametrize("backend", ["etcd", "file", "redis", "postgres"])
+@pytest.mark.parametrize("backend", SHARED)
 def test_a_stored_job_survives_a_leader_kill_and_a_full_restart_and_delete_removes_it(
         backend: str, tmp_path: Path) -> None:
     records = tmp_path / "records.jsonl"

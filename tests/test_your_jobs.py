@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from tests.app_procs import REPO, TOKEN, AppProc, base_env, leader_of, python, wait_until
-from tests.conftest import ServerPool, with_timeout
+from tests.conftest import ServerPool, expiry_bound, with_timeout
 
 README = (REPO / "README.md").read_text()
 SECTION = README[README.index("## Your own jobs"):README.index("## A local cluster")]
@@ -192,11 +192,12 @@ def test_the_embedded_example_as_a_3_node_cluster_hands_over_fast_on_sigterm(
     runner.start()
     wait_until("the report body runs", lambda: (s := leader.status()) and s["running"] >= 1, 10)
     others = [n for n in nodes if n is not leader]
+    expires = expiry_bound(leader.status)
     leader.signal(signal.SIGTERM)
     sent = time.monotonic()
     new = wait_until("a new leader", lambda: leader_of(others), 10, every=0.01)
     took = time.monotonic() - sent
-    assert took < 1.5, f"handoff took {took:.2f}s"
+    assert time.monotonic() < expires, f"handoff took {took:.2f}s, no faster than the lease's expiry"
     runner.join(timeout=30)
     assert answer["r"].status_code == 200 and answer["r"].json()["outcome"] == "ok"  # the run was not cut
     assert leader.proc is not None and leader.proc.wait(timeout=30) in (0, -signal.SIGTERM)

@@ -16,13 +16,18 @@ the absolute numbers beside it: absolute times on a shared machine are noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import Progress
+
+
+class Advance(Protocol):
+    """Moves a progress bar on by ``amount`` steps."""
+
+    def __call__(self, amount: float = 1) -> None: ...
 
 
 @dataclass
@@ -64,7 +69,7 @@ class BenchContext:
     #: --rounds: fault rounds per (backend, fault) where a section has rounds; None: the section's own default
     rounds: int | None = None
 
-    def step(self, description: str, total: float) -> Callable[[float], None]:
+    def step(self, description: str, total: float) -> Advance:
         """A progress bar for one part of a section; call the returned function to advance it."""
         task = self.progress.add_task(description, total=total)
 

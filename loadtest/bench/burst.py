@@ -34,6 +34,7 @@ from typing import Any
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
 from loadtest.bench.fire_lag import cpu_split, node_logging, pinned, server_urls
 from loadtest.checker import percentile
+from node.outcomes import RunOutcome
 
 SIZES = (1_000, 10_000, 50_000)
 QUICK_SIZES = (1_000, 5_000)
@@ -264,7 +265,7 @@ def result(ctx: BenchContext, sizes: tuple[int, ...], rounds: int, results: dict
                 lines.append(f"| {int(n):,} | {name} | {backend} | **failed**: {r['error']} | | | | | | |")
                 continue
             ratio = "1.00" if system == PLAIN else s(r.get("ratio_p99"))
-            others = ", ".join(f"{k} {int(v)}" for k, v in sorted(r.get("outcomes", {}).items()) if k != "ok")
+            others = ", ".join(f"{k} {int(v)}" for k, v in sorted(r.get("outcomes", {}).items()) if k != RunOutcome.OK)
             lines.append(f"| {int(n):,} | {name} | {backend} | {r['started']:,} of {r['jobs']:,} | {s(r['p50_s'])} "
                          f"| {s(r['p99_s'])} | {s(r['max_s'])} | {ratio} | {r['rss_mib']:.0f} | {others} |")
     targets = []
@@ -274,11 +275,11 @@ def result(ctx: BenchContext, sizes: tuple[int, ...], rounds: int, results: dict
         ratio, all_started = r.get("ratio_p99"), r.get("started") == TARGET_SIZE
         met = None if not r or "error" in r else all_started and ratio is not None and ratio <= TARGET_RATIO
         targets.append({"backend": kind, "started": r.get("started"), "ratio_p99": ratio, "met": met})
-    def verdict(met: bool | None) -> str:
+    def met_text(met: bool | None) -> str:
         return "n/a (not run)" if met is None else "met" if met else "**not met**"
 
     target_lines = [f"| {t['backend']} | {t['started'] if t['started'] is not None else 'n/a'} | "
-                    f"{s(t['ratio_p99'])} | {verdict(t['met'])} |" for t in targets]
+                    f"{s(t['ratio_p99'])} | {met_text(t['met'])} |" for t in targets]
     cores = ("servers on the last core, the workers on the others" if split is not None
              else "one core shared by the servers and the workers")
     method = (f"Each measurement in a process of its own: N interval jobs whose first fire time is the same "

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,11 @@ def anchor(i: int, n: int) -> datetime:
 
 def trigger(i: int, n: int) -> IntervalTrigger:
     return IntervalTrigger(seconds=INTERVAL, start_date=anchor(i, n), timezone=UTC)
+
+
+def _lag_trigger(i: int, n: int, tz: tzinfo) -> IntervalTrigger:
+    """``trigger(i, n)`` as a node builds it: per time zone (the probe's is UTC whatever the node's)."""
+    return trigger(i, n)
 
 
 def fire_time(now: datetime, start: datetime) -> datetime:
@@ -122,7 +128,7 @@ async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tup
 
     registry = JobRegistry()
     for i in range(n):
-        registry.add(JobSpec(f"lag-{i:05d}", body, lambda tz, i=i: trigger(i, n), False, "fire-lag probe"))
+        registry.add(JobSpec(f"lag-{i:05d}", body, functools.partial(_lag_trigger, i, n), False, "fire-lag probe"))
     settings = Settings(node_id="bench-lag", lock_url=url, lock_name=f"bench-lag-{uuid.uuid4().hex[:8]}",
                         lease_ttl=10, renew_deadline=7, retry_period=2, misfire_grace=60, demo_jobs=False,
                         probe_jobs=0, claims="on")
@@ -341,7 +347,7 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
             runs = f"{r['runs']}" + (" (saturated)" if r["saturated"] else "")
             lines.append(f"| {int(rate):,} | {name} | {backend} | {runs} | {ms(r['p50_ms'])} | {ms(r['p99_ms'])} "
                          f"| {ms(r['max_ms'])} | {ratio} | {costs} | {retried} |")
-    targets = []
+    targets: list[dict[str, Any]] = []
     at = results.get(str(TARGET_RATE), {})
     steady = results.get(str(STEADY_RATE), {})
     for kind in ctx.backends:
@@ -350,19 +356,20 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
         targets.append({"backend": kind, "rate": TARGET_RATE, "ratio_p99": ratio, "met": met,
                         "target": f"p99 <= {TARGET_RATIO}x"})
     for kind in ctx.backends:
-        row = steady.get(kind)
-        if row is None:
+        steady_row: dict[str, Any] | None = steady.get(kind)
+        if steady_row is None:
             continue
-        share = row["runs"] / row["expected_runs"] if row.get("expected_runs") else None
-        ratio = row.get("ratio_p99")
-        met = None if share is None or ratio is None else share >= STEADY_SHARE and ratio <= STEADY_RATIO
-        targets.append({"backend": kind, "rate": STEADY_RATE, "ratio_p99": ratio, "share_run": share, "met": met,
+        share = steady_row["runs"] / steady_row["expected_runs"] if steady_row.get("expected_runs") else None
+        steady_ratio: float | None = steady_row.get("ratio_p99")
+        met = (None if share is None or steady_ratio is None
+               else share >= STEADY_SHARE and steady_ratio <= STEADY_RATIO)
+        targets.append({"backend": kind, "rate": STEADY_RATE, "ratio_p99": steady_ratio, "share_run": share, "met": met,
                         "target": f">= {STEADY_SHARE:.0%} run, p99 <= {STEADY_RATIO}x"})
 
-    def verdict(met: bool | None) -> str:
+    def met_text(met: bool | None) -> str:
         return "n/a (not run)" if met is None else "met" if met else "**not met**"
 
-    target_lines = [f"| {t['backend']} | {t['rate']:,} | {ms(t['ratio_p99'])} | {t['target']} | {verdict(t['met'])} |"
+    target_lines = [f"| {t['backend']} | {t['rate']:,} | {ms(t['ratio_p99'])} | {t['target']} | {met_text(t['met'])} |"
                     for t in targets]
     rounds = ", ".join(f"{rounds_for(r, ctx.quick)} at {r:,}/s" for r in rates)
     cores = ("the backend servers on the last core, the measuring process on the others (the lock server "

@@ -21,6 +21,7 @@ misses are counted from the collector's records.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from loadtest.bench.server_stats import OpsCounter, counter_for, measure
 from loadtest.cluster import LocalCluster, Timing
 from loadtest.servers import Cluster, start_backend
 from loadtest.up import Collector
+from lock_backends.registry import SERVERS
 
 #: Production defaults of node/config.py: what a user's cluster sends.
 TIMING = Timing(ttl=10.0, renew_deadline=7.0, retry_period=2.0, op_timeout=1.0, misfire_grace=30.0)
@@ -48,12 +50,11 @@ DUMMY_PROBE = "http://127.0.0.1:9/probe"
 #: Per-run lock nodes' clocks run 0, 20 and 40 ms behind (node i: (i % 3) x this): one host's
 #: processes share a clock, real hosts do not, and a per-run lock's safety hinges on that.
 SKEW_STEP = 0.020
-SERVER_BACKENDS = ("redis", "postgres", "etcd")
 
 
 def plan(ctx: BenchContext) -> tuple[list[str], list[int], float, float]:
     """Backends, node counts, idle window and load window (seconds)."""
-    servers = [b for b in ctx.backends if b in SERVER_BACKENDS]
+    servers = [b for b in ctx.backends if b in SERVERS]
     if ctx.quick:
         return (["redis"] if "redis" in servers else servers[:1]), [3], 3.0, 4.0
     return servers, [3, 10, 30], 12.0, 12.0
@@ -190,7 +191,7 @@ def leading_with_jobs(server: Cluster, counter: OpsCounter, jobs: int, seconds: 
     registry = JobRegistry()
     for i in range(jobs):
         start = epoch + timedelta(seconds=SCALE_PERIOD * i / jobs)
-        registry.add(JobSpec(f"scale-{i:05d}", body, lambda tz, s=start: _every(SCALE_PERIOD, s, tz)))
+        registry.add(JobSpec(f"scale-{i:05d}", body, functools.partial(_every, SCALE_PERIOD, start)))
 
     async def measure_leader() -> dict[str, Any]:
         settings = Settings(node_id="bench-scale", lock_url=server.url, lock_name=f"scale-{jobs}",
@@ -355,7 +356,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path | None:
 def run(ctx: BenchContext) -> SectionResult:
     """Section 3 for the runner: every server backend in ``ctx.backends`` (quick: Redis, 3 nodes)."""
     backends, counts, idle_s, load_s = plan(ctx)
-    skipped = [b for b in ctx.backends if b not in SERVER_BACKENDS]
+    skipped = [b for b in ctx.backends if b not in SERVERS]
     rows: list[dict[str, Any]] = []
     units: dict[str, str] = {}
     for kind in backends:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.bench.base import SectionResult, VerdictRow
+from lock_backends.registry import KINDS, SHARED
 
 #: Row order in the verdict table; unknown systems and backends sort after these, by name.
 SYSTEM_ORDER = ("baton", "apscheduler3 (single process)", "per-run lock", "tooz", "apscheduler4")
-BACKEND_ORDER = ("file", "redis", "postgres", "etcd", "-")
+BACKEND_ORDER = (*SHARED, "-")
 
 COLUMNS = (  # (VerdictRow field, heading, format)
     ("duplicates", "duplicates", "{:d}"),
@@ -93,12 +94,9 @@ def machine_facts() -> dict[str, Any]:
         "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
-    versions = {}
-    for name, argv in (("redis", ["redis-server", "--version"]), ("etcd", ["etcd", "--version"]),
-                       ("postgres", ["postgres", "--version"])):
-        versions[name] = _version(argv)
+    versions = {k.name: _version([k.binary, "--version"]) for k in KINDS if k.binary}
     facts["servers"] = versions
-    libs = {}
+    libs: dict[str, str | None] = {}
     for lib in ("apscheduler", "redis", "psycopg", "aetcd", "fastapi"):
         try:
             from importlib.metadata import version

@@ -34,6 +34,7 @@ from loadtest.bench.base import BenchContext, SectionResult
 from loadtest.bench.load import DUMMY_PROBE, NEVER, TIMING
 from loadtest.cluster import LocalCluster, NodeProc
 from loadtest.servers import Cluster, free_port, start_backend
+from lock_backends.registry import SERVERS
 
 JOBS = 10_000
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -212,7 +213,7 @@ def _start(cluster: LocalCluster, failed: list[BaseException]) -> None:
 def run(ctx: BenchContext, *, leader_nodes: int | None = None, reps: int | None = None,
         poll_s: float | None = None) -> SectionResult:
     """Footprint of one node, then one leader among ``leader_nodes`` (30; quick 10) nodes."""
-    servers = [b for b in ("redis", "etcd", "postgres") if b in ctx.backends]
+    servers = [b for b in SERVERS if b in ctx.backends]
     one_kind = "redis" if "redis" in servers else (servers[0] if servers else "file")
     many_kind = one_kind if ctx.quick else ("etcd" if "etcd" in servers else one_kind)
     leader_nodes = leader_nodes or (10 if ctx.quick else 30)

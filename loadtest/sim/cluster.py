@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -149,7 +150,7 @@ class _Notes(logging.Handler):
             if value:
                 text += f" [{value}]"
         if not job and getattr(record, "key", None):
-            job = str(record.key).partition("@")[0]
+            job = str(getattr(record, "key", "")).partition("@")[0]
         self.history.note(self.loop.now, proc.name if proc else "-", text, job)
 
 
@@ -225,7 +226,7 @@ class _ObservedElector(Elector):
         self._sim_lease: Lease | None = None
         super().__init__(*args, **kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def _lease(self) -> Lease | None:
         return self._sim_lease
 
@@ -256,7 +257,7 @@ class SimulatedNode(Node):
         # passes every answer and exception through): with inert metrics it would cost a coroutine per call
         self.backend = backend
         self.holder = Holder(host, f"http://{host}:8000")
-        self.skew = SkewMonitor(self.backend, self.metrics, max_skew=config.max_clock_skew,  # type: ignore[arg-type]
+        self.skew = SkewMonitor(self.backend, self.metrics, max_skew=config.max_clock_skew,
                                 period=max(1.0, config.retry_period * 5))
         self.elector = _ObservedElector(
             observe, self.backend,
@@ -264,7 +265,7 @@ class SimulatedNode(Node):
             on_started_leading=self._started_leading, on_stopped_leading=self._stopped_leading,
             clock=monotonic, rng=rng, eligible=self.skew.refusal)
         self.scheduler = GatedScheduler(
-            jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,  # type: ignore[arg-type]
+            jobs=registry, backend=self.backend, elector=self.elector, metrics=self.metrics,
             lock_name=LOCK_NAME, node_id=host, timezone=UTC, misfire_grace=config.misfire_grace,
             sync_period=config.retry_period, claim_ahead=config.claim_ahead,
             shutdown_grace=config.shutdown_grace, sync_workers=1)
@@ -343,7 +344,7 @@ class Cluster:
         self.task_errors: list[str] = []
         self.registry = JobRegistry()
         for shape in config.jobs:
-            self.registry.add(JobSpec(shape.id, self._body(shape), lambda tz, s=shape.period_ms / 1000: every(s, tz),
+            self.registry.add(JobSpec(shape.id, self._body(shape), functools.partial(every, shape.period_ms / 1000),
                                       recover=shape.recover, max_instances=shape.max_instances))
 
     # -- the store side -----------------------------------------------------------------------
@@ -420,13 +421,14 @@ class Cluster:
         loop, history = self.loop, self.history
 
         async def fire(job_id: str, scheduled_at: datetime, kind: RunKind = RunKind.SCHEDULED, *,
-                       force: bool = False) -> RunOutcome | str:
+                       force: bool = False) -> RunOutcome:
             fid = history.fire_enter(loop.now, proc.name, proc.pid, job_id, to_us(scheduled_at), KIND_NAMES[kind])
             reset = _FIRE.set(fid)
             outcome: RunOutcome | str = "cancelled"
             try:
-                outcome = await original(job_id, scheduled_at, kind, force=force)
-                return outcome
+                result = await original(job_id, scheduled_at, kind, force=force)
+                outcome = result
+                return result
             except Exception as exc:
                 outcome = f"raised {type(exc).__name__}"
                 raise

@@ -154,7 +154,8 @@ class Network:
                                             address="memory://sim"))
 
         def arrive() -> None:
-            value, error = None, None
+            value: Any = None
+            error: Exception | None = None
             if effect == "fail-before" or not self.reachable(host):
                 error = BackendUnavailable(f"{op}: store unreachable", backend="memory", address="memory://sim")
             else:
@@ -214,6 +215,7 @@ class FaultyBackend:
         attr = getattr(self.inner, name)
         if not inspect.iscoroutinefunction(attr) or name in LOCAL:
             return attr
+        wrapped: partial[Any]
         if name in WAITS:
             wrapped = partial(self._wait, attr)
         elif self._on_answer is not None and name in ANSWERS_SEEN:

@@ -116,7 +116,7 @@ def _close_tasks(loop: SimLoop) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)  # coroutines of tasks that never got to run
         for task in asyncio.all_tasks(loop):
             with contextlib.suppress(BaseException):  # an await in a finally block of a closed coroutine
-                task.get_coro().close()  # type: ignore[union-attr]
+                task.get_coro().close()
 
 
 def run_seed(seed: int) -> RunResult:
