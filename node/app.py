@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -270,14 +271,26 @@ class _BackendErrorsAre503(APIRoute):
                                     headers={"Retry-After": str(exc.retry_after)})
             except RequestValidationError as exc:
                 # FastAPI's own handler echoes the input and decodes bytes as UTF-8: a body of bytes that are
-                # neither JSON nor UTF-8 made it a 500 (found by tests/test_api_fuzz.py)
-                errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: _printable})
+                # neither JSON nor UTF-8 made it a 500, and so did a body of ``Infinity`` (Python's JSON reads it,
+                # no JSON may carry it back): both found by tests/test_api_fuzz.py
+                errors = _finite(jsonable_encoder(exc.errors(), custom_encoder={bytes: _printable}))
                 return JSONResponse({"detail": errors}, status_code=422)
         return handle
 
 
 def _printable(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as its text: what strict JSON can carry."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def public_message(exc: BaseException, settings: Settings | None = None) -> str:

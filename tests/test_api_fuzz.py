@@ -301,6 +301,22 @@ async def test_found_a_body_neither_json_nor_utf8_is_a_422_not_a_500() -> None:
         memory.drop_store(store)
 
 
+async def test_found_a_body_of_infinity_or_nan_is_a_422_not_a_500() -> None:
+    """Python's JSON reads ``Infinity`` and ``NaN``; the 422 that quotes them back must still be JSON."""
+    store = f"fuzz-{uuid.uuid4().hex[:8]}"
+    node = make_node(f"memory://{store}", "a", "baton", jobs=hourly_jobs())
+    try:
+        async with client(create_app(node)) as c:
+            for method, path in (("POST", "/admin/jobs"), ("PUT", "/admin/jobs/x")):
+                for body in (b"Infinity", b"-Infinity", b"NaN", b"[Infinity, {}]"):
+                    r = await c.request(method, path, content=body, headers={
+                        **AUTH, "Content-Type": "application/json"})
+                    assert r.status_code == 422, (method, path, body, r.status_code)
+                    assert r.json()["detail"], (method, path, body)
+    finally:
+        memory.drop_store(store)
+
+
 @pytest.mark.parametrize("path", ["/admin/jobs/%0A/run/", "/admin/%0A", "/admin/jobs/tick/run%0A/", "/admin/%0D%0A/"])
 async def test_found_a_line_break_in_an_admin_path_is_still_authenticated_first(path: str) -> None:
     store = f"fuzz-{uuid.uuid4().hex[:8]}"
