@@ -152,6 +152,8 @@ CATCH_UP_SLACK_US = 1_000_000
 KINDS = tuple(k.value for k in RunKind)
 #: Faults after which the leader may hold claims it never starts: the at-most-once window of a crash.
 CRASH_FAULTS = ("kill", "pause", "partition")
+#: Crash faults that leave the process alive but cut off: its lease may outlast the fault's start.
+ISOLATING_FAULTS = ("pause", "partition")
 
 REQUIRED_FIELDS: dict[str, type] = {"job": str, "scheduled_at": str, "node": str, "token": int, "started_at": str}
 
@@ -346,6 +348,11 @@ def fault_starts(chaos: list[dict[str, Any]]) -> list[tuple[datetime, dict[str, 
     return starts
 
 
+def fault_ends(chaos: list[dict[str, Any]]) -> list[tuple[datetime, dict[str, Any]]]:
+    """The fault entries that end a fault, in time order (``fault_starts`` has checked every entry)."""
+    return sorted(((parse_time(e["ts"]), e) for e in chaos if e.get("phase") == "end"), key=lambda s: s[0])
+
+
 class Evidence:
     """Questions about who ran what when, answered from all judged records (including those after ``end``)."""
 
@@ -445,10 +452,20 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
 
     # -- faults: crash windows, crashes ----------------------------------------------------
     crash_windows: list[CrashWindow] = []
-    crashes: list[tuple[datetime, str, str]] = []  # (ts, target, fault)
+    # (ts, target, fault, until): until the fault's end entry for a pause or a partition (a node cut off
+    # still holds a lease it believes in, and may start a run whose record it can no longer write); the
+    # crash slack after the logged moment for a kill (logged just before it is applied), or for a fault
+    # whose end the log does not show
+    ends = fault_ends(chaos) if chaos is not None else []
+    crashes: list[tuple[datetime, str, str, datetime]] = []
     for ts, entry in starts:
         if entry["fault"] in CRASH_FAULTS:
-            crashes.append((ts, str(entry.get("target")), str(entry["fault"])))
+            target, fault = str(entry.get("target")), str(entry["fault"])
+            until = ts + timedelta(seconds=crash_slack)
+            if fault in ISOLATING_FAULTS:
+                until = next((end for end, e in ends if end >= ts and e["fault"] == fault
+                              and str(e.get("target")) == target), until)
+            crashes.append((ts, target, fault, until))
             leader = evidence.leader_at(ts)
             if leader is not None and entry.get("target") == leader.node:
                 ts_us = Grid.micros(ts)
@@ -464,8 +481,8 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     def recovered_after_crash(first: Probe, later: Probe) -> tuple[datetime, str, str] | None:
         if later.kind != RunKind.RECOVERY:
             return None
-        for ts, target, fault in crashes:
-            if target == first.node and first.started_at <= ts <= later.started_at:
+        for ts, target, fault, until in crashes:
+            if target == first.node and first.started_at <= until and ts <= later.started_at:
                 return ts, target, fault
         return None
 

@@ -380,6 +380,25 @@ def test_second_start_by_recovery_after_a_pause_or_partition_is_at_least_once(fa
     assert judge(records, probes="recover:1@4", chaos=elsewhere)["duplicates"] == 1
 
 
+def test_a_recoverable_run_started_just_after_a_partition_began_is_at_least_once() -> None:
+    """A leader cut off 30 ms before a fire time still believes its lease and starts the run; its record
+    cannot reach the store, so the next leader runs it again (seen by the failover suite on etcd). Once the
+    partition had ended before that start, the same two starts are a duplicate."""
+    started = rec(0, 5, interval=4.0, prefix="recover", lag=0.01)
+    records, _ = sparse_kill(kind="partition", shape="recover", recovery=True)
+    records.append(started)
+    cut = at(5, 4.0) - timedelta(seconds=0.03)
+    chaos = [fault("partition", "node-1", cut),
+             {**fault("partition", "node-1", cut + timedelta(seconds=3.5)), "phase": "end"}]
+    result = judge(records, probes="recover:1@4", chaos=chaos)
+    assert result["verdict"] == "pass" and result["duplicates"] == 0 and result["at_least_once"]["count"] == 1
+    healed = [chaos[0], {**chaos[1], "ts": (cut + timedelta(seconds=0.02)).isoformat()}]
+    assert judge(records, probes="recover:1@4", chaos=healed)["duplicates"] == 1
+    # a kill logged that long before the start: the process was gone, so a start after it is no excuse
+    killed = [fault("kill", "node-1", at(5, 4.0) - timedelta(seconds=0.5))]
+    assert judge(records, probes="recover:1@4", chaos=killed)["duplicates"] == 1
+
+
 def test_early_runs_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     records = run(range(10))
     records[3 * JOBS]["started_at"] = (at(3) - timedelta(seconds=0.2)).isoformat()  # by the node's own clock
