@@ -62,19 +62,30 @@ class ProxyHub:
         link.flowing.set()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Cancelled by ``close``, the handler ends normally: Python 3.11's stream server asks a finished
+            # handler task for its exception, which raises on a cancelled one, and logs it as a traceback.
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay(reader, writer)
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             assert link.flowing is not None
-            await link.flowing.wait()  # a partition also holds new connections
             try:
+                await link.flowing.wait()  # a partition also holds new connections
                 up_reader, up_writer = await asyncio.open_connection(*link.target)
             except OSError:
                 writer.close()
                 return
+            except asyncio.CancelledError:
+                writer.close()
+                raise
             link.writers.update((writer, up_writer))
-            await asyncio.gather(self._pump(link, reader, up_writer), self._pump(link, up_reader, writer),
-                                 return_exceptions=True)
-            for w in (writer, up_writer):
-                link.writers.discard(w)
-                w.close()
+            try:
+                await asyncio.gather(self._pump(link, reader, up_writer), self._pump(link, up_reader, writer),
+                                     return_exceptions=True)
+            finally:
+                for w in (writer, up_writer):
+                    link.writers.discard(w)
+                    w.close()
 
         link.server = await asyncio.start_server(handle, "127.0.0.1", link.port)
 
