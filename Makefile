@@ -13,12 +13,14 @@ unexport PYTHONDONTWRITEBYTECODE
 up: $(PY)
 	$(PY) -m loadtest up
 
-# Install the servers, the venv and the package, then run lint, the type check and the whole test suite.
+# Install the servers, the venv and the package, then run lint, the type check and the whole test suite: the
+# in-process tiers on $(WORKERS) workers, then the real-process tiers (clusters timed against leases) on 2.
 test:
 	bash scripts/install-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PYTEST)
+	$(PYTEST) -m "contract or unit or sim"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "backend or cluster or bench"
 
 # The edit-run loop: the contract on every backend, the in-process tests, the simulator's smoke seeds (tiers and
 # the few slow tests it leaves to `make test`: tests/conftest.py). Its tests mostly wait: 8 workers.

@@ -152,6 +152,9 @@ CATCH_UP_SLACK_US = 1_000_000
 KINDS = tuple(k.value for k in RunKind)
 #: Faults after which the leader may hold claims it never starts: the at-most-once window of a crash.
 CRASH_FAULTS = ("kill", "pause", "partition")
+#: Faults that end the leader's lease at once without a handoff, whatever their target: a lock-store restart
+#: (PostgreSQL drops the session that held the advisory lock). Its claims ahead are at-most-once, as in a crash.
+LEASE_ENDING_FAULTS = ("restart-backend",)
 #: Crash faults that leave the process alive but cut off: its lease may outlast the fault's start.
 ISOLATING_FAULTS = ("pause", "partition")
 
@@ -466,8 +469,9 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                 until = next((end for end, e in ends if end >= ts and e["fault"] == fault
                               and str(e.get("target")) == target), until)
             crashes.append((ts, target, fault, until))
+        if entry["fault"] in CRASH_FAULTS or entry["fault"] in LEASE_ENDING_FAULTS:
             leader = evidence.leader_at(ts)
-            if leader is not None and entry.get("target") == leader.node:
+            if leader is not None and (entry.get("target") == leader.node or entry["fault"] in LEASE_ENDING_FAULTS):
                 ts_us = Grid.micros(ts)
                 crash_windows.append(CrashWindow(
                     entry["fault"], leader.node, ts, leader.token, ts_us - round(crash_slack * 1e6),

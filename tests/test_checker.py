@@ -332,6 +332,17 @@ def test_fire_time_claimed_by_a_killed_leader_is_lost_to_a_crash_not_a_pass() ->
     assert judge(records, probes="sparse:1@4", chaos=late, claim_ahead=0.5)["lost_to_crash"]["count"] == 1
 
 
+def test_a_lock_store_restart_just_before_a_fire_time_is_the_leaders_crash_window() -> None:
+    """A lock-store restart ends the leader's lease at once (PostgreSQL drops its session): what it had claimed
+    ahead is at-most-once, as in a crash; found by the failover suite on PostgreSQL (restart 140 ms before)."""
+    records, _ = sparse_kill(kind="kill")
+    restart = [fault("restart-backend", "backend", at(5, 4.0) - timedelta(seconds=0.14))]
+    result = judge(records, probes="sparse:1@4", chaos=restart)
+    assert result["verdict"] == "pass" and result["missed"] == 0 and result["lost_to_crash"]["count"] == 1
+    early = [fault("restart-backend", "backend", at(5, 4.0) - timedelta(seconds=1.0))]
+    assert judge(records, probes="sparse:1@4", chaos=early)["missed"] == 1  # its window ended before
+
+
 def test_recoverable_fire_time_in_a_crash_window_must_run() -> None:
     records, chaos = sparse_kill(kind="kill", shape="recover")
     result = judge(records, probes="recover:1@4", chaos=chaos)
