@@ -66,7 +66,10 @@ async def served(node: Node) -> AsyncIterator[str]:
     """The node's app under uvicorn on a free loopback port (its lifespan starts and stops the node)."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(node), host="127.0.0.1", port=port, lifespan="on",
-                                           log_level="warning", access_log=False))
+                                           log_level="warning", access_log=False,
+                                           # a pooled connection idle through a slow first wave is not closed
+                                           # under the client as the second wave reuses it (uvicorn's 5 s)
+                                           timeout_keep_alive=120))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

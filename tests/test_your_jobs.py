@@ -155,7 +155,9 @@ def test_the_embedded_example_as_a_3_node_cluster_hands_over_fast_on_sigterm(
     command = shown("BATON_NODE_ID=web-1 BATON_PORT=8001 BATON_LOCK_URL=etcd://127.0.0.1:2379 "
                     "uvicorn myapp.main:app --port 8001")
     assert command.endswith("uvicorn myapp.main:app --port 8001")
-    env = base_env(lock_url)
+    # a lease long enough (6 s) that a handoff by release and one by expiry are seconds apart, however
+    # slowly a loaded machine answers the polls that see the new leader
+    env = base_env(lock_url, BATON_LEASE_TTL="6", BATON_RENEW_DEADLINE="4")
     nodes = [AppProc(f"web-{i}", python("-m", "uvicorn", "myapp.main:app", "--port", "{port}"), env, project,
                      prefix="/baton") for i in (1, 2, 3)]
     procs.extend(nodes)
