@@ -7,6 +7,7 @@
 
 from lock_backends.base import (
     DRIFT,
+    NO_WINDOW,
     BusyRun,
     ClaimStore,
     Holder,
@@ -31,6 +32,7 @@ from lock_backends.url import BackendOptions, from_url, kind_of, redact
 __all__ = [
     "ACCEPTED_URL_FORMS",
     "DRIFT",
+    "NO_WINDOW",
     "BackendOptions",
     "BackendURLError",
     "BackendUnavailable",

@@ -375,6 +375,16 @@ class ClaimStore(Protocol):
         """
         ...
 
+    async def claim_mark(self, name: str) -> Window:
+        """The lock's claim mark as the store holds it (``NO_WINDOW`` if never claimed), busy runs left out.
+
+        A read that changes nothing, fenced by nothing: a new leader reads where
+        its predecessor's window ends before it claims its first window, so the
+        intents of the catch-up it will owe go into that very claim (a leader
+        that dies right after winning would otherwise take its catch-up with it).
+        """
+        ...
+
     async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
                         drop: Sequence[str] = ()) -> Window | None:
         """Give back the part of ``lease``'s window from ``at_us`` on, and seal it, atomically.

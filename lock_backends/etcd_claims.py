@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from aetcd.utils import prefix_range_end
 
 from lock_backends import clock
-from lock_backends.base import BusyRun, Lease, RunRecord, Window, handed_back, next_window
+from lock_backends.base import NO_WINDOW, BusyRun, Lease, RunRecord, Window, handed_back, next_window
 from lock_backends.etcd_client import (
     CLIENT_ERRORS,
     TRIES,
@@ -120,6 +120,13 @@ class EtcdClaims(EtcdPlumbing):
             if not await self._call("claim_window", functools.partial(self._intents_txn, lease=lease, keys=chunk)):
                 return None  # the lock moved on meanwhile: act as fenced
         return window
+
+    async def claim_mark(self, name: str) -> Window:
+        kv, _ = await self._call("claim_mark", lambda c: self._get_one(c, etcd_key(name, "window")))
+        mark = self._mark(kv)
+        if kv is not None:  # the next claim's compare starts from what was just read
+            self._marks[name] = (int(kv.mod_revision), mark)
+        return NO_WINDOW if mark is None else mark
 
     async def _window_txn(self, client: Any, lease: Lease, until_us: int, start_us: int,
                           intents: Sequence[str]) -> Window | None:

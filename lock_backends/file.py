@@ -79,6 +79,7 @@ from urllib.parse import quote, unquote, urlsplit
 from lock_backends import file_records as records
 from lock_backends._common import compact_json, renewed
 from lock_backends.base import (
+    NO_WINDOW,
     BusyRun,
     Holder,
     Lease,
@@ -497,6 +498,14 @@ class FileBackend:
                     records.forget(made)  # intents of a window that was not made
 
         return await self._run("claim_window", work, pool="lease")
+
+    async def claim_mark(self, name: str) -> Window:
+        def work() -> Window:
+            _, record = self._latest(self._dir(name))
+            mark = record.mark if record is not None else None
+            return NO_WINDOW if mark is None else dataclasses.replace(mark, busy=())
+
+        return await self._run("claim_mark", work, pool="lease")
 
     @staticmethod
     def _with_busy(directory: Path, mark: Window) -> Window:

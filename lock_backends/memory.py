@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from lock_backends import clock as clocks
 from lock_backends.base import (
     MAX_LISTING,
+    NO_WINDOW,
     BusyRun,
     Holder,
     Lease,
@@ -212,6 +213,11 @@ class MemoryBackend:
                     self._put_run(state, RunRecord(key, lease.token, lease.holder.node_id, now))
             self._prune(state)
         return self._with_busy(state, mark)
+
+    async def claim_mark(self, name: str) -> Window:
+        await self._op()
+        mark = self.store.lock(name).mark
+        return NO_WINDOW if mark is None else Window(mark.token, mark.since_us, mark.until_us, mark.sealed)
 
     def _with_busy(self, state: LockState, mark: Window) -> Window:
         now_us = int(self._now() * 1_000_000)

@@ -51,7 +51,7 @@ from psycopg.conninfo import make_conninfo
 from lock_backends import clock
 from lock_backends import postgres_sql as sql
 from lock_backends._common import listing_limit, renewed
-from lock_backends.base import BusyRun, Holder, Lease, RunQuery, RunRecord, Window, local_deadline
+from lock_backends.base import NO_WINDOW, BusyRun, Holder, Lease, RunQuery, RunRecord, Window, local_deadline
 from lock_backends.errors import LockBackendError
 from lock_backends.postgres_sessions import PostgresSessions
 from lock_backends.postgres_sql import Conn, Row
@@ -234,6 +234,17 @@ class PostgresBackend(PostgresSessions):
         async with self._op("claim_window") as deadline:
             row = await self._shared_call(lambda c: _fetchone(c, sql.CLAIM_WINDOW, params), deadline, slot="claims")
         return None if row is None else self._window(lease.name, row)
+
+    async def claim_mark(self, name: str) -> Window:
+        async with self._op("claim_mark") as deadline:
+            row = await self._shared_call(lambda c: _fetchone(c, sql.CLAIM_MARK, {"name": name}), deadline)
+        if row is None:
+            return NO_WINDOW
+        sound, token, since_us, until_us, sealed = row
+        if not sound:
+            raise self._corrupt(f"the claim mark (token {token}, since {since_us}, until {until_us}, "
+                                f"sealed {sealed}) is no window", f"baton_fence/{name}")
+        return Window(int(token), int(since_us), int(until_us), bool(sealed))
 
     async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
                         drop: Sequence[str] = ()) -> Window | None:

@@ -199,6 +199,10 @@ _BUSY_JSON = """coalesce(jsonb_agg(jsonb_build_object('key', b.key, 'job_id', b.
 # base.next_window in SQL, then its consequences, in one statement (see the module docstring). ``step``
 # names the rule that applied: 'first' (the lock's first window), 'grow' (the same token, further),
 # 'follow' (a new token, from where the previous window ends), 'keep' (nothing moves) or 'corrupt'.
+CLAIM_MARK = f"""
+SELECT {_SOUND_MARK}, f.mark_token, f.mark_since_us, f.mark_until_us, f.mark_sealed
+FROM baton_fence f WHERE f.name = %(name)s"""
+
 CLAIM_WINDOW = f"""
 WITH cur AS MATERIALIZED (
     SELECT f.mark_token AS t, f.mark_since_us AS s, f.mark_until_us AS u, f.mark_sealed AS sealed,

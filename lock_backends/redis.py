@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
@@ -36,11 +37,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from lock_backends import clock
 from lock_backends import redis_scripts as lua
 from lock_backends._common import compact_json, listing_limit, renewed
-from lock_backends.base import MAX_LISTING, BusyRun, Holder, Lease, RunQuery, RunRecord, Window, local_deadline
+from lock_backends.base import (
+    MAX_LISTING,
+    NO_WINDOW,
+    BusyRun,
+    Holder,
+    Lease,
+    RunQuery,
+    RunRecord,
+    Window,
+    local_deadline,
+)
 from lock_backends.errors import BackendUnavailable, CorruptValue, LockBackendError
-from lock_backends.redis_scripts import exact, lock_keys
+from lock_backends.redis_scripts import EXACT, exact, lock_keys
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
+#: A whole number as the scripts accept one in a hash field (``int_text``).
+_WHOLE = re.compile(r"-?[0-9]+")
 #: Runs kept in the runs (and unfinished) index at most, whatever the retention says.
 MAX_RUNS_INDEXED = 10_000
 #: Index entries a listing reads at most, whatever its filters skip: a filter that matches nothing
@@ -314,6 +327,19 @@ class RedisBackend:
             [lease.handle, lease.token, exact(until_us), exact(start_us), *self._retention(),
              self._claim_prefix(lease), *unique])
         return None if reply[0] == "fenced" else self._window("claim_window", k["busy"], reply)
+
+    async def claim_mark(self, name: str) -> Window:
+        key = lock_keys(name)["window"]
+        async with self._op("claim_mark", key):
+            fields = cast(list[str | None], await self._client.hmget(key, ["token", "since_us", "until_us", "sealed"]))
+        if all(f is None for f in fields):
+            return NO_WINDOW
+        # the scripts' rule (read_mark): whole numbers a double holds exactly, sealed "0" or "1"
+        numbers = [int(f) if f is not None and _WHOLE.fullmatch(f) else None for f in fields[:3]]
+        if None in numbers or any(abs(n) >= EXACT for n in numbers if n is not None) or fields[3] not in ("0", "1"):
+            raise self._corrupt("claim_mark", key, f"not a claim-window mark: {fields!r}")
+        token, since_us, until_us = cast(list[int], numbers)
+        return Window(token, since_us, until_us, fields[3] == "1")
 
     async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
                         drop: Sequence[str] = ()) -> Window | None:

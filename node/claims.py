@@ -11,8 +11,10 @@ and the fire time inside its window.
 
 What a window costs: a leader that dies (or stalls past its lease) holding a
 window leaves the fire times it had not reached unrun, at most the lead
-(``BATON_CLAIM_AHEAD``): the at-most-once window of a crash. Recoverable jobs
-are claimed as *intents* with each window, so the next leader runs them again.
+(``BATON_CLAIM_AHEAD``): the at-most-once window of a crash (or, for a leader
+that dies right after winning, the catch-up its first window gave it).
+Recoverable jobs are claimed as *intents* with each window, the catch-up's
+included, so the next leader runs them again.
 A graceful stop hands back what it has not started (``hand_back``), so a
 planned handoff loses nothing. The lead adapts to the store: a small multiple
 of the slowest recent round trip, between ``MIN_LEAD`` and the setting, and
@@ -92,6 +94,8 @@ class WindowKeeper:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._complaint = ""
+        #: Where the predecessor's window ended, read before this leadership's first claim (us; 0: unknown).
+        self._owed_from_us = 0
 
     @property
     def lead(self) -> float:
@@ -105,16 +109,40 @@ class WindowKeeper:
         """A new leadership: nothing of the last one's window carries over."""
         self.window = None
         self._stopping = False
+        self._owed_from_us = 0
 
     def owns(self, t_us: int, token: int) -> bool:
         window = self.window
         return window is not None and window.owned_by(token) and window.covers(t_us)
 
     async def open(self, lease: Lease) -> Window | None:
-        """The first claim of a leadership, before anything fires: where this leader's window starts."""
+        """The first claim of a leadership, before anything fires: where this leader's window starts.
+
+        The mark is read first: when the predecessor's window ended in the past,
+        the first window starts there and the fire times since are this leader's
+        catch-up. Their intents (recoverable jobs) go into the claim that grants
+        them, so a leader that dies right after winning leaves its catch-up to
+        the next one instead of taking it along (found by the simulator, seed
+        9910 of #13). Unread (the store slow or failing), the catch-up's intents
+        follow one round trip later, as before.
+        """
         now_us = _now_us()
+        try:
+            mark = await self.backend.claim_mark(lease.name)
+        except LockBackendError as exc:
+            self._complain("reading the claim mark failed (the catch-up's intents follow the claim)", exc)
+        else:
+            if mark.token and mark.token < lease.token and mark.until_us < now_us:
+                self._owed_from_us = mark.until_us
         await self._advance(lease, now_us + max(1, int(self.lead * US)), now_us)
         return self.window
+
+    def offer(self, window: Window | None) -> None:
+        """An answer to a claim made beside the loop (a catch-up's intents): the freshest busy runs, kept when
+        it is this leadership's window and reaches at least as far as the one held."""
+        held = self.window
+        if window is not None and held is not None and window.token == held.token and window.until_us >= held.until_us:
+            self.window = window
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -209,7 +237,7 @@ class WindowKeeper:
         while True:
             t0 = clocks.monotonic()
             try:
-                before = self.window.until_us if self.window is not None else 0
+                before = self.window.until_us if self.window is not None else self._owed_from_us
                 window = await self.backend.claim_window(lease, until_us, start_us,
                                                          self.intents(before or start_us, until_us))
             except BackendUnavailable as exc:

@@ -73,6 +73,9 @@ class InstrumentedBackend:
         return await self._timed("claim_window", self.inner.claim_window(lease, until_us, start_us, intents),
                                  refusal=True)
 
+    async def claim_mark(self, name: str) -> Window:
+        return await self._timed("claim_mark", self.inner.claim_mark(name))
+
     async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
                         drop: Sequence[str] = ()) -> Window | None:
         return await self._timed("hand_back", self.inner.hand_back(lease, at_us, busy, drop), refusal=True)

@@ -20,9 +20,11 @@ Promises, per event (the README's guarantees section says the same to users):
   and only then lets the lease go. Running bodies get ``shutdown_grace`` to end.
 * Crash or stall: at most once for an ordinary job (fire times inside the dead
   leader's window that it had not started are lost: ``RunOutcome.LOST``, at
-  most the claim-ahead lead); at least once for ``recover=True`` jobs, whose
-  fire times are written as intents with each window and run again by the next
-  leader when no result came back.
+  most the claim-ahead lead, or the catch-up of a leader that dies between
+  winning and starting it); at least once for ``recover=True`` jobs, whose
+  fire times are written as intents with each window (a catch-up's with the
+  claim that grants it) and run again by the next leader when no result came
+  back.
 * A new leader runs, per job, the latest fire time between the end of the
   last window and now that is within the job's misfire grace (a catch-up run),
   folding the earlier ones into it (``COALESCED``); older ones are ``MISSED``.
@@ -771,7 +773,10 @@ class GatedScheduler:
         if intents:
             self._intents.update(intents)
             with contextlib.suppress(LockBackendError):  # without the intents a crash now runs these at most once
-                await self.backend.claim_window(lease, window.until_us, window.since_us, list(intents))
+                # its answer lists the busy runs as they are now: a predecessor's run that ended meanwhile no
+                # longer holds the catch-up back (found by the simulator, seed 3146)
+                self.keeper.offer(await self.backend.claim_window(lease, window.until_us, window.since_us,
+                                                                  list(intents)))
         singles = [(job_id, times[0]) for job_id, times in owed.items() if len(times) == 1]
         series = [self._fire_series(job_id, times) for job_id, times in owed.items() if len(times) > 1]
         for i in range(0, len(singles), 256):
@@ -865,16 +870,19 @@ class GatedScheduler:
         if lo > hi:
             return keys
         # Fire times before now that the window covers came due while this node stalled (paused, or its clock
-        # jumped forward): APScheduler runs the latest of them (coalesce), which must be an intent too, or a
-        # crash before that run would lose it for good (found by the simulator).
-        stalled = (from_us(lo_us), from_us(now_us) - timedelta(microseconds=1)) if lo_us < now_us else None
+        # jumped forward), or before it won (a new leader's catch-up, from where its predecessor's window ended):
+        # the latest of them runs (coalesce), or each one within the misfire grace, and each must be an intent
+        # too, or a crash before that run would lose it for good (found by the simulator).
+        past = from_us(now_us) - timedelta(microseconds=1)
         for spec in self._recoverable:
             trigger = self._triggers.get(spec.id)
             if spec.id in self.paused_jobs or trigger is None:
                 continue
-            if stalled is not None:  # the gate runs the latest of them, or every one for a job that does not coalesce
-                owed = fire_times(trigger, *stalled) if not spec.coalesce else [
-                    t for t in [latest_fire_time(trigger, *stalled)] if t is not None]
+            if lo_us < now_us:
+                since = max(from_us(lo_us), from_us(now_us) - timedelta(seconds=self.grace(spec)),
+                            spec.active_from or from_us(lo_us))
+                owed = [] if since > past else fire_times(trigger, since, past) if not spec.coalesce else [
+                    t for t in [latest_fire_time(trigger, since, past)] if t is not None]
                 for t in owed:
                     key = claim_key(spec.id, t)
                     self._intents[key] = to_us(t)

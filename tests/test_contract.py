@@ -11,7 +11,17 @@ from collections.abc import Callable
 import pytest
 
 from loadtest.servers import Cluster
-from lock_backends import BackendUnavailable, BusyRun, Holder, Lease, LockBackend, RunQuery, RunRecord, Window
+from lock_backends import (
+    NO_WINDOW,
+    BackendUnavailable,
+    BusyRun,
+    Holder,
+    Lease,
+    LockBackend,
+    RunQuery,
+    RunRecord,
+    Window,
+)
 from tests.conftest import OP_TIMEOUT, TTL, with_timeout
 
 Factory = Callable[[str], LockBackend]
@@ -271,6 +281,26 @@ async def test_a_successor_waits_out_a_window_claimed_further_ahead(backend_url:
     assert (seen.token, seen.until_us) == (old.token, far)
     after = await b.claim_window(new, far + US, start)
     assert after is not None and after.owned_by(new.token) and after.since_us == far
+
+
+async def test_claim_mark_reads_the_mark_and_changes_nothing(backend_url: str, make_backend: Factory,
+                                                              lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    assert await b.claim_mark(lock_name) == NO_WINDOW  # never claimed
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    assert await b.claim_mark(lock_name) == NO_WINDOW  # a lease alone is no window
+    start = now_us()
+    mine = await a.claim_window(lease, start + US, start)
+    assert mine is not None
+    assert await b.claim_mark(lock_name) == Window(lease.token, start, start + US)
+    # a read by anybody (no lease) changes nothing: the holder grows its window as before
+    assert await b.claim_mark(lock_name) == await a.claim_mark(lock_name)
+    assert await a.claim_window(lease, start + 2 * US, start) == Window(lease.token, start, start + 2 * US)
+    back = await a.hand_back(lease, start + US // 2, [BusyRun("job@1", "job", "a", lease.token, start + 60 * US)])
+    assert back is not None and back.busy
+    # sealed, and without the busy runs (a new leader learns those with its first claim)
+    assert await b.claim_mark(lock_name) == Window(lease.token, start, start + US // 2, True)
 
 
 async def test_hand_back_gives_back_the_rest_and_seals(backend_url: str, make_backend: Factory,

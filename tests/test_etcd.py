@@ -27,6 +27,7 @@ from lock_backends import (
     LockBackend,
     RunQuery,
     RunRecord,
+    Window,
     from_url,
 )
 from lock_backends.etcd import EtcdBackend
@@ -519,7 +520,11 @@ async def test_garbage_mark_busy_run_setting_or_claim_is_a_typed_error_until_rep
     with pytest.raises(CorruptValue) as info:
         await backend.hand_back(lease, start)
     assert info.value.key == root + "window"
+    with pytest.raises(CorruptValue) as info:
+        await backend.claim_mark(lock_name)
+    assert info.value.key == root + "window"
     await spoil("window", json.dumps(window.to_dict()).encode())  # repaired as it was
+    assert await backend.claim_mark(lock_name) == Window(lease.token, window.since_us, window.until_us)
     grown = await backend.claim_window(lease, start + 2 * US, start)
     assert grown is not None and grown.owned_by(lease.token) and grown.since_us == window.since_us
     # a busy run

@@ -555,7 +555,7 @@ async def test_a_lease_version_that_does_not_decode_is_never_no_lease(
     bad.write_text(garbage)
     for attempt in (b.acquire("l", Holder("b"), TTL), b.leader("l"), a.renew(lease),
                     a.claim_window(lease, now_us() + US, now_us()), a.hand_back(lease, now_us()),
-                    a.claim(lease, "k")):
+                    a.claim(lease, "k"), b.claim_mark("l")):
         with pytest.raises(CorruptValue) as info:
             await attempt
         assert info.value.key == str(bad)

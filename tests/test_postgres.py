@@ -280,7 +280,8 @@ async def test_a_corrupt_claim_mark_is_a_typed_error_and_the_node_recovers_once_
                                " WHERE name = %s", lock_name)
     attempts: list[Callable[[], Awaitable[Window | None]]] = [
         lambda: a.claim_window(lease, start + 2 * US, start, intents=["nightly@1"]),
-        lambda: a.hand_back(lease, start + US // 2, drop=["nightly@1"])]
+        lambda: a.hand_back(lease, start + US // 2, drop=["nightly@1"]),
+        lambda: a.claim_mark(lock_name)]
     for attempt in attempts:
         with pytest.raises(CorruptValue) as info:
             await attempt()

@@ -173,10 +173,12 @@ async def test_a_garbage_window_mark_is_an_error_and_changes_nothing(backend: Lo
         await raw.hset(window, mapping=mark)
         await corrupt(backend.claim_window(lease, start + 2 * US, start, intents=["nightly@1"]), window)
         await corrupt(backend.hand_back(lease, start), window)
+        await corrupt(backend.claim_mark(lock_name), window)
         assert await raw.hgetall(window) == {str(k).encode(): str(v).encode() for k, v in mark.items()}  # untouched
     await raw.delete(window)
     await raw.set(window, b"garbage")
     await corrupt(backend.claim_window(lease, start + 2 * US, start), window)
+    await corrupt(backend.claim_mark(lock_name), window)
     assert await backend.unfinished(lock_name, 10) == []  # the intent was not written either
     await raw.delete(window)
     await raw.hset(window, mapping=good)  # repaired

@@ -28,8 +28,10 @@ from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
 from loadtest.sim.net import FaultyBackend, InjectedError, Network
 from loadtest.sim.run import run_scenario, run_seed, scenario_for_seed
 from loadtest.sim.scenario import Fault, HostShape, JobShape, RunConfig, Scenario
-from lock_backends import BackendUnavailable, Holder, LockBackendError, memory
+from lock_backends import BackendUnavailable, Holder, Lease, LockBackendError, Window, memory
+from lock_backends import clock as clocks
 from lock_backends.url import BackendOptions
+from node.claims import WindowKeeper
 from node.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -478,6 +480,43 @@ def test_each_hole_is_found_again_with_its_bug_put_back(hole: holes.Hole) -> Non
     if hole.fire_time is not None:
         assert _f(hole.fire_time) in {v.f_us for v in found}, [v.detail for v in found]
     assert holes.classify(found[0], result.history) == hole.hole
+
+
+def test_a_new_leaders_catch_up_intents_go_with_its_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 9910's finding: a leader killed 1 ms after its first window leaves its catch-up to the next one.
+
+    With the claim mark read but its answer not used (the core before the fix, with the same timing), the
+    recoverable job's catch-up had no intent when the leader died: its fire times are reported lost.
+    """
+    finding = holes.by_name("finding-catch-up-lost-with-a-new-leader")
+    fixed = run_scenario(finding.scenario)
+    assert fixed.checked.violations == [] and fixed.checked.excused["coalesced into a failed leader's catch-up, "
+                                                                    "recovered"] > 0
+    recovered = [r for r in fixed.history.runs if r.kind == "recovery" and r.job == "fast"]
+    assert _f(2.7) in {r.f_us for r in recovered}
+
+    async def open_ignoring_the_mark(self: WindowKeeper, lease: Lease) -> Window | None:
+        now_us = int(clocks.time() * 1_000_000)
+        await self.backend.claim_mark(lease.name)  # the same round trip, its answer left unused
+        await self._advance(lease, now_us + max(1, int(self.lead * 1_000_000)), now_us)
+        return self.window
+
+    monkeypatch.setattr(WindowKeeper, "open", open_ignoring_the_mark)
+    before = run_scenario(finding.scenario)
+    lost = {v.f_us for v in before.checked.violations if v.invariant == "lost" and v.job == "fast"}
+    assert {_f(1.5), _f(2.7)} <= lost, [v.detail for v in before.checked.violations]
+
+
+def test_a_catch_up_is_judged_on_the_freshest_busy_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 3146's finding: the answer to the catch-up's own claim replaces the window's busy runs.
+
+    Dropped (as before the fix), a run handed over as busy that ended meanwhile still holds the catch-up back.
+    """
+    finding = holes.by_name("finding-catch-up-skipped-on-a-stale-busy-list")
+    assert run_scenario(finding.scenario).checked.violations == []
+    monkeypatch.setattr(WindowKeeper, "offer", lambda self, window: None)
+    before = run_scenario(finding.scenario)
+    assert [(v.invariant, v.job, v.f_us) for v in before.checked.violations] == [("lost", "mid", _f(5.0))]
 
 
 def test_every_bug_has_a_hole_and_is_put_back_only_inside_the_block() -> None:

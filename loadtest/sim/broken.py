@@ -68,7 +68,7 @@ async def _no_hand_back(self: GatedScheduler, lease: Lease, at_us: int, *, retry
 
 def _escaping_advance(original: Callable[..., Any]) -> Callable[..., Any]:
     async def _advance(self: WindowKeeper, lease: Lease, until_us: int, start_us: int) -> None:
-        before = self.window.until_us if self.window is not None else 0
+        before = self.window.until_us if self.window is not None else self._owed_from_us
         try:
             window = await self.backend.claim_window(lease, until_us, start_us,
                                                      self.intents(before or start_us, until_us))

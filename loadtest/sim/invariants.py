@@ -23,9 +23,13 @@ first. The names and their meaning:
     after a stall of the leader (its next run is a scheduled one on the same
     host, which was paused or whose wall clock jumped forward over it); skipped
     because ``max_instances`` runs of the job were going on (on the leader, or
-    cluster-wide); a crash's at-most-once window (a non-recoverable job's fire
-    time within the claim-ahead lead, plus one operation timeout either side,
-    of the instant its leader was killed, paused or cut off); no leader at all
+    cluster-wide); coalesced into the catch-up of a leader that failed before
+    running it, when a later leader recovered that catch-up from its intent; a
+    crash's at-most-once window (a non-recoverable job's fire time within the
+    claim-ahead lead, plus one operation timeout either side, of the instant
+    its leader was killed, paused or cut off, or due before the window that
+    gave it to a leader killed or paused within that slack of the answer: a
+    new leader's catch-up it had no time to start); no leader at all
     for the whole misfire grace after it. A fire time whose only runs were
     cancelled by a graceful stop is lost too (cut).
 ``max_instances``
@@ -184,6 +188,21 @@ class _Facts:
                 return True
         return False
 
+    def recovered_catch_up(self, shape: Any, f_us: int, grace_us: int) -> bool:
+        """``f_us`` was folded into the catch-up of a leader that failed before running it, and a later leader
+        ran that catch-up again from its intent: a recovery run of a later fire time within the grace, both in
+        the first window of an earlier token, the later one due before that window was asked for (so it was
+        that leader's catch-up: the latest fire time it owed)."""
+        for r in self.runs_by_job.get(shape.id, ()):
+            if r.kind != "recovery" or not f_us < r.f_us <= f_us + grace_us:
+                continue
+            for token, marks in self.marks_of.items():
+                first = marks[0]
+                if (token < r.token and first.since_us <= f_us and r.f_us < first.until_us
+                        and r.f_us <= self.h.wall(first.host, first.sent) * 1e6):
+                    return True
+        return False
+
     def stalled(self, shape: Any, f_us: int) -> str | None:
         """APScheduler folded ``f_us`` into a later fire time (``coalesce``) after a stall of the leader.
 
@@ -289,6 +308,12 @@ class _Facts:
                             continue  # the store was reachable when it stopped firing: it could hand back
                         due_from, slack = max(at, stopped), STOP_SLACK
                     if f_us / 1e6 >= h.wall(b.host, due_from) - slack:
+                        return how
+                    # due before the window that gave it to this leader was answered (its catch-up), and the
+                    # leader failed within the slack of that answer: it had no time to start it
+                    given = min((m.t for m in marks if m.op == "claim_window" and m.since_us <= f_us < m.until_us),
+                                default=None)
+                    if how in ("killed", "paused") and given is not None and at <= given + slack:
                         return how
             return None
         return None
@@ -442,6 +467,8 @@ def _excuse(facts: _Facts, shape: Any, f_us: int, nxt: Run | None, grace_us: int
     # coalesced into a catch-up run
     if facts.coalesced(shape, f_us, grace_us):
         return "coalesced into a catch-up run"
+    if facts.recovered_catch_up(shape, f_us, grace_us):
+        return "coalesced into a failed leader's catch-up, recovered"
     # coalesced by APScheduler after a stall of the leader (a pause, or its wall clock jumping over it)
     stalled = facts.stalled(shape, f_us)
     if stalled:
