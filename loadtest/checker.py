@@ -469,9 +469,10 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                 until = next((end for end, e in ends if end >= ts and e["fault"] == fault
                               and str(e.get("target")) == target), until)
             crashes.append((ts, target, fault, until))
-        if entry["fault"] in CRASH_FAULTS or entry["fault"] in LEASE_ENDING_FAULTS:
+        ends_lease = entry["fault"] in LEASE_ENDING_FAULTS  # whatever its target
+        if entry["fault"] in CRASH_FAULTS or ends_lease:
             leader = evidence.leader_at(ts)
-            if leader is not None and (entry.get("target") == leader.node or entry["fault"] in LEASE_ENDING_FAULTS):
+            if leader is not None and (ends_lease or entry.get("target") == leader.node):
                 ts_us = Grid.micros(ts)
                 crash_windows.append(CrashWindow(
                     entry["fault"], leader.node, ts, leader.token, ts_us - round(crash_slack * 1e6),
