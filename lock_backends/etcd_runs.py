@@ -58,6 +58,8 @@ _RECORD_CHUNK = TXN_OPS - 2
 _TXN_BYTES = 1_000_000
 #: ``record_many`` transactions in flight at once.
 _RECORD_PARALLEL = 4
+#: Records encoded between two looks at the event loop: a batch's encoding never holds a fire time up for long.
+YIELD_EVERY = 8
 
 #: Time index keys: ``_INV - microseconds`` in ``_DIGITS`` digits, so ascending key order is newest first.
 _DIGITS = 16
@@ -171,8 +173,10 @@ class EtcdRuns(EtcdPlumbing):
         """
         latest: dict[str, RunRecord] = {}
         values: dict[str, bytes] = {}
-        for run in records:
+        for i, run in enumerate(records, 1):
             values[run.key] = json_value(run.to_dict())  # refuse what cannot be stored, before any change
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the scheduler's fire times wait behind no long stretch of encoding
             latest.pop(run.key, None)
             latest[run.key] = run  # the last record of a key wins, as it would written one by one
         if not latest:
@@ -224,10 +228,12 @@ class EtcdRuns(EtcdPlumbing):
 
         async def txn(retention: int) -> Any:
             ops = []
-            for run in chunk:
+            for i, run in enumerate(chunk, 1):
                 ops += record_ops(name, run, prevs.get(run.key, ABSENT), retention, values[run.key])
                 if run.key in busy:
                     ops.append(delete(etcd_key(name, "busy", run.key)))
+                if i % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
             if len(ops) > TXN_OPS:
                 return None
             compare = [cmp(busy_prefix, "MOD", seen_at + 1, "LESS", busy_end),

@@ -52,6 +52,8 @@ from lock_backends.errors import BackendUnavailable, CorruptValue, LockBackendEr
 from lock_backends.redis_scripts import EXACT, exact, lock_keys
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
+#: Records encoded between two looks at the event loop.
+YIELD_EVERY = 8
 #: A whole number as the scripts accept one in a hash field (``int_text``).
 _WHOLE = re.compile(r"-?[0-9]+")
 #: Runs kept in the runs (and unfinished) index at most, whatever the retention says.
@@ -371,7 +373,9 @@ class RedisBackend:
     async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
         # everything is encoded (and refused, if it cannot be) before the first write
         rows: list[tuple[str, str, str]] = []
-        for run in records:
+        for i, run in enumerate(records, 1):
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the scheduler's fire times wait behind no long stretch of encoding
             if not math.isfinite(run.claimed_at):
                 raise ValueError(f"run {run.key!r}: claimed_at {run.claimed_at!r} is not a finite number")
             value = compact_json({"token": run.token, "node_id": run.node_id, "claimed_at": run.claimed_at,
