@@ -35,7 +35,7 @@ from typing import Any
 from aetcd.utils import prefix_range_end
 
 from lock_backends import clock
-from lock_backends._common import listing_limit
+from lock_backends._common import ENCODE_SLICE, listing_limit
 from lock_backends.base import MAX_LISTING, RunQuery, RunRecord
 from lock_backends.etcd_client import (
     TRIES,
@@ -58,8 +58,6 @@ _RECORD_CHUNK = TXN_OPS - 2
 _TXN_BYTES = 1_000_000
 #: ``record_many`` transactions in flight at once.
 _RECORD_PARALLEL = 4
-#: Records encoded between two looks at the event loop: a batch's encoding never holds a fire time up for long.
-YIELD_EVERY = 8
 
 #: Time index keys: ``_INV - microseconds`` in ``_DIGITS`` digits, so ascending key order is newest first.
 _DIGITS = 16
@@ -175,7 +173,7 @@ class EtcdRuns(EtcdPlumbing):
         values: dict[str, bytes] = {}
         for i, run in enumerate(records, 1):
             values[run.key] = json_value(run.to_dict())  # refuse what cannot be stored, before any change
-            if i % YIELD_EVERY == 0:
+            if i % ENCODE_SLICE == 0:
                 await asyncio.sleep(0)  # the scheduler's fire times wait behind no long stretch of encoding
             latest.pop(run.key, None)
             latest[run.key] = run  # the last record of a key wins, as it would written one by one
@@ -232,7 +230,7 @@ class EtcdRuns(EtcdPlumbing):
                 ops += record_ops(name, run, prevs.get(run.key, ABSENT), retention, values[run.key])
                 if run.key in busy:
                     ops.append(delete(etcd_key(name, "busy", run.key)))
-                if i % YIELD_EVERY == 0:
+                if i % ENCODE_SLICE == 0:
                     await asyncio.sleep(0)
             if len(ops) > TXN_OPS:
                 return None

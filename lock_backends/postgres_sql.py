@@ -196,13 +196,14 @@ _SOUND_MARK = "(f.mark_token >= 0 AND 0 <= f.mark_since_us AND f.mark_since_us <
 _BUSY_JSON = """coalesce(jsonb_agg(jsonb_build_object('key', b.key, 'job_id', b.job_id, 'node_id', b.node_id,
     'token', b.token, 'until_us', b.until_us) ORDER BY b.key), '[]'::jsonb)"""
 
-# base.next_window in SQL, then its consequences, in one statement (see the module docstring). ``step``
-# names the rule that applied: 'first' (the lock's first window), 'grow' (the same token, further),
-# 'follow' (a new token, from where the previous window ends), 'keep' (nothing moves) or 'corrupt'.
+# The mark as stored, and whether it is a window at all (``claim_mark``: a read, nothing locked).
 CLAIM_MARK = f"""
 SELECT {_SOUND_MARK}, f.mark_token, f.mark_since_us, f.mark_until_us, f.mark_sealed
 FROM baton_fence f WHERE f.name = %(name)s"""
 
+# base.next_window in SQL, then its consequences, in one statement (see the module docstring). ``step``
+# names the rule that applied: 'first' (the lock's first window), 'grow' (the same token, further),
+# 'follow' (a new token, from where the previous window ends), 'keep' (nothing moves) or 'corrupt'.
 CLAIM_WINDOW = f"""
 WITH cur AS MATERIALIZED (
     SELECT f.mark_token AS t, f.mark_since_us AS s, f.mark_until_us AS u, f.mark_sealed AS sealed,

@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lock_backends import clock
 from lock_backends import redis_scripts as lua
-from lock_backends._common import compact_json, listing_limit, renewed
+from lock_backends._common import ENCODE_SLICE, compact_json, listing_limit, renewed
 from lock_backends.base import (
     MAX_LISTING,
     NO_WINDOW,
@@ -52,8 +52,6 @@ from lock_backends.errors import BackendUnavailable, CorruptValue, LockBackendEr
 from lock_backends.redis_scripts import EXACT, exact, lock_keys
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
-#: Records encoded between two looks at the event loop.
-YIELD_EVERY = 8
 #: A whole number as the scripts accept one in a hash field (``int_text``).
 _WHOLE = re.compile(r"-?[0-9]+")
 #: Runs kept in the runs (and unfinished) index at most, whatever the retention says.
@@ -374,7 +372,7 @@ class RedisBackend:
         # everything is encoded (and refused, if it cannot be) before the first write
         rows: list[tuple[str, str, str]] = []
         for i, run in enumerate(records, 1):
-            if i % YIELD_EVERY == 0:
+            if i % ENCODE_SLICE == 0:
                 await asyncio.sleep(0)  # the scheduler's fire times wait behind no long stretch of encoding
             if not math.isfinite(run.claimed_at):
                 raise ValueError(f"run {run.key!r}: claimed_at {run.claimed_at!r} is not a finite number")

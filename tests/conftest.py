@@ -217,3 +217,7 @@ def node_start_seconds() -> float:
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "import node.app"], check=True, cwd=Path(__file__).resolve().parent.parent)
     return time.monotonic() - started
+
+
+# the in-memory cluster's fixture, for every test module (tests/memory_cluster.py)
+from tests.memory_cluster import make_cluster  # noqa: E402, F401

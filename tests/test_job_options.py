@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import pytest
 from apscheduler.triggers.date import DateTrigger
 
 from node.app import Node
@@ -22,21 +20,7 @@ from node.config import Settings
 from node.jobs import JobRegistry, JobSpec, RunContext
 from node.outcomes import RunKind, RunOutcome
 from tests.conftest import eventually
-from tests.test_exactly_once import Cluster, History, fire_grid, runs_of, sleep_until
-
-
-@pytest.fixture
-async def make_cluster() -> AsyncIterator[Callable[..., Cluster]]:
-    made: list[Cluster] = []
-
-    def make(*args: Any, **kw: Any) -> Cluster:
-        made.append(Cluster(*args, **kw))
-        return made[-1]
-
-    yield make
-    for cluster in made:
-        await cluster.close()
-
+from tests.memory_cluster import Cluster, History, fire_grid, runs_of, sleep_until
 
 #: Outcomes that would be false alarms for a one-shot that ran once.
 FALSE_ALARMS = (RunOutcome.DUPLICATE, RunOutcome.LOST, RunOutcome.MISSED, RunOutcome.COALESCED, RunOutcome.FENCED)

@@ -23,8 +23,8 @@ from node.outcomes import RunKind, RunOutcome
 from node.stored_jobs import JOB_PREFIX
 from tests import stored_targets
 from tests.conftest import eventually
+from tests.memory_cluster import Cluster
 from tests.stored_targets import calls_of
-from tests.test_exactly_once import Cluster
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
