@@ -151,6 +151,45 @@ async def test_an_unexpected_error_in_the_claim_path_leaves_no_run_waiting(
     assert history.duplicates() == []
 
 
+class MarkReadRaises(MemoryBackend):
+    """A store whose claim-mark read raises what no backend should (a bug, a surprise)."""
+
+    def __init__(self, store: str) -> None:
+        from lock_backends.memory import store as named
+
+        super().__init__(named(store), MemoryBackend.from_url(f"memory://{store}").options)
+        self.reads = 0
+
+    async def claim_mark(self, name: str) -> Window:
+        self.reads += 1
+        raise RuntimeError("surprise in claim_mark")
+
+
+async def test_a_claim_mark_read_that_raises_on_winning_costs_only_the_shortcut(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """The read before the first claim is a shortcut (the catch-up's intents in the first claim): whatever it
+    raises, the leader claims, fires, and keeps its lease."""
+    history = History()
+    made: list[MarkReadRaises] = []
+
+    def backend(store: str) -> MarkReadRaises:
+        made.append(MarkReadRaises(store))
+        return made[-1]
+
+    cluster = make_cluster(lambda: [spec("tick", 0.2, history.body())], backend=backend)
+    node = await cluster.start("a")
+    await cluster.leader()
+    lease = node.elector.current_lease()
+    assert lease is not None
+    start = datetime.now(UTC) + timedelta(seconds=0.3)
+    await asyncio.sleep(1.5)
+    end = datetime.now(UTC) - timedelta(seconds=0.3)
+    assert made[0].reads == 1
+    assert node.elector.current_lease() is not None and node.elector.current_lease().token == lease.token  # type: ignore[union-attr]
+    assert [t for t in fire_grid(0.2, start, end) if t not in set(history.fire_times("tick"))] == []
+    assert history.duplicates() == []
+
+
 # -- hole 4: a recoverable run still going at a step-down was recovered beside itself ----------------
 
 
