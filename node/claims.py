@@ -140,9 +140,11 @@ class WindowKeeper:
 
     def offer(self, window: Window | None) -> None:
         """An answer to a claim made beside the loop (a catch-up's intents): the freshest busy runs, kept when
-        it is this leadership's window and reaches at least as far as the one held."""
+        it is this leadership's window and reaches at least as far as the one held. A held window that was
+        handed back stays as it is: an answer overtaken by the hand-back's must not unseal it."""
         held = self.window
-        if window is not None and held is not None and window.token == held.token and window.until_us >= held.until_us:
+        if (window is not None and held is not None and not held.sealed and window.token == held.token
+                and window.until_us >= held.until_us):
             self.window = window
 
     def start(self) -> None:

@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lock_backends import RunQuery, from_url
+from lock_backends import BusyRun, RunQuery, Window, from_url
 from node.app import Node
+from node.claims import WindowKeeper
 from node.config import Settings
 from node.jobs import JobRegistry, JobSpec, RunContext, claim_key, every
 from node.outcomes import RunKind, RunOutcome
@@ -106,3 +107,20 @@ async def test_a_run_starts_only_inside_its_tokens_window(backend_url: str, lock
         assert outcome in (RunOutcome.LOST, RunOutcome.MISSED)
     finally:
         await node.stop()
+
+
+async def test_an_answer_offered_late_refreshes_the_window_but_never_unseals_it() -> None:
+    """``WindowKeeper.offer`` (the catch-up claim's answer): taken when it is this token's and reaches as far;
+    a window already handed back stays sealed whatever answer comes after."""
+    keeper = WindowKeeper(from_url("memory://offered"), max_lead=0.25, current_lease=lambda: None,
+                          intents=lambda lo, hi: [])
+    busy = (BusyRun("long@1", "long", "a", 3, 10**18),)
+    keeper.window = Window(3, 0, 500, busy=busy)
+    keeper.offer(Window(3, 0, 500))  # the busy run ended meanwhile: the fresher list is taken
+    assert keeper.window == Window(3, 0, 500)
+    for stale in (Window(3, 0, 400), Window(2, 0, 900), None):  # shorter, another token's, no answer
+        keeper.offer(stale)
+        assert keeper.window == Window(3, 0, 500)
+    keeper.window = Window(3, 0, 300, sealed=True)  # handed back while the claim was in flight
+    keeper.offer(Window(3, 0, 500))
+    assert keeper.window == Window(3, 0, 300, sealed=True)
