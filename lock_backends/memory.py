@@ -216,8 +216,7 @@ class MemoryBackend:
 
     async def claim_mark(self, name: str) -> Window:
         await self._op()
-        mark = self.store.lock(name).mark
-        return NO_WINDOW if mark is None else Window(mark.token, mark.since_us, mark.until_us, mark.sealed)
+        return self.store.lock(name).mark or NO_WINDOW  # stored without busy runs (they are kept apart)
 
     def _with_busy(self, state: LockState, mark: Window) -> Window:
         now_us = int(self._now() * 1_000_000)

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
@@ -39,7 +38,6 @@ from lock_backends import redis_scripts as lua
 from lock_backends._common import ENCODE_SLICE, compact_json, listing_limit, renewed
 from lock_backends.base import (
     MAX_LISTING,
-    NO_WINDOW,
     BusyRun,
     Holder,
     Lease,
@@ -49,11 +47,9 @@ from lock_backends.base import (
     local_deadline,
 )
 from lock_backends.errors import BackendUnavailable, CorruptValue, LockBackendError
-from lock_backends.redis_scripts import EXACT, exact, lock_keys
+from lock_backends.redis_scripts import exact, lock_keys
 from lock_backends.url import BackendOptions, bad_url, parse_options, redact
 
-#: A whole number as the scripts accept one in a hash field (``int_text``).
-_WHOLE = re.compile(r"-?[0-9]+")
 #: Runs kept in the runs (and unfinished) index at most, whatever the retention says.
 MAX_RUNS_INDEXED = 10_000
 #: Index entries a listing reads at most, whatever its filters skip: a filter that matches nothing
@@ -98,6 +94,7 @@ class RedisBackend:
         self._acquire, self._renew, self._release = script(lua.ACQUIRE), script(lua.RENEW), script(lua.RELEASE)
         self._claim, self._claim_window = script(lua.CLAIM), script(lua.CLAIM_WINDOW)
         self._hand_back, self._record = script(lua.HAND_BACK), script(lua.RECORD)
+        self._claim_mark = script(lua.CLAIM_MARK)
         # lock name -> (holder value, seconds to its expiry, monotonic time) from the last refused acquire
         self._seen: dict[str, tuple[str, float, float]] = {}
         # one subscription kept across waits, so a follower's wait costs no SUBSCRIBE/UNSUBSCRIBE
@@ -330,16 +327,7 @@ class RedisBackend:
 
     async def claim_mark(self, name: str) -> Window:
         key = lock_keys(name)["window"]
-        async with self._op("claim_mark", key):
-            fields = cast(list[str | None], await self._client.hmget(key, ["token", "since_us", "until_us", "sealed"]))
-        if all(f is None for f in fields):
-            return NO_WINDOW
-        # the scripts' rule (read_mark): whole numbers a double holds exactly, sealed "0" or "1"
-        numbers = [int(f) if f is not None and _WHOLE.fullmatch(f) else None for f in fields[:3]]
-        if None in numbers or any(abs(n) >= EXACT for n in numbers if n is not None) or fields[3] not in ("0", "1"):
-            raise self._corrupt("claim_mark", key, f"not a claim-window mark: {fields!r}")
-        token, since_us, until_us = cast(list[int], numbers)
-        return Window(token, since_us, until_us, fields[3] == "1")
+        return self._window("claim_mark", key, await self._script("claim_mark", self._claim_mark, [key], []))
 
     async def hand_back(self, lease: Lease, at_us: int, busy: Sequence[BusyRun] = (),
                         drop: Sequence[str] = ()) -> Window | None:

@@ -265,6 +265,15 @@ end
 return answer(new, live, expired, KEYS[4])
 """
 
+# KEYS: window. A read, with the scripts' own rule for a sound mark (``read_mark``).
+# Returns {'ok', token, since_us, until_us, sealed} ({'ok', '0', '0', '0', '0'} when never claimed).
+CLAIM_MARK = _LIB + """
+local mark, bad = read_mark(KEYS[1])
+if bad then return bad end
+if not mark then return {'ok', '0', '0', '0', '0'} end
+return {'ok', mark.t, mark.s, mark.u, mark.sealed}
+"""
+
 # KEYS: window, busy, runs, open, then one claim key per intent to drop.
 # ARGV: token, at_us, number of busy runs n, n pairs (run key, BusyRun JSON), then the dropped run keys.
 # Returns {'ok', token, since_us, until_us, sealed, busy JSON...} or {'none'}. A dropped key whose
