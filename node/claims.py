@@ -21,9 +21,18 @@ of the slowest recent round trip, between ``MIN_LEAD`` and the setting, and
 never past the lease's local deadline.
 
 ``RunRecorder`` writes run records in batches a round trip can carry:
-whatever queued within ``RECORD_LINGER`` of the first record, up to a batch
-size that grows while writes are quick and halves when one fails or runs
-long (as TCP's window does). A failed batch is retried with backoff, one batch
+whatever queued within ``RECORD_LINGER`` of the first record, and never more
+than one write per ``RECORD_SPACING``, so the records cost a bounded number of
+operations a second however many jobs fire (ten thousand jobs cost what ten
+do); up to a batch size that grows while writes are quick and halves when one
+fails or runs long (as TCP's window does). What the spacing costs: a leader
+killed outright loses the records of the runs it finished in its last
+``RECORD_SPACING`` at most; the recoverable ones among them are run again by
+the next leader (at least once, as a crash mid-run is), the others are
+only missing from the history. A graceful stop flushes them all, and a
+manual run's record, which its caller waits for, goes without the spacing, as
+do the records of a leadership handing over (``prompt``): the next leader
+learns from them that the runs it was handed as still going have ended. A failed batch is retried with backoff, one batch
 at a time, so an outage never becomes a storm; records wait in a bounded queue
 meanwhile, and what overflows it is counted, never dropped silently.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +68,8 @@ MAX_SLEEP = 0.25
 
 #: A run record waits this long for others to share its write.
 RECORD_LINGER = 0.02
+#: Run-record writes start at most this often: their operations a second are bounded, not proportional to the runs.
+RECORD_SPACING = 0.25
 #: Records per write: where a batch starts, and the bounds it adapts between.
 BATCH_START, BATCH_MIN, BATCH_MAX = 500, 20, 20_000
 #: Attempts at a batch that fails with anything but BackendUnavailable before it is dropped (counted): a record
@@ -291,11 +303,13 @@ class RunRecorder:
     """Writes run records in adaptive batches, one write at a time, retrying through outages."""
 
     def __init__(self, backend: RunStore, lock_name: str, *, op_timeout: float,
-                 on_dropped: Callable[[int], None] | None = None, linger: float = RECORD_LINGER) -> None:
+                 on_dropped: Callable[[int], None] | None = None, linger: float = RECORD_LINGER,
+                 spacing: float = RECORD_SPACING) -> None:
         self.backend = backend
         self.lock_name = lock_name
         self.op_timeout = op_timeout
         self.linger = linger
+        self.spacing = spacing
         self.on_dropped = on_dropped
         self.batch = BATCH_START
         self._queue: deque[tuple[RunRecord, asyncio.Future[None] | None]] = deque()
@@ -303,6 +317,13 @@ class RunRecorder:
         self._complaint = ""
         #: Set by ``flush``: a writer waiting out its backoff tries again at once.
         self._nudge = asyncio.Event()
+        #: Set by ``flush`` and by a record someone waits for: the next write waits out the linger, not the spacing.
+        self._hurry = asyncio.Event()
+        #: Records go after the linger alone, without the spacing: set while a leadership hands over, when the
+        #: next leader learns from them that runs it was handed as still going have ended.
+        self.prompt = False
+        #: When the last write that stored its batch started (monotonic), for the spacing.
+        self._last_write = -math.inf
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -321,6 +342,8 @@ class RunRecorder:
             log.warning("run records queue full: dropped the %d oldest unwritten records", dropped)
             if self.on_dropped is not None:
                 self.on_dropped(dropped)
+        if wait:
+            self._hurry.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="run-recorder")
         return done
@@ -329,8 +352,7 @@ class RunRecorder:
         delay = RETRY_FIRST
         surprises = 0  # failures in a row that were not BackendUnavailable
         while self._queue:
-            if self.linger > 0:
-                await asyncio.sleep(self.linger)
+            await self._gather()
             size = min(self.batch, len(self._queue))
             batch = [self._queue.popleft() for _ in range(size)]
             t0 = clocks.monotonic()
@@ -358,6 +380,7 @@ class RunRecorder:
                     self.on_dropped(size)
             else:
                 surprises = 0
+                self._last_write = t0  # a retry waits out its backoff instead
                 took = clocks.monotonic() - t0
                 self._complaint = ""
                 delay = RETRY_FIRST
@@ -368,6 +391,16 @@ class RunRecorder:
             for _, fut in batch:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
+        self._hurry.clear()
+
+    async def _gather(self) -> None:
+        """Wait for the records that will share the next write: the linger, then what is left of the spacing."""
+        if self.linger > 0:
+            await asyncio.sleep(self.linger)
+        rest = self._last_write + self.spacing - clocks.monotonic()
+        if rest > 0 and not self.prompt and not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), rest)
 
     async def _backoff(self, delay: float) -> None:
         self._nudge.clear()
@@ -383,6 +416,7 @@ class RunRecorder:
         run's intent for a dead leader's; found by the simulator).
         """
         self._nudge.set()
+        self._hurry.set()
         deadline = clocks.monotonic() + timeout
         while self._queue or (self._writer is not None and not self._writer.done()):
             left = deadline - clocks.monotonic()

@@ -330,6 +330,7 @@ class GatedScheduler:
         self._caught_up = False
         self._hand_back_at_us = None
         self._handed_back = False
+        self.recorder.prompt = False
         self._intents.clear()
         self.keeper.reset()
         try:
@@ -413,6 +414,7 @@ class GatedScheduler:
         since = window.since_us if window is not None and window.token == self.token else 0
         at = max(since, self._started_max_us + 1 if self._started_max_us else 0)
         self._hand_back_at_us = at
+        self.recorder.prompt = True  # the next leader waits on these records to run what is handed over as busy
         return at
 
     async def _hand_back(self, lease: Lease, at_us: int, *, retry_until: float) -> None:

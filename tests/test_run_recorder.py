@@ -17,7 +17,7 @@ from loadtest.sim.history import WALL0
 from loadtest.sim.loop import HostClock, SimLoop
 from lock_backends import BackendUnavailable, RunRecord
 from lock_backends import clock as clocks
-from node.claims import SURPRISE_ATTEMPTS, RunRecorder
+from node.claims import RECORD_SPACING, SURPRISE_ATTEMPTS, RunRecorder
 
 
 class Store:
@@ -83,3 +83,36 @@ def test_a_flush_wakes_a_writer_waiting_out_its_backoff() -> None:
 
     done, took, stored = on_virtual_time(main)
     assert done and stored == ["job@1"] and took < 0.1
+
+
+def test_records_cost_a_bounded_number_of_writes_however_many_runs_finish() -> None:
+    """A thousand runs finishing over two seconds share a write per spacing, not one per linger (ops per second
+    independent of the job count, issue #14); a record someone waits for, or one written while the leadership
+    hands over, goes after the linger alone."""
+    async def main(loop: SimLoop) -> tuple[int, int, float]:
+        store = Store([])
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        for i in range(1000):
+            recorder.add(record(f"job-{i}@1"))
+            await asyncio.sleep(0.002)
+        await recorder.flush(5.0)
+        writes = store.calls
+        recorder.add(record("job-a@2"))
+        await asyncio.sleep(0.05)  # that record's write has started: the next one is at least a spacing away
+        t0 = loop.now
+        waited = recorder.add(record("manual@3"), wait=True)
+        assert waited is not None
+        await waited
+        manual_took = loop.now - t0
+        recorder.prompt = True  # a leadership handing over: the next leader waits on these records
+        t0 = loop.now
+        recorder.add(record("handed-over@4"))
+        while "handed-over@4" not in store.stored:
+            await asyncio.sleep(0.001)
+        return writes, len(store.stored), manual_took, loop.now - t0
+
+    writes, stored, manual_took, prompt_took = on_virtual_time(main)
+    assert stored == 1003
+    assert writes <= 2.0 / RECORD_SPACING + 2, writes
+    assert manual_took < RECORD_SPACING / 2
+    assert prompt_took < RECORD_SPACING / 2
