@@ -32,9 +32,10 @@ the next leader (at least once, as a crash mid-run is), the others are
 only missing from the history. A graceful stop flushes them all, and a
 manual run's record, which its caller waits for, goes without the spacing, as
 do the records of a leadership handing over (``prompt``): the next leader
-learns from them that the runs it was handed as still going have ended. A failed batch is retried with backoff, one batch
-at a time, so an outage never becomes a storm; records wait in a bounded queue
-meanwhile, and what overflows it is counted, never dropped silently.
+learns from them that the runs it was handed as still going have ended. A
+failed batch is retried with backoff, one batch at a time, so an outage never
+becomes a storm; records wait in a bounded queue meanwhile, and what
+overflows it is counted, never dropped silently.
 """
 
 from __future__ import annotations

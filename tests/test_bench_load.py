@@ -90,6 +90,9 @@ def test_backend_load_quick_on_redis(tmp_path: Path) -> None:
     assert summary["idle_100_jobs_over_0_jobs"] is not None and summary["idle_100_jobs_over_0_jobs"] < 1.5
     assert summary["followers"][3]["per_follower_ops_s"] is not None
     assert summary["baton_over_perrun_under_load"][3] > 0
+    # a leader alone with 10, 1,000 and 10,000 jobs: each measured at the server
+    assert set(summary["leading_ops_s"]) == set(load.SCALE_JOBS) and all(summary["leading_ops_s"].values())
+    assert summary["leading_many_jobs_over_some"] is not None
     verdict = {(v.system, v.backend): v for v in result.verdict}
     assert verdict[("baton", "redis")].backend_ops_s == baton["requests_s"]
     assert verdict[("per-run lock", "redis")].backend_ops_s == perrun["requests_s"]
