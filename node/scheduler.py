@@ -147,6 +147,9 @@ class FireTimeExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 
 
         def done(f: asyncio.Future[list[Any]]) -> None:
             self._pending_futures.discard(f)
+            if f.cancelled():  # a stop cancels fire times not started (handed back) or bodies past the grace
+                self._run_job_success(job.id, [])  # (counted by the gate): not one error traceback per fire time
+                return
             try:
                 events = f.result()
             except BaseException:

@@ -9,16 +9,19 @@ thousand on virtual time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from lock_backends import BackendUnavailable, Lease, RunQuery, Window
 from lock_backends.memory import MemoryBackend
 from node.app import create_app
 from node.outcomes import RunKind, RunOutcome
+from node.scheduler import FireTimeExecutor
 from tests.conftest import eventually
 from tests.memory_cluster import Cluster, History, fire_grid, next_fire, runs_of, sleep_until, spec
 
@@ -328,3 +331,31 @@ async def test_shutdown_waits_for_bodies_up_to_the_grace_and_records_what_it_cut
     outcomes = {r.job_id: r.outcome for r in await reader.runs("baton", RunQuery(limit=10))}
     assert outcomes == {"short": RunOutcome.OK, "endless": RunOutcome.CANCELLED}
     del cluster.nodes["a"]
+
+
+async def test_fire_times_cancelled_by_a_stop_are_not_logged_as_job_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """A stop with a backlog (a node behind at 10,000 fire times a second) cancels the fire times it never started:
+    they are handed back, not failures. Before, each one logged an ERROR with a traceback (10,000 of them)."""
+    entered = asyncio.Event()
+
+    async def fire(job_id: str, scheduled_at: datetime) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    executor = FireTimeExecutor(fire, lambda job_id, times: times)
+    scheduler = AsyncIOScheduler(timezone=UTC, executors={"default": executor})
+    scheduler.start(paused=True)
+    try:
+        job = scheduler.add_job(print, "interval", seconds=3600, id="backlogged")
+        executor.submit_job(job, [datetime.now(UTC)])
+        await asyncio.wait_for(entered.wait(), 5)
+        for future in list(executor._pending_futures):
+            future.cancel()
+        async def drained() -> bool | None:
+            return True if not executor._pending_futures else None
+
+        await eventually("the cancelled fire time's callback", drained, within=5)
+        assert executor._instances.get("backlogged", 0) == 0  # the instance is released: the job can fire again
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        scheduler.shutdown(wait=False)
