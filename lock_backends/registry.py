@@ -27,11 +27,15 @@ class BackendKind:
     shared: bool = True
     #: The server's executable (what the harness starts and the benchmark report asks for its version).
     binary: str | None = None
+    #: True when a write of many run records costs the store fewer operations than one per record, so a leader
+    #: spaces its record writes (``node.claims.RECORD_SPACING``). Not the file backend: a file per record, and
+    #: a longer batch only keeps its writer thread longer on the GIL the event loop needs.
+    batched_records: bool = True
 
 
 KINDS: tuple[BackendKind, ...] = (
     BackendKind("file", ("file",), "lock_backends.file", "FileBackend",
-                "file:///absolute/path/to/lock-directory", server=False),
+                "file:///absolute/path/to/lock-directory", server=False, batched_records=False),
     BackendKind("redis", ("redis", "rediss"), "lock_backends.redis", "RedisBackend",
                 "redis://[:password@]host[:port][/db]", server=True, binary="redis-server"),
     BackendKind("postgres", ("postgresql", "postgres"), "lock_backends.postgres", "PostgresBackend",

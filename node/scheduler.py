@@ -62,7 +62,8 @@ from apscheduler.triggers.date import DateTrigger
 from lock_backends import BackendUnavailable, BusyRun, Lease, LockBackend, LockBackendError, RunRecord, Window
 from lock_backends import clock as clocks
 from lock_backends.clock import from_us, to_us
-from node.claims import RunRecorder, WindowKeeper
+from lock_backends.registry import BY_NAME
+from node.claims import RECORD_SPACING, RunRecorder, WindowKeeper
 from node.election import Elector
 from node.jobs import (
     JobRegistry,
@@ -211,8 +212,9 @@ class GatedScheduler:
         op_timeout = backend.options.op_timeout
         self.keeper = WindowKeeper(backend, max_lead=claim_ahead, current_lease=self._current_lease,
                                    intents=self._intents_between, next_fire=self._next_fire_us)
-        self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout,
-                                    on_dropped=metrics.records_dropped.inc)
+        kind = BY_NAME.get(backend.kind)
+        self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout, on_dropped=metrics.records_dropped.inc,
+                                    spacing=RECORD_SPACING if kind is None or kind.batched_records else 0.0)
         self.executor = FireTimeExecutor(self._fire_scheduled, self._submitted)
         self.store = BatonJobStore()
         self.scheduler = AsyncIOScheduler(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from loadtest.sim.cluster import HostTime
@@ -17,7 +18,10 @@ from loadtest.sim.history import WALL0
 from loadtest.sim.loop import HostClock, SimLoop
 from lock_backends import BackendUnavailable, RunRecord
 from lock_backends import clock as clocks
+from node.app import Node
 from node.claims import RECORD_SPACING, SURPRISE_ATTEMPTS, RunRecorder
+from node.config import Settings
+from node.jobs import JobRegistry
 
 
 class Store:
@@ -114,3 +118,14 @@ def test_records_cost_a_bounded_number_of_writes_however_many_runs_finish() -> N
     assert stored == 1003
     assert writes <= 2.0 / RECORD_SPACING + 2, writes
     assert manual_took < RECORD_SPACING / 2
+
+
+async def test_record_writes_are_spaced_on_the_stores_that_batch_them(tmp_path: Path) -> None:
+    """A server backend (and the in-memory one that stands for them) spaces record writes; the file backend writes a
+    file per record, so spacing would only lengthen its writer thread's hold on the GIL (registry: batched_records)."""
+    spacing = {}
+    for kind, url in (("file", f"file://{tmp_path}"), ("memory", "memory://spacing")):
+        node = Node(Settings(node_id="n", lock_url=url, demo_jobs=False), JobRegistry())
+        spacing[kind] = node.scheduler.recorder.spacing
+        await node.backend.close()
+    assert spacing == {"file": 0.0, "memory": RECORD_SPACING}
