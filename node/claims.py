@@ -22,9 +22,11 @@ never past the lease's local deadline.
 
 ``RunRecorder`` writes run records in batches a round trip can carry:
 whatever queued within ``RECORD_LINGER`` of the first record, and never more
-than one write per ``RECORD_SPACING``, so the records cost a bounded number of
-operations a second however many jobs fire (ten thousand jobs cost what ten
-do); up to a batch size that grows while writes are quick and halves when one
+than one write per ``RECORD_SPACING`` on the stores where one operation
+carries a whole batch (``BackendKind.batched_records``: Redis, PostgreSQL), so
+the records cost a bounded number of operations a second however many jobs
+fire (a leader with ten thousand jobs sends no more than one with a thousand);
+up to a batch size that grows while writes are quick and halves when one
 fails or runs long (as TCP's window does). What the spacing costs: a leader
 killed outright loses the records of the runs it finished in its last
 ``RECORD_SPACING`` at most; the recoverable ones among them are run again by
