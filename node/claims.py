@@ -307,7 +307,7 @@ class RunRecorder:
 
     def __init__(self, backend: RunStore, lock_name: str, *, op_timeout: float,
                  on_dropped: Callable[[int], None] | None = None, linger: float = RECORD_LINGER,
-                 spacing: float = RECORD_SPACING) -> None:
+                 spacing: float = RECORD_SPACING, prompt: Callable[[], bool] = lambda: False) -> None:
         self.backend = backend
         self.lock_name = lock_name
         self.op_timeout = op_timeout
@@ -322,9 +322,9 @@ class RunRecorder:
         self._nudge = asyncio.Event()
         #: Set by ``flush`` and by a record someone waits for: the next write waits out the linger, not the spacing.
         self._hurry = asyncio.Event()
-        #: Records go after the linger alone, without the spacing: set while a leadership hands over, when the
-        #: next leader learns from them that runs it was handed as still going have ended.
-        self.prompt = False
+        #: True while records go after the linger alone, without the spacing: while a leadership hands over, when
+        #: the next leader learns from them that runs it was handed as still going have ended.
+        self.prompt = prompt
         #: When the last write that stored its batch started (monotonic), for the spacing.
         self._last_write = -math.inf
 
@@ -401,7 +401,7 @@ class RunRecorder:
         if self.linger > 0:
             await asyncio.sleep(self.linger)
         rest = self._last_write + self.spacing - clocks.monotonic()
-        if rest > 0 and not self.prompt and not self._hurry.is_set():
+        if rest > 0 and not self._hurry.is_set() and not self.prompt():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), rest)
 

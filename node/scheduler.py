@@ -214,7 +214,10 @@ class GatedScheduler:
                                    intents=self._intents_between, next_fire=self._next_fire_us)
         kind = BY_NAME.get(backend.kind)
         self.recorder = RunRecorder(backend, lock_name, op_timeout=op_timeout, on_dropped=metrics.records_dropped.inc,
-                                    spacing=RECORD_SPACING if kind is None or kind.batched_records else 0.0)
+                                    spacing=RECORD_SPACING if kind is None or kind.batched_records else 0.0,
+                                    # the next leader waits on a handing-over leadership's records to run what it
+                                    # was handed as busy
+                                    prompt=lambda: self._hand_back_at_us is not None)
         self.executor = FireTimeExecutor(self._fire_scheduled, self._submitted)
         self.store = BatonJobStore()
         self.scheduler = AsyncIOScheduler(
@@ -335,7 +338,6 @@ class GatedScheduler:
         self._caught_up = False
         self._hand_back_at_us = None
         self._handed_back = False
-        self.recorder.prompt = False
         self._intents.clear()
         self.keeper.reset()
         try:
@@ -419,7 +421,6 @@ class GatedScheduler:
         since = window.since_us if window is not None and window.token == self.token else 0
         at = max(since, self._started_max_us + 1 if self._started_max_us else 0)
         self._hand_back_at_us = at
-        self.recorder.prompt = True  # the next leader waits on these records to run what is handed over as busy
         return at
 
     async def _hand_back(self, lease: Lease, at_us: int, *, retry_until: float) -> None:

@@ -95,7 +95,8 @@ def test_records_cost_a_bounded_number_of_writes_however_many_runs_finish() -> N
     hands over, goes after the linger alone."""
     async def main(loop: SimLoop) -> tuple[int, int, float]:
         store = Store([])
-        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        handing_over = False
+        recorder = RunRecorder(store, "baton", op_timeout=0.5, prompt=lambda: handing_over)  # type: ignore[arg-type]
         for i in range(1000):
             recorder.add(record(f"job-{i}@1"))
             await asyncio.sleep(0.002)
@@ -108,7 +109,7 @@ def test_records_cost_a_bounded_number_of_writes_however_many_runs_finish() -> N
         assert waited is not None
         await waited
         manual_took = loop.now - t0
-        recorder.prompt = True  # a leadership handing over: the next leader waits on these records
+        handing_over = True  # a leadership handing over: the next leader waits on these records
         recorder.add(record("handed-over@4"))
         await asyncio.sleep(RECORD_SPACING / 2)
         assert "handed-over@4" in store.stored
