@@ -14,13 +14,14 @@ up: $(PY)
 	$(PY) -m loadtest up
 
 # Install the servers, the venv and the package, then run lint, the type check and the whole test suite: the
-# in-process tiers on $(WORKERS) workers, then the real-process tiers (clusters timed against leases) on 2.
+# in-process tiers (CPU-bound), then the real-process tiers (clusters timed against leases, mostly waiting),
+# each on $(WORKERS) workers: more workers than that only slow each other's clusters down on 2 cores.
 test:
 	bash scripts/install-test-deps.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PYTEST) -m "contract or unit or sim"
-	$(PY) -m pytest -n 2 --dist loadgroup -m "backend or cluster or bench"
+	$(PYTEST) -m "backend or cluster or bench"
 
 # The edit-run loop: the contract on every backend, the in-process tests, the simulator's smoke seeds (tiers and
 # the few slow tests it leaves to `make test`: tests/conftest.py). Its tests mostly wait: 8 workers.

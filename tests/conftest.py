@@ -92,6 +92,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (_RANK[TIER_OF[item.path.name]], _FILE_RANK[item.path.name], str(item.path)))
 
 
+#: Tests of an ``xdist_group`` that ``--dist loadgroup`` did not group (pytest_collection_finish).
+_UNGROUPED: set[str] = set()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The shared fixtures (one failover scenario per backend, one peers' run, ...) are shared only while
+    ``--dist loadgroup`` sends each ``xdist_group`` to one worker; a pytest that no longer takes the group into
+    the node id turns that into a copy per worker, silently. Such a run fails those tests, saying why."""
+    config = session.config
+    if getattr(config, "workerinput", None) is None or not getattr(config.option, "loadgroup", False):
+        return
+    _UNGROUPED.update(item.nodeid for item in session.items
+                      if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in _UNGROUPED:
+        pytest.fail(f"--dist loadgroup did not group this test: this pytest ({pytest.__version__}) and "
+                    f"pytest-xdist disagree on node ids; install the pins of pyproject.toml", pytrace=False)
+
+
 #: Every backend, the in-memory reference included: the contract holds for all of them.
 BACKENDS = list(NAMES)
 SERVER_BACKENDS = list(SERVERS)
