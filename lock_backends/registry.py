@@ -28,20 +28,27 @@ class BackendKind:
     #: The server's executable (what the harness starts and the benchmark report asks for its version).
     binary: str | None = None
     #: True when one operation carries a whole batch of run records, so a leader spaces its record writes
-    #: (``node.claims.RECORD_SPACING``) and its operations a second stop growing with its jobs. Not the file
-    #: backend (a file per record) nor etcd (a transaction holds about 60 records): spacing would save them few
-    #: operations, and its longer batches hold the event loop longer (etcd's protobuf work, the file writer's
-    #: thread on the GIL): etcd's fire lag at 1,000 runs/s went from 1.4-2.8x plain's to 3.7-4.5x with it.
+    #: (``node.claims.RECORD_SPACING``) and its operations a second stop growing with its jobs. Not etcd (a
+    #: transaction holds about 60 records, so spacing saves few operations, and its larger batches held the
+    #: event loop in protobuf work: fire lag at 1,000 runs/s went from 1.4-2.8x plain's to 3.7-4.5x) nor the
+    #: file backend (no server to spare operations: a batch is a file written by the node's own threads;
+    #: its fire lag measured no better spaced, 2.2x against 1.9x, for a quarter second of records at stake).
     batched_records: bool = True
+    #: True when a holder that dies (its process or its session) gives the lease up at once, so a new leader
+    #: follows a crash within the retry period rather than a TTL: PostgreSQL (the session ends), the file
+    #: backend (the holder's process is gone). A Redis key or an etcd lease expires only after its TTL.
+    released_on_crash: bool = False
 
 
 KINDS: tuple[BackendKind, ...] = (
     BackendKind("file", ("file",), "lock_backends.file", "FileBackend",
-                "file:///absolute/path/to/lock-directory", server=False, batched_records=False),
+                "file:///absolute/path/to/lock-directory", server=False, batched_records=False,
+                released_on_crash=True),
     BackendKind("redis", ("redis", "rediss"), "lock_backends.redis", "RedisBackend",
                 "redis://[:password@]host[:port][/db]", server=True, binary="redis-server"),
     BackendKind("postgres", ("postgresql", "postgres"), "lock_backends.postgres", "PostgresBackend",
-                "postgresql://[user[:password]@]host[:port]/dbname", server=True, binary="postgres"),
+                "postgresql://[user[:password]@]host[:port]/dbname", server=True, binary="postgres",
+                released_on_crash=True),
     BackendKind("etcd", ("etcd",), "lock_backends.etcd", "EtcdBackend",
                 "etcd://host:port[,host:port...]", server=True, binary="etcd", batched_records=False),
     BackendKind("memory", ("memory",), "lock_backends.memory", "MemoryBackend",

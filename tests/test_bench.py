@@ -136,3 +136,14 @@ def test_verdict_rows_merge_per_system_and_backend() -> None:
     table = verdict_markdown(rows).splitlines()
     assert table[3] == "| baton | redis | 0 | 2 | 1.10 | 2.50 | 1,234 |"
     assert table[2].endswith("| n/a | n/a | n/a | 1.20 | n/a |")
+
+
+def test_a_kill_is_held_to_the_lease_ttl_only_where_a_dead_holder_keeps_it() -> None:
+    """The kill target follows the registry: within a second where a dead holder gives the lease up at once
+    (a PostgreSQL session ends, the file backend sees the holder's process gone), else a TTL and a retry."""
+    from loadtest.bench.failover import TIMING, target
+
+    ttl_bound = TIMING.ttl + TIMING.retry_period
+    assert {b: target(b, "kill", TIMING)[0] for b in ("file", "redis", "postgres", "etcd")} == {
+        "file": 1.0, "redis": ttl_bound, "postgres": 1.0, "etcd": ttl_bound}
+    assert target("etcd", "term", TIMING) == (0.25, "< 0.25 s")

@@ -35,6 +35,7 @@ from typing import Any
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
 from loadtest.cluster import Timing
 from loadtest.scenario import Scenario, run_scenario
+from lock_backends.registry import BY_NAME
 
 TIMING = Timing(ttl=2.0, renew_deadline=1.4, retry_period=0.4, op_timeout=0.5, misfire_grace=10.0)
 PROBE_JOBS = 3
@@ -63,9 +64,9 @@ def target(backend: str, fault: str, timing: Timing) -> tuple[float, str]:
     if fault == "term":
         return 0.25, "< 0.25 s"
     if fault == "kill":
-        if backend in ("redis", "etcd"):
-            return timing.ttl + timing.retry_period, "< TTL + retry period"
-        return 1.0, "< 1 s"
+        if BY_NAME[backend].released_on_crash:
+            return 1.0, "< 1 s"
+        return timing.ttl + timing.retry_period, "< TTL + retry period"
     return 1.5 * timing.ttl, "< 1.5 TTL"
 
 
