@@ -3,7 +3,8 @@
 A node leads on each backend, with a week of run records of one 30 s job
 (20,160 records, written straight through the backend's ``record_many``),
 served by uvicorn on a real socket. 64 concurrent ``GET /runs?limit=1`` (a
-few with filters and a cursor) arrive at once while the test watches:
+few with filters and a cursor) arrive at once, twice, from a client process of
+its own (``tests.flood_client``), while the test watches:
 
 * the node keeps the same lease token throughout (no step-down, no renewal
   lost), and ``/healthz`` and ``/status`` answer 200 during the flood;
@@ -21,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,10 +39,12 @@ from lock_backends import LockBackend, RunQuery, RunRecord, from_url
 from node.app import Node, create_app
 from node.limits import ReadLimiter, ReadsExhausted, ReadTooSlow
 from tests.api_nodes import lock_name, make_node, until_leader
+from tests.flood_client import FLOOD
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: A week of one job every 30 s.
 WEEK_OF_RUNS = 7 * 24 * 3600 // 30
-FLOOD = 64
 #: /healthz and /status must answer within this during the flood: generous, for a shared two-core machine.
 PROBE_BOUND = 2.0
 
@@ -103,18 +109,6 @@ class Watched:
         inner.runs = counted  # type: ignore[method-assign]
 
 
-def flood_requests(newest: float) -> list[dict[str, Any]]:
-    """64 listings: most the cheapest (limit=1), a few with each filter and a cursor."""
-    filtered: list[dict[str, Any]] = [
-        {"limit": 1, "job": "heartbeat"}, {"limit": 1, "outcome": "error"}, {"limit": 5, "job": "heartbeat",
-                                                                              "outcome": "ok"},
-        {"limit": 1, "since": datetime.fromtimestamp(newest - 3600, UTC).isoformat()},
-        {"limit": 1, "before": newest - 86400}, {"limit": 50}, {"limit": 1, "job": "nope"},
-        {"limit": 1, "outcome": "missed", "before": newest - 3 * 86400},
-    ]
-    return filtered + [{"limit": 1}] * (FLOOD - len(filtered))
-
-
 async def test_the_runs_flood_leaves_the_lease_untouched_and_healthz_200(backend_url: str) -> None:
     # the default operation timeout (1 s), as in the issue, not the fixture's 0.5 s
     backend_url = backend_url.replace("timeout=0.5", "timeout=1")
@@ -132,8 +126,6 @@ async def test_the_runs_flood_leaves_the_lease_untouched_and_healthz_200(backend
         lease = node.elector.current_lease()
         assert lease is not None
         lost: list[str] = []
-        probes: list[tuple[str, int, float]] = []
-        flooding = asyncio.Event()
         done = asyncio.Event()
 
         async def watch_lease() -> None:
@@ -144,30 +136,19 @@ async def test_the_runs_flood_leaves_the_lease_untouched_and_healthz_200(backend
                                 f"renew failing: {node.elector.renew_failing}")
                 await asyncio.sleep(0.01)
 
-        async def probe() -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-                await flooding.wait()
-                while not done.is_set():
-                    for path in ("/healthz", "/status", "/readyz"):
-                        t0 = time.monotonic()
-                        r = await c.get(path)
-                        probes.append((path, r.status_code, time.monotonic() - t0))
-                    await asyncio.sleep(0.01)
-
-        limits = httpx.Limits(max_connections=FLOOD, max_keepalive_connections=FLOOD)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as flood:
-            # one connection per request first, so the flood arrives at once rather than as they open
-            await asyncio.gather(*(flood.get("/healthz") for _ in range(FLOOD)))
-            watchers = [asyncio.create_task(watch_lease()), asyncio.create_task(probe())]
-            answers: list[httpx.Response] = []
-            try:
-                for _ in range(2):  # two waves: the second finds the queue of the first drained, not stuck
-                    flooding.set()
-                    answers += await asyncio.gather(*(flood.get("/runs", params=p) for p in flood_requests(newest)))
-                    await asyncio.sleep(0.2)
-            finally:
-                done.set()
-                await asyncio.gather(*watchers)
+        watcher = asyncio.create_task(watch_lease())
+        try:
+            client = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.flood_client", url, repr(newest), cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(client.communicate(), timeout=180)
+        finally:
+            done.set()
+            await watcher
+        assert client.returncode == 0, err.decode()[-3000:]
+        flood = json.loads(out)
+        answers: list[dict[str, Any]] = flood["answers"]
+        probes = [(str(path), int(status), float(seconds)) for path, status, seconds in flood["probes"]]
 
         # the lease first: the same token throughout, never a failing renewal; the probes all 200, and fast
         assert not lost, lost[:5]
@@ -180,25 +161,26 @@ async def test_the_runs_flood_leaves_the_lease_untouched_and_healthz_200(backend
         # a filter that matches nothing scans the backend's cap (0.25 s alone on the file backend with a week
         # of runs, up to a second on etcd under this flood) and may be abandoned over its budget: a 503 saying
         # so, and the lease is not touched by it (the point of the budget)
-        statuses = sorted(r.status_code for r in answers)
+        statuses = sorted(r["status"] for r in answers)
         print(f"flood on {node.backend.kind}: {statuses.count(200)} read, {statuses.count(429)} refused, "
               f"{statuses.count(503)} abandoned; at most {watched.peak} listing at the store, {watched.total} in all; "
               f"slowest of {len(probes)} probes {slowest:.3f}s")
-        failed = [(r.request.url.query, r.text) for r in answers if r.status_code not in (200, 429)
-                  and not (r.status_code == 503 and "abandoned" in r.json()["detail"])]
+        failed = [(r["query"], r["body"]) for r in answers if r["status"] not in (200, 429)
+                  and not (r["status"] == 503 and "abandoned" in r["body"]["detail"])]
         assert not failed, failed
         assert statuses.count(200) >= FLOOD // 4, statuses
+        assert statuses.count(429) > 0, "the flood never filled the node's queue: it was no flood"
         for r in answers:
-            if r.status_code in (429, 503):
-                assert r.headers["retry-after"] == "1" and "retry" in r.json()["detail"]
+            if r["status"] in (429, 503):
+                assert r["retry_after"] == "1" and "retry" in r["body"]["detail"]
             else:
-                assert len(r.json()["runs"]) <= 50
+                assert len(r["body"]["runs"]) <= 50
         assert watched.peak <= node.reads.concurrency, f"{watched.peak} listings at the store at once"
         assert node.metrics.api_reads_rejected._value.get() == statuses.count(429)
         # a plain read after the flood is served at once: nothing stayed queued
         async with httpx.AsyncClient(base_url=url, timeout=10) as c:
-            r = await c.get("/runs", params={"limit": 1})
-            assert r.status_code == 200 and len(r.json()["runs"]) == 1
+            plain = await c.get("/runs", params={"limit": 1})
+            assert plain.status_code == 200 and len(plain.json()["runs"]) == 1
         assert node.reads.active == 0 and node.reads.waiting == 0
 
 
