@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import math
 import time
@@ -38,6 +37,7 @@ from lock_backends import Holder, LockBackendError, RunQuery, from_url, redact
 from lock_backends import clock as clocks
 from lock_backends.base import MAX_LISTING
 from lock_backends.clock import from_us
+from node import gc_policy
 from node.config import ConfigError, Settings
 from node.election import ElectionConfig, Elector
 from node.forward import Forwarder
@@ -111,6 +111,7 @@ class Node:
             claim_ahead=settings.claim_ahead, shutdown_grace=settings.shutdown_grace,
             sync_workers=settings.sync_workers)
         self._handing_over: asyncio.Task[None] | None = None
+        self._gc_held = False  # this node raised the collector's threshold (gc_policy) and owes it back
         #: Store reads the API may start (``GET /runs``, a follower's ``GET /jobs``): never the lease's.
         self.reads = ReadLimiter(budget=raw_backend.options.op_timeout * READ_BUDGET,
                                  on_reject=self.metrics.api_reads_rejected.inc)
@@ -138,9 +139,11 @@ class Node:
             self.metrics.duration_of(spec.id)
             self.metrics.runs_of(spec.id, RunOutcome.OK)
             _ = spec.is_async  # computed now, not at the first fire time of a burst
-        # What exists now lives as long as the node. Left in the collector, it makes every full
-        # pass walk it: with thousands of jobs that is a stall of tens of ms, straight into fire lag.
-        gc.freeze()
+        # what exists now lives as long as the node; and its runs' garbage should die young (gc_policy)
+        gc_policy.freeze()
+        if not self._gc_held:
+            gc_policy.acquire()
+            self._gc_held = True
         self.skew.start()
         # a first look at the clock before campaigning, so a skewed node does not win in the meantime
         await self.skew.wait_first(self.backend.options.op_timeout * 4)
@@ -169,13 +172,18 @@ class Node:
         return self.elector.request_step_down()
 
     async def stop(self) -> None:
-        await self.hand_over()
-        await self.skew.stop()
-        await self.scheduler.shutdown()
-        if self._http is not None:
-            await self._http.aclose()
-        await self.forwarder.aclose()
-        await self.backend.close()
+        try:
+            await self.hand_over()
+            await self.skew.stop()
+            await self.scheduler.shutdown()
+            if self._http is not None:
+                await self._http.aclose()
+            await self.forwarder.aclose()
+            await self.backend.close()
+        finally:
+            if self._gc_held:
+                self._gc_held = False
+                gc_policy.release()
 
     def context(self) -> dict[str, Any]:
         lease = self.elector.current_lease()
