@@ -77,7 +77,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 from lock_backends import file_records as records
-from lock_backends._common import compact_json, renewed
+from lock_backends._common import ENCODE_SLICE, compact_json, renewed
 from lock_backends.base import (
     NO_WINDOW,
     BusyRun,
@@ -568,12 +568,21 @@ class FileBackend:
         records.prune(directory, now, self.options.claim_retention)
 
     async def record_many(self, name: str, runs: Sequence[RunRecord]) -> None:
+        # Encoded here, a slice at a time, not on the pool thread: a thread encoding a batch holds the
+        # GIL for all of it, and the loop, woken for a fire time, waits for it (up to the interpreter's
+        # switch interval, 5 ms, at each turn). Everything is encoded (or refused) before any change.
+        lines: list[bytes] = []
+        try:
+            for i, run in enumerate(records.newest_first(runs), 1):
+                if i % ENCODE_SLICE == 0:
+                    await asyncio.sleep(0)
+                lines.append(records.encode_line(run))
+        except (TypeError, ValueError) as exc:
+            raise LockBackendError(f"a run record is not plain JSON: {exc}", backend=self.kind,
+                                   address=self.address) from None
+        data = b"".join(lines)
+
         def work() -> None:
-            try:
-                data = records.encode_records(runs)
-            except (TypeError, ValueError) as exc:  # refused before any change
-                raise LockBackendError(f"a run record is not plain JSON: {exc}", backend=self.kind,
-                                       address=self.address) from None
             directory = self._dir(name)
             records.write_records(directory, runs, data)
             self._maybe_prune(name, directory)

@@ -364,10 +364,19 @@ def read_busy(lockdir: Path, now_us: int) -> tuple[BusyRun, ...]:
 # -- records ------------------------------------------------------------------------------------------
 
 
+def newest_first(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """The order of a batch file's lines."""
+    return sorted(records, key=lambda r: r.claimed_at, reverse=True)
+
+
+def encode_line(record: RunRecord) -> bytes:
+    """One line of a batch file; TypeError or ValueError if the result is not plain JSON."""
+    return _dump(record.to_dict()) + b"\n"
+
+
 def encode_records(records: Sequence[RunRecord]) -> bytes:
     """A batch file's content (newest first); TypeError or ValueError if a result is not plain JSON."""
-    ordered = sorted(records, key=lambda r: r.claimed_at, reverse=True)
-    return b"".join(_dump(r.to_dict()) + b"\n" for r in ordered)
+    return b"".join(encode_line(r) for r in newest_first(records))
 
 
 def _write_batch(lockdir: Path, records: Sequence[RunRecord], data: bytes, sync: bool) -> None:
@@ -396,13 +405,16 @@ def write_records(lockdir: Path, records: Sequence[RunRecord], data: bytes) -> N
     if not records:
         return
     _write_batch(lockdir, records, data, sync=True)
+    claims, intents = os.listdir(lockdir / CLAIMS), os.listdir(lockdir / INTENTS)
+    if not claims and not intents:
+        return  # the common case: no key to look up (each lookup is a percent-encoding, under the GIL)
     by_name = {key_name(r.key): r for r in records}
-    claimed = by_name.keys() & set(os.listdir(lockdir / CLAIMS))
+    claimed = by_name.keys() & set(claims)
     for name in claimed:  # the claim keeps its name (still exclusive) and now says it was reported
         replace_durable(lockdir / CLAIMS / name, _dump(by_name[name].to_dict()))
     if claimed:
         fsync_dir(lockdir / CLAIMS)
-    intended = by_name.keys() & set(os.listdir(lockdir / INTENTS))
+    intended = by_name.keys() & set(intents)
     for name in intended:
         with contextlib.suppress(FileNotFoundError):
             os.replace(lockdir / INTENTS / name, lockdir / DONE / name)
