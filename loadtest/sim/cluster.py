@@ -246,7 +246,7 @@ class SimulatedNode(Node):
     ``hand_over``, ``step_down`` and ``stop`` are inherited unchanged; only the
     construction (a given backend, the host's clock, a seeded ``rng``, inert
     metrics, no probes) and ``start`` (no HTTP client, no metric series, no
-    ``gc.freeze``) differ.
+    collector policy: ``node.gc_policy``) differ.
     """
 
     def __init__(self, backend: Any, config: RunConfig, registry: JobRegistry, host: str,
@@ -271,13 +271,14 @@ class SimulatedNode(Node):
             shutdown_grace=config.shutdown_grace, sync_workers=1)
         self._http = None
         self._handing_over = None
+        self._gc_held = False  # the simulator's nodes leave the process's collector alone (node.gc_policy)
         self.forwarder = Forwarder(self.holder.url, (), timeout=1.0)  # no peers: never opens a connection
         #: Set once ``start`` returned (uvicorn's ``started``: a SIGTERM before it hands nothing over).
         self.started = asyncio.Event()
         #: A SIGTERM arrived (uvicorn is shutting down: a second one changes nothing).
         self.terminating = False
 
-    async def start(self) -> None:  # Node.start, without the HTTP client, metric series and gc.freeze
+    async def start(self) -> None:  # Node.start, without the HTTP client, metric series and gc_policy
         await self.scheduler.start()
         self.skew.start()
         await self.skew.wait_first(self.backend.options.op_timeout * 4)
