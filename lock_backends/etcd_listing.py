@@ -40,13 +40,13 @@ from aetcd.utils import prefix_range_end
 from lock_backends import clock
 from lock_backends.base import MAX_LISTING, RunQuery, RunRecord
 from lock_backends.etcd_client import DIGITS, INV, etcd_key, inv, to_us
-from lock_backends.etcd_segments import SEG_BYTES, SEG_SPAN_US, decode, decode_record
+from lock_backends.etcd_segments import SEG_SPAN_US, decode, decode_record
 
 #: A listing examines at most this many records (filters apply to the newest ones), whatever it asks.
 SCAN_CAP = 2 * MAX_LISTING
 #: Records of their own per listing request at most.
 _PAGE = 500
-#: Bytes of segments a listing request asks for, about (at first, as if each were full).
+#: Bytes of segments a listing request asks for, about (its first asks for two segments).
 _SEGMENT_PAGE_BYTES = 512 * 1024
 #: Width of a listing's first time slice; a slice read to its end makes the next one four times wider.
 _FIRST_SLICE_US = 1_000_000
@@ -61,18 +61,22 @@ class _Stream:
     pos: bytes  # the next key to read
     frontier: int = INV + 1  # every entry keyed at or after this microsecond has been read
     segments: bool = False
-    value_bytes: int = 0
+    value_bytes: int = 0  # bytes and records of the segment values read so far, for the next page's size
     values: int = 0
+    records: int = 0
 
     def end(self, lo_us: int) -> bytes:
         """The end (exclusive) of this stream's keys at or after ``lo_us``."""
         return self.prefix + inv(lo_us - 1) if lo_us > 0 else prefix_range_end(self.prefix)
 
     def page(self, query: RunQuery, wanted: int, scanned: int) -> int:
-        if self.segments:  # whole segments: as many as a page's bytes take, at the sizes seen so far
-            each = self.value_bytes // self.values if self.values else SEG_BYTES
-            return max(1, min(_PAGE, SCAN_CAP - scanned, _SEGMENT_PAGE_BYTES // max(1, each)))
         filtered = query.job is not None or query.outcome is not None  # then expect to read more than shown
+        if self.segments:  # whole segments: as many as a page's bytes take, and the runs wanted, at the sizes seen
+            if not self.values:
+                return 2
+            size, runs = self.value_bytes // self.values, max(1, self.records // self.values)
+            need = _PAGE if filtered else 2 + wanted // runs
+            return max(1, min(_PAGE, SCAN_CAP - scanned, _SEGMENT_PAGE_BYTES // max(1, size), need))
         return max(1, min(_PAGE, SCAN_CAP - scanned, _PAGE if filtered else max(50, 2 * wanted)))
 
 
@@ -141,6 +145,7 @@ def _take(best: dict[str, tuple[int, RunRecord]], kvs: Sequence[Any], stream: _S
             stream.values += 1
             stream.value_bytes += len(kv.value)
             runs = decode(kv.value)
+            stream.records += len(runs)
         else:
             run = listed(kv, stream.prefix)
             runs = [] if run is None else [run]

@@ -322,10 +322,12 @@ async def test_claims_expire_after_retention(etcd_url: str, make_backend: Factor
     lease = await backend.acquire(lock_name, Holder("a"), 10.0)
     assert lease is not None
     assert await backend.claim(lease, "job@1")
-    await backend.record_many(lock_name, [record("job@1", lease.token)])
-    assert [r.result for r in await backend.runs(lock_name, RunQuery())] == [{"outcome": "ok"}]
+    # job@1's result replaces its claim (records of its own); plain@1's goes into a segment
+    await backend.record_many(lock_name, [record("job@1", lease.token), record("plain@1", lease.token)])
+    assert [r.result for r in await backend.runs(lock_name, RunQuery())] == [{"outcome": "ok"}] * 2
+    assert any("/seg/" in k for k in await raw_keys(etcd_url, lock_name))
     await asyncio.sleep(1.5)
-    assert len(await backend.runs(lock_name, RunQuery())) == 1  # kept for at least the retention
+    assert len(await backend.runs(lock_name, RunQuery())) == 2  # kept for at least the retention
     _, waited = await eventually("expiry", lambda: _none_if_any(backend.runs(lock_name, RunQuery())), within=10.0)
     assert waited < 8.0
     assert await raw_keys(etcd_url, lock_name) == [f"/baton/{lock_name}/lock"]  # every index expired with it
