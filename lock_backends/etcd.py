@@ -11,12 +11,13 @@ lock's keys; ``<key>`` is a claim key such as ``job@2026-01-01T00:00:00``)::
     /baton/N/lock               holder JSON, on the holder's etcd lease; token = its create revision
     /baton/N/window             the claim mark, Window.to_dict() JSON; no lease: it never expires
     /baton/N/busy/<key>         BusyRun JSON, on a lease of its own that ends after the run's until_us
-    /baton/N/runs/<key>         the run record of <key>: a claim or intent (result null) or an outcome
+    /baton/N/runs/<key>         a record of its own: a claim or intent (result null), or the outcome replacing it
     /baton/N/time/<inv>/<key>   the same record, indexed by time for ``runs()``
     /baton/N/open/<inv>/<key>   the same record once more while it has no result, for ``unfinished()``
+    /baton/N/seg/<inv>/<digest> a segment: the outcomes of a batch's runs that had no record of their own
     /baton/N/settings/<key>     a setting's value (UTF-8); no lease
 
-The backend is five modules, each a part a reader can take on its own:
+The backend is seven modules, each a part a reader can take on its own:
 
 ``etcd`` (this one)
     ``EtcdBackend``: the URL, the lease (acquire, renew, release, leader,
@@ -27,7 +28,11 @@ The backend is five modules, each a part a reader can take on its own:
 ``etcd_claims``
     claim windows, hand-back and claims: fenced transactions, and why they are atomic.
 ``etcd_runs``
-    run records: the three keys of each, the time index, batched writes, listings.
+    run records: the keys of a record of its own, batched writes, ``unfinished``.
+``etcd_segments``
+    segments: a batch of outcomes as a few values, and why a key is in one place.
+``etcd_listing``
+    ``runs()``: newest first across records of their own and segments.
 ``etcd_clock``
     ``server_time``: the server's clock from its HTTP ``Date`` header.
 

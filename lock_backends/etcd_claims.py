@@ -24,8 +24,7 @@ the mark, and ``handed_back`` refuses a mark that is not the caller's.
 
 etcd refuses a transaction of more than 128 operations (``--max-txn-ops``) or
 1.5 MiB, so big batches are split: ``claim_many`` 42 keys per transaction,
-``record_many`` as many records as fit (64 new ones: two puts each, four
-transactions in flight), ``claim_window`` 25 intents with the window. Intents beyond
+``claim_window`` 25 intents with the window (``record_many``: see ``etcd_runs``). Intents beyond
 those 25 follow in transactions of their own *after* the window's, each fenced
 by the lock again: a crash between them can lose an intent (a recoverable fire
 time not recovered), never leave one for a window that was not granted (which a
@@ -60,9 +59,10 @@ from lock_backends.etcd_client import (
     lease_not_found,
     put,
     range_kvs,
+    to_us,
     whole_seconds,
 )
-from lock_backends.etcd_runs import ABSENT, Prev, delete_record_ops, prev_of, record_ops, to_us
+from lock_backends.etcd_runs import ABSENT, Prev, delete_record_ops, prev_of, record_ops
 from lock_backends.url import BackendOptions
 
 T = TypeVar("T")

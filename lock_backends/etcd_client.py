@@ -147,6 +147,22 @@ def etcd_key(name: str, *parts: str) -> bytes:
     return (_root(name) + "/".join(parts)).encode()
 
 
+#: Time index keys (run records, segments): ``INV - microseconds`` in ``DIGITS`` digits, so ascending key
+#: order is newest first.
+DIGITS = 16
+INV: int = 10**DIGITS - 1
+
+
+def to_us(seconds: float) -> int:
+    """Unix seconds as whole microseconds, clamped to what a time index key can hold."""
+    return min(INV, max(0, math.floor(seconds * 1_000_000)))
+
+
+def inv(us: int) -> bytes:
+    """The time index component of microsecond ``us``."""
+    return f"{INV - us:0{DIGITS}d}".encode()
+
+
 # -- raw etcd requests: aetcd's helpers hide the txn header, range limits and compares on ranges ------
 
 

@@ -1,87 +1,75 @@
-"""The etcd backend's run records: their three keys, the time index, batched writes and listings.
+"""The etcd backend's run records: their keys, batched writes and ``unfinished``.
 
-Apart from ``etcd`` because the record layout and its listings are a
-subject of their own: how a record is kept findable by key, by time and
-while unfinished, within etcd's limits on transactions and range requests.
-The layout functions here are used by ``etcd_claims`` too (a claim and an
-intent are records without a result); ``EtcdRuns`` adds the ``RunStore``
-methods to ``etcd.EtcdBackend``.
+Apart from ``etcd`` because the record layout is a subject of its own: how a
+record is kept findable by key, by time and while unfinished, within etcd's
+limits on transactions and range requests. The layout functions here are used
+by ``etcd_claims`` too (a claim and an intent are records without a result);
+``EtcdRuns`` adds the ``RunStore`` methods to ``etcd.EtcdBackend``.
 
-A run's record is kept under three keys (see the layout in ``etcd``)::
+A run's record is kept in one of two ways (see the layout in ``etcd``). A
+*record of its own*, under two or three keys::
 
-    /baton/N/runs/<key>         by key: a claim or intent (result null) or an outcome
+    /baton/N/runs/<key>         by key: a claim or intent (result null), or its outcome
     /baton/N/time/<inv>/<key>   the same record, indexed by time for ``runs()``
     /baton/N/open/<inv>/<key>   the same record once more while it has no result, for ``unfinished()``
 
+or, for a result whose key has no record of its own (a fire time run through a
+claim window, not recoverable: nearly every run), an entry in a *segment*,
+``/baton/N/seg/<inv>/<digest>``, a value holding hundreds of records
+(``etcd_segments``, which says why a key is in one place and ``unfinished()``
+never lists a run whose result is stored). ``runs()`` reads both
+(``etcd_listing``); ``unfinished()`` reads the open index alone.
+
 ``<inv>`` is ``9999999999999999 - floor(claimed_at * 10**6)`` in 16 digits, so
-etcd's natural ascending key order is newest first: etcd 3.4 walks the whole
-requested key range for every Range (and fetches all of it to sort it), so
-listings ask only for ascending ranges with a limit, narrowed to time slices
-(see ``runs``). The three keys of one run are always written and deleted
-together in one transaction, on one shared *retention lease*, so they expire
-together after ``claim_retention``. Listings skip values that do not decode.
+etcd's natural ascending key order is newest first. The keys of one record
+are always written and deleted together in one transaction, on one shared
+*retention lease*, as segments are, so they expire together after
+``claim_retention``. Listings skip values that do not decode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import math
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aetcd.utils import prefix_range_end
 
-from lock_backends import clock
 from lock_backends._common import ENCODE_SLICE, listing_limit
-from lock_backends.base import MAX_LISTING, RunQuery, RunRecord
+from lock_backends.base import RunQuery, RunRecord
 from lock_backends.etcd_client import (
     TRIES,
     TXN_OPS,
-    EtcdPlumbing,
     cmp,
     delete,
     etcd_key,
     first_kv,
     get,
+    inv,
     json_value,
     put,
     range_kvs,
+    to_us,
 )
+from lock_backends.etcd_listing import SCAN_CAP, listed, scan
+from lock_backends.etcd_segments import EtcdSegments, Segment, decode_record, pack, txn_groups
 from lock_backends.url import BackendOptions
 
-#: Records per ``record_many`` transaction at most (one compare each, next to the busy-runs compare).
+#: Records per per-key transaction at most (one compare each, next to the busy-runs compare).
 _RECORD_CHUNK = TXN_OPS - 2
 #: Bytes of values per ``record_many`` transaction at most: etcd refuses a request over 1.5 MiB by default.
 _TXN_BYTES = 1_000_000
 #: ``record_many`` transactions in flight at once.
 _RECORD_PARALLEL = 4
-
-#: Time index keys: ``_INV - microseconds`` in ``_DIGITS`` digits, so ascending key order is newest first.
-_DIGITS = 16
-_INV: int = 10**_DIGITS - 1
-#: A listing examines at most this many records (filters apply to the newest ones), whatever it asks.
-SCAN_CAP = 2 * MAX_LISTING
-#: Records per listing request at most.
+#: Segment transactions of a batch that fail their compare (the open index or the busy runs changed) before
+#: their records are written a key each.
+_SEGMENT_TRIES = 3
+#: Keys written as records of their own remembered per lock (a retry of a lost answer writes them there again).
+_OWN_KEYS = 100_000
+#: Records read per ``unfinished`` request at most.
 _PAGE = 500
-#: Width of a listing's first time slice; an empty slice makes the next one four times wider.
-_FIRST_SLICE_US = 1_000_000
-
-
-def to_us(seconds: float) -> int:
-    """Unix seconds as whole microseconds, clamped to what a time index key can hold."""
-    return min(_INV, max(0, math.floor(seconds * 1_000_000)))
-
-
-def _inv(us: int) -> bytes:
-    return f"{_INV - us:0{_DIGITS}d}".encode()
-
-
-def decode_record(key: str, value: bytes) -> RunRecord:
-    """Raises ValueError (or RecursionError) for a value that is not a run record."""
-    return RunRecord.from_dict(key, json.loads(value))
 
 
 @dataclass(frozen=True)
@@ -108,8 +96,8 @@ def prev_of(kv: Any | None, key: str) -> Prev:
 
 def _record_keys(name: str, key: str, claimed_at: float) -> tuple[bytes, bytes, bytes]:
     """(by key, time index, open index) keys of ``key``'s record claimed at ``claimed_at``."""
-    inv = _inv(to_us(claimed_at)).decode()
-    return etcd_key(name, "runs", key), etcd_key(name, "time", inv, key), etcd_key(name, "open", inv, key)
+    at = inv(to_us(claimed_at)).decode()
+    return etcd_key(name, "runs", key), etcd_key(name, "time", at, key), etcd_key(name, "open", at, key)
 
 
 def record_ops(name: str, run: RunRecord, prev: Prev, lease_id: int, value: bytes | None = None) -> list[Any]:
@@ -144,30 +132,31 @@ def delete_record_ops(name: str, record: RunRecord) -> list[Any]:
     return [delete(by_key), delete(by_time), *([delete(by_open)] if record.result is None else [])]
 
 
-class EtcdRuns(EtcdPlumbing):
+class EtcdRuns(EtcdSegments):
     """``RunStore`` for etcd: ``record_many``, ``runs`` and ``unfinished``."""
 
     def __init__(self, url: str, endpoints: list[tuple[str, int]], options: BackendOptions) -> None:
         super().__init__(url, endpoints, options)
-        #: Busy-run keys of each lock as last seen: (the revision they were read at, their keys).
-        self._busy: dict[str, tuple[int, frozenset[str]]] = {}
+        #: Keys this instance wrote as records of their own, recently (so a retry writes them there again).
+        self._own: dict[str, dict[str, None]] = {}
 
     async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
         """Each record replaces the key's record (and its index entries, its intent, its busy entry).
 
-        Transactions of as many records as fit in 128 ops (64 new keys: two puts each),
-        ``_RECORD_PARALLEL`` in flight, each optimistic: it compares that each key is as last
-        seen (absent, at first: fire times that were never claimed, as a rule) and that no busy
-        run appeared since they were read. A transaction whose compare fails reads those keys
-        and the busy runs in its failure branch and goes again. Each transaction is bounded by
-        the operation timeout on its own: a batch is as many round trips as it has transactions.
+        Records with a result whose key has no record of its own go into segments
+        (``etcd_segments``): a batch of hundreds is one transaction. The others (a
+        result for a claim or an intent, a record without a result) are written a key
+        each: transactions of as many records as fit in 128 ops, each optimistic: it
+        compares that each key is as last seen (absent, at first) and that no busy run
+        appeared since they were read; one whose compare fails reads those keys and the
+        busy runs in its failure branch and goes again. ``_RECORD_PARALLEL`` transactions
+        are in flight, each bounded by the operation timeout on its own.
 
-        Cost of a batch of 5,000 new records (``tests/test_etcd.py::test_record_many_batch_of_5000``,
-        etcd 3.4, one member, loopback, 2 cores shared with other work): 79 transactions, 0.45-0.5 s
-        on a quiet machine (1-1.2 s under load), about 0.3 s of it this process's CPU (JSON and
-        protobuf). The same 5,000 again (every key present: each transaction fails its compares
-        once) about 1.2 s. The get-then-compare-and-swap per record it replaces took about 15 s.
-        A typical RunRecorder batch of 20 records is one transaction, 1-2 ms.
+        Cost (``tests/test_etcd.py::test_record_many_batch_of_5000``, etcd 3.4, one
+        member, loopback, 2 cores shared with other work): 5,000 new records within a few
+        seconds of each other, one transaction of 10 segments; spread a second apart (a
+        segment each), 40 transactions. Written a key each they took 79 (64 per
+        transaction of 128 ops), 0.45-1.2 s. A typical RunRecorder batch is one transaction.
         """
         latest: dict[str, RunRecord] = {}
         values: dict[str, bytes] = {}
@@ -180,27 +169,61 @@ class EtcdRuns(EtcdPlumbing):
         if not latest:
             return
         prevs: dict[str, Prev] = {}
-        queue = asyncio.Queue[tuple[list[RunRecord], int]]()
-        for group in self._split_records(name, list(latest.values()), prevs, values):
-            queue.put_nowait((group, 1))
+        #: (records to write a key each, or segments, and the tries so far)
+        queue = asyncio.Queue[tuple[list[RunRecord], list[Segment], int]]()
+
+        def enqueue(runs: Sequence[RunRecord], tries: int) -> None:
+            keyed, packed = self._partition(name, runs, tries)
+            for group in self._split_records(name, keyed, prevs, values):
+                queue.put_nowait((group, [], 1))
+            for chunk in txn_groups(pack(name, packed, values), self.busy_keys(name), _TXN_BYTES):
+                queue.put_nowait(([], chunk, tries))
+
+        enqueue(list(latest.values()), 1)
 
         async def worker() -> None:
             while not queue.empty():
-                chunk, tries = queue.get_nowait()
+                runs, segments, tries = queue.get_nowait()
                 if tries > TRIES:
                     raise self._gave_up("record_many", f"records of {name!r}")
-                body = functools.partial(self._record_chunk, name=name, chunk=chunk, prevs=prevs, values=values)
+                if segments:
+                    body = functools.partial(self._segment_chunk, name=name, chunk=segments)
+                    if not await self._call("record_many", body):
+                        enqueue([run for segment in segments for run in segment.runs], tries + 1)
+                    continue
+                body = functools.partial(self._record_chunk, name=name, chunk=runs, prevs=prevs, values=values)
                 if await self._call("record_many", body):
                     continue
-                for group in self._split_records(name, chunk, prevs, values):
-                    queue.put_nowait((group, tries + 1))
+                for group in self._split_records(name, runs, prevs, values):
+                    queue.put_nowait((group, [], tries + 1))
 
         await _all_or_first_error([worker() for _ in range(min(_RECORD_PARALLEL, queue.qsize()))])
+
+    def _partition(self, name: str, runs: Sequence[RunRecord],
+                   tries: int) -> tuple[list[RunRecord], list[RunRecord]]:
+        """(records to write a key each, records for segments); the former noted as this instance's own.
+
+        A segment takes a record with a result whose key is neither open nor written a key each
+        by this instance lately (see ``etcd_segments``); after ``_SEGMENT_TRIES`` failed segment
+        transactions, nothing (the per-key way is right whatever the open index does).
+        """
+        open_keys, own = self.open_keys(name), self._own.setdefault(name, {})
+        keyed, packed = [], []
+        for run in runs:
+            if tries > _SEGMENT_TRIES or run.result is None or run.key in open_keys or run.key in own:
+                keyed.append(run)
+                own.pop(run.key, None)
+                own[run.key] = None  # before the write: its answer may be lost after it applied
+            else:
+                packed.append(run)
+        while len(own) > _OWN_KEYS:
+            del own[next(iter(own))]
+        return keyed, packed
 
     def _split_records(self, name: str, runs: Sequence[RunRecord], prevs: dict[str, Prev],
                        values: dict[str, bytes]) -> list[list[RunRecord]]:
         """Records grouped so that each group's ops (and bytes) fit one transaction, as far as known."""
-        busy = self._busy.get(name, (0, frozenset()))[1]
+        busy = self.busy_keys(name)
         groups: list[list[RunRecord]] = []
         ops = size = 0
         for run in runs:
@@ -244,76 +267,19 @@ class EtcdRuns(EtcdPlumbing):
             return False  # more ops than one transaction takes: split it
         if response.succeeded:
             return True
-        self._busy[name] = (int(response.header.revision),
-                            frozenset(kv.key[len(busy_prefix):].decode(errors="replace")
-                                      for kv in range_kvs(response.responses[0])))
+        self._note_busy(name, int(response.header.revision), range_kvs(response.responses[0]))
         for run, op in zip(chunk, response.responses[1:], strict=True):
             prevs[run.key] = prev_of(first_kv(op), run.key)
         return False
 
     async def runs(self, name: str, query: RunQuery) -> list[RunRecord]:
-        """Newest first from the time index, in time slices, bounded by the limit and ``SCAN_CAP``.
-
-        etcd 3.4 walks the whole key range of a Range request in its index (even with a limit), so
-        no request here spans more than a slice of time: the first covers the last second (and the
-        future), an empty one makes the next four times wider, and one that holds more than a page
-        makes the next as wide as a full page at the density just seen. (One wide slice may still
-        walk many keys in the server's in-memory index once; values are read only up to the page.)
-        A page ends with every run at its last instant (``RunQuery``), so the next page's cursor
-        skips none.
-        """
+        """Newest first from the time index and the segments, in time slices, bounded by the limit and
+        ``SCAN_CAP`` (``etcd_listing``)."""
         limit = listing_limit(query)
         if limit == 0:
             return []
-        return await self._call("runs", lambda c: self._scan(c, name, query, limit))
-
-    async def _scan(self, client: Any, name: str, query: RunQuery, limit: int) -> list[RunRecord]:
-        prefix = etcd_key(name, "time", "")
-        floor_us = to_us(query.since) if query.since is not None else 0
-        top_us = to_us(query.before) if query.before is not None else None
-        start = prefix + _inv(top_us) if top_us is not None else prefix
-        lo = (top_us if top_us is not None else to_us(clock.time())) - _FIRST_SLICE_US
-        width = _FIRST_SLICE_US
-        filtered = query.job is not None or query.outcome is not None  # then expect to read more than shown
-        found: list[RunRecord] = []
-        tie_us: int | None = None  # once ``limit`` runs are found: the microsecond of the last one
-        scanned = 0
-        while scanned < SCAN_CAP and len(found) < MAX_LISTING:
-            lo = max(lo, floor_us)
-            end = prefix + _inv(lo - 1) if lo > 0 else prefix_range_end(prefix)
-            if start < end:
-                page = min(_PAGE, SCAN_CAP - scanned, _PAGE if filtered else max(50, 2 * (limit - len(found))))
-                response = await self._range(client, start, end, page)
-                kvs = list(response.kvs)
-                scanned += len(kvs)
-                for kv in kvs:
-                    run = _listed(kv, prefix)
-                    if run is None or not query.matches(run):
-                        continue
-                    if tie_us is not None and to_us(run.claimed_at) != tie_us:
-                        continue  # older than the page's last instant (the next ranges end there)
-                    found.append(run)
-                    if tie_us is None and len(found) >= limit:
-                        tie_us = to_us(run.claimed_at)
-                        floor_us = lo = max(floor_us, tie_us)
-                if response.more and kvs:
-                    start = kvs[-1].key + b"\0"
-                    newest, oldest = _slice_times(kvs, prefix)
-                    width = max(1, (newest - oldest) * _PAGE // len(kvs))  # about a full page at this density
-                    lo = max(floor_us, oldest - width)
-                    continue
-            start = end
-            if lo <= floor_us:
-                break
-            width *= 4
-            lo -= width
-        # within one microsecond the index orders by key, the protocol by claimed_at: sort, then
-        # keep the first ``limit`` and every other run at the instant of the last of them
-        found.sort(key=lambda run: run.claimed_at, reverse=True)
-        if len(found) > limit:
-            last = found[limit - 1].claimed_at
-            found = found[:limit] + [run for run in found[limit:] if run.claimed_at == last]
-        return found[:MAX_LISTING]
+        return await self._call("runs", lambda c: scan(lambda start, end, page: self._range(c, start, end, page),
+                                                       name, query, limit))
 
     async def unfinished(self, name: str, limit: int) -> list[RunRecord]:
         """Records without a result, newest first: the open index holds nothing else, so this is cheap."""
@@ -321,7 +287,7 @@ class EtcdRuns(EtcdPlumbing):
             return []
         prefix = etcd_key(name, "open", "")
 
-        async def scan(client: Any) -> list[RunRecord]:
+        async def read_open(client: Any) -> list[RunRecord]:
             found: list[RunRecord] = []
             start, end = prefix, prefix_range_end(prefix)
             scanned = 0
@@ -329,31 +295,14 @@ class EtcdRuns(EtcdPlumbing):
                 response = await self._range(client, start, end, min(_PAGE, limit - len(found) + 10))
                 kvs = list(response.kvs)
                 scanned += len(kvs)
-                found += [run for run in (_listed(kv, prefix) for kv in kvs)
+                found += [run for run in (listed(kv, prefix) for kv in kvs)
                           if run is not None and run.result is None]
                 if not response.more or not kvs:
                     break
                 start = kvs[-1].key + b"\0"
             return found[:limit]
 
-        return await self._call("unfinished", scan)
-
-
-def _slice_times(kvs: Sequence[Any], prefix: bytes) -> tuple[int, int]:
-    """The microseconds of the first (newest) and last (oldest) time index keys of a page."""
-    def at(kv: Any) -> int:
-        digits = kv.key[len(prefix):len(prefix) + _DIGITS]
-        return _INV - int(digits) if digits.isdigit() else 0
-    return at(kvs[0]), at(kvs[-1])
-
-
-def _listed(kv: Any, prefix: bytes) -> RunRecord | None:
-    """A listed index entry as a run, or None for one that does not decode (listings skip those)."""
-    try:
-        key = kv.key[len(prefix) + _DIGITS + 1:].decode()
-        return decode_record(key, kv.value)
-    except (ValueError, RecursionError):
-        return None
+        return await self._call("unfinished", read_open)
 
 
 async def _all_or_first_error(coros: Sequence[Awaitable[None]]) -> None:

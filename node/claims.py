@@ -23,7 +23,7 @@ never past the lease's local deadline.
 ``RunRecorder`` writes run records in batches a round trip can carry:
 whatever queued within ``RECORD_LINGER`` of the first record, and never more
 than one write per ``RECORD_SPACING`` on the stores where one operation
-carries a whole batch (``BackendKind.batched_records``: Redis, PostgreSQL), so
+carries a whole batch (``BackendKind.batched_records``: Redis, PostgreSQL, etcd), so
 the records cost a bounded number of operations a second however many jobs
 fire (a leader with ten thousand jobs sends no more than one with a thousand);
 up to a batch size that grows while writes are quick and halves when one

@@ -403,6 +403,49 @@ async def test_runs_listing_filters_and_pages(backend_url: str, make_backend: Fa
     assert [r.key for r in page] == [f"{'tick' if i % 2 else 'tock'}@{i}" for i in range(24, 19, -1)]
 
 
+async def test_a_result_replaces_its_intent_or_claim_once_and_a_retry_changes_nothing(
+        backend_url: str, make_backend: Factory, lock_name: str) -> None:
+    """A result recorded for a key that has an intent or a claim replaces it: listed once, with the result,
+    and no longer unfinished (recovery would run it again), from an instance that has read nothing yet,
+    recorded again (a retry whose first answer was lost) and again from another instance."""
+    a, b, c = make_backend(backend_url), make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    start = now_us()
+    window = await a.claim_window(lease, start + US, start, intents=["nightly@1", "nightly@2"])
+    assert window is not None and window.owned_by(lease.token)
+    assert await a.claim_many(lease, ["recovery@1"]) == {"recovery@1"}
+    await a.record_many(lock_name, [record(f"plain@{i}", lease, at=time.time() - 60 + i) for i in range(5)])
+    started = time.time() + 1  # not the intent's instant: the record's time index entry is another
+    batch = [record("nightly@1", lease, at=started), record("recovery@1", lease, "error", at=started, error="x"),
+             record("plain@9", lease, at=started)]
+    for writer in (b, b, a):
+        await writer.record_many(lock_name, batch)
+        runs = await c.runs(lock_name, RunQuery(limit=100))
+        keys = [r.key for r in runs]
+        assert sorted(keys) == sorted({*keys}), keys
+        assert set(keys) == {"nightly@1", "nightly@2", "recovery@1", "plain@9", *(f"plain@{i}" for i in range(5))}
+        shown = {r.key: (r.claimed_at, r.result) for r in runs}
+        assert shown["nightly@1"] == (pytest.approx(started), {"outcome": "ok"})
+        assert shown["recovery@1"] == (pytest.approx(started), {"outcome": "error", "error": "x"})
+        assert shown["nightly@2"][1] is None
+        assert [r.key for r in await c.unfinished(lock_name, 10)] == ["nightly@2"]
+        assert [r.key for r in await c.runs(lock_name, RunQuery(limit=100, outcome="error"))] == ["recovery@1"]
+
+
+async def test_a_record_written_again_replaces_the_first(backend_url: str, make_backend: Factory,
+                                                         lock_name: str) -> None:
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    first = time.time() - 20
+    await a.record_many(lock_name, [record("job@1", lease, "error", at=first), record("job@2", lease, at=first)])
+    await b.record_many(lock_name, [record("job@1", lease, "ok", at=first + 1)])
+    runs = await a.runs(lock_name, RunQuery(limit=100))
+    assert [(r.key, r.result) for r in runs] == [("job@1", {"outcome": "ok"}), ("job@2", {"outcome": "ok"})]
+    assert await a.runs(lock_name, RunQuery(limit=100, outcome="error")) == []
+
+
 async def test_settings_are_shared(backend_url: str, make_backend: Factory, lock_name: str) -> None:
     a, b = make_backend(backend_url), make_backend(backend_url)
     await a.set_setting(lock_name, "paused:job", "1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import time
@@ -321,10 +322,12 @@ async def test_claims_expire_after_retention(etcd_url: str, make_backend: Factor
     lease = await backend.acquire(lock_name, Holder("a"), 10.0)
     assert lease is not None
     assert await backend.claim(lease, "job@1")
-    await backend.record_many(lock_name, [record("job@1", lease.token)])
-    assert [r.result for r in await backend.runs(lock_name, RunQuery())] == [{"outcome": "ok"}]
+    # job@1's result replaces its claim (records of its own); plain@1's goes into a segment
+    await backend.record_many(lock_name, [record("job@1", lease.token), record("plain@1", lease.token)])
+    assert [r.result for r in await backend.runs(lock_name, RunQuery())] == [{"outcome": "ok"}] * 2
+    assert any("/seg/" in k for k in await raw_keys(etcd_url, lock_name))
     await asyncio.sleep(1.5)
-    assert len(await backend.runs(lock_name, RunQuery())) == 1  # kept for at least the retention
+    assert len(await backend.runs(lock_name, RunQuery())) == 2  # kept for at least the retention
     _, waited = await eventually("expiry", lambda: _none_if_any(backend.runs(lock_name, RunQuery())), within=10.0)
     assert waited < 8.0
     assert await raw_keys(etcd_url, lock_name) == [f"/baton/{lock_name}/lock"]  # every index expired with it
@@ -400,40 +403,124 @@ async def test_claim_window_intents_beyond_one_transaction_and_hand_back_drops(
     assert await a.hand_back(lease, start + US // 2, drop=intents[:190]) == back  # idempotent
 
 
+async def page_through(backend: LockBackend, lock_name: str, limit: int, before: float | None = None,
+                       **query: Any) -> list[RunRecord]:
+    """Every run (before ``before``), page after page, each page's cursor the last one shown before."""
+    seen: list[RunRecord] = []
+    for _ in range(10_000):
+        page = await backend.runs(lock_name, RunQuery(limit=limit, before=before, **query))
+        if not page:
+            return seen
+        assert all(a.claimed_at >= b.claimed_at for a, b in itertools.pairwise(page))
+        seen += page
+        before = page[-1].claimed_at
+    raise AssertionError("no end of the pages")
+
+
 async def test_record_many_batch_of_5000(servers: ServerPool, make_backend: Factory, lock_name: str) -> None:
     # batching and paging are the point here, not latency: pages of 1,000 get the time a busy machine needs
     backend = make_backend(with_timeout(servers.get("etcd").url, 5.0))
     lease = await backend.acquire(lock_name, Holder("a"), 30.0)
     assert lease is not None
     base = time.time() - 10_000
-    batch = [record(f"job{i % 7}@{i}", lease.token, "error" if i % 100 == 0 else "ok", at=base + i)
+    # finished within five seconds, as a leader's batch is: ten segments (500 records, half a second each)
+    batch = [record(f"job{i % 7}@{i}", lease.token, "error" if i % 100 == 0 else "ok", at=base + i / 1000)
              for i in range(5000)]
     txns = count_calls(backend, "_txn")
     t0 = time.perf_counter()
     await backend.record_many(lock_name, batch)
     took = time.perf_counter() - t0
     print(f"record_many of 5000 new records: {took:.3f}s in {txns[0]} transactions")
-    assert txns[0] == 79  # 64 records (two puts each) per transaction of 128 ops
+    assert txns[0] == 1  # ten segments, one transaction (written a key each: 79)
+    segments = [k for k in await raw_keys(servers.get("etcd").url, lock_name) if "/seg/" in k]
+    assert len(segments) == 10
     t0 = time.perf_counter()
-    await backend.record_many(lock_name, batch)  # all present now: each transaction learns so and goes again
+    await backend.record_many(lock_name, batch)  # a retry: the same segments under the same keys
     print(f"record_many of the same 5000 again: {time.perf_counter() - t0:.3f}s")
-    # page through all of them with the cursor, newest first
-    seen: list[str] = []
-    before: float | None = None
-    while True:
-        page = await backend.runs(lock_name, RunQuery(limit=1000, before=before))
-        if not page:
-            break
-        seen += [r.key for r in page]
-        before = page[-1].claimed_at
-    assert seen == [f"job{i % 7}@{i}" for i in range(4999, -1, -1)]
+    assert txns[0] == 2
+    await backend.record_many(lock_name, batch[250:2750])  # a retry split otherwise: other segments, same records
+    expected = [f"job{i % 7}@{i}" for i in range(4999, -1, -1)]
+    assert [r.key for r in await page_through(backend, lock_name, 1000)] == expected
+    assert [r.key for r in await page_through(backend, lock_name, 333)] == expected
     errors = await backend.runs(lock_name, RunQuery(limit=10, outcome="error"))
     assert [r.key for r in errors] == [f"job{i % 7}@{i}" for i in range(4900, -1, -100)][:10]
+    # spread a second apart: a segment each, 127 to a transaction
+    spread = [record(f"late{i % 7}@{i}", lease.token, at=base - 10_000 + i) for i in range(5000)]
+    txns[0] = 0
+    await backend.record_many(lock_name, spread)
+    assert txns[0] == 40
+    late = await page_through(backend, lock_name, 1000, before=base)
+    assert [r.key for r in late] == [f"late{i % 7}@{i}" for i in range(4999, -1, -1)]
+
+
+async def test_pages_through_ties_of_claims_intents_and_batches(etcd_url: str, make_backend: Factory,
+                                                                lock_name: str) -> None:
+    """Runs at one microsecond recorded both ways (results of claims: records of their own; results of
+    nothing claimed: segments, from two batches), between runs a fraction of a second apart in the same
+    segments: every cursor reaches each run once, and a page holds the whole instant. (A cursor below a
+    segment's newest run must still read that segment.)"""
+    a, b = make_backend(etcd_url), make_backend(etcd_url)
+    lease = await a.acquire(lock_name, Holder("a"), 10.0)
+    assert lease is not None
+    claimed = [f"claimed@{i}" for i in range(4)]
+    assert await a.claim_many(lease, [*claimed, "open@1"]) == {*claimed, "open@1"}
+    t = time.time() - 30
+    tie = [record(k, lease.token, at=t) for k in claimed] + [record(f"tie@{i}", lease.token, at=t) for i in range(10)]
+    near = [record(f"near@{i}", lease.token, at=t - 0.1 * i) for i in range(1, 5)]
+    far = [record(f"old@{i}", lease.token, at=t - 5 - i) for i in range(3)]
+    far += [record(f"new@{i}", lease.token, at=t + 1 + i) for i in range(3)]
+    await a.record_many(lock_name, [*tie[2:9], *near[:2], *far[:2]])
+    await b.record_many(lock_name, [*tie[:2], *tie[9:], *near[2:], *far[2:]])
+    everything = {r.key for r in [*tie, *near, *far]} | {"open@1"}
+    for limit in (1, 2, 3, 5, 50):
+        seen: list[str] = []
+        before: float | None = None
+        for _ in range(100):
+            page = await b.runs(lock_name, RunQuery(limit=limit, before=before))
+            if not page:
+                break
+            assert all(x.claimed_at >= y.claimed_at for x, y in itertools.pairwise(page))
+            if any(r.claimed_at == t for r in page):
+                assert {r.key for r in tie} <= {r.key for r in page}, f"limit {limit}: the instant split"
+            seen += [r.key for r in page]
+            before = page[-1].claimed_at
+        assert sorted(seen) == sorted(everything), f"limit {limit}"
+
+
+async def test_results_go_into_segments_unless_their_key_is_open_even_opened_since_last_read(
+        etcd_url: str, make_backend: Factory, lock_name: str) -> None:
+    """A segment write compares that no open index entry appeared since its writer last read them: an intent
+    written by another instance after that read sends the result to the intent's own key, not a segment."""
+    a, b = make_backend(etcd_url), make_backend(etcd_url)
+    lease = await a.acquire(lock_name, Holder("a"), 10.0)
+    assert lease is not None
+    assert await a.claim_many(lease, ["seen@1"]) == {"seen@1"}
+    txns = count_calls(a, "_txn")
+    await a.record_many(lock_name, [record("first@1", lease.token)])  # a reads the open index: {seen@1}
+    assert txns[0] == 2  # the compare on the open index failed once (a had never read it), then the segment
+    start = now_us()
+    window = await b.claim_window(lease, start + US, start, intents=["late@1"])  # after a's read
+    assert window is not None and window.owned_by(lease.token)
+    txns[0] = 0
+    await a.record_many(lock_name, [record("late@1", lease.token), record("plain@1", lease.token)])
+    assert [r.key for r in await b.unfinished(lock_name, 10)] == ["seen@1"]
+    # the segment's compare fails (late@1 is new); late@1 goes a key each (its compare learns the intent, then
+    # replaces it), plain@1 into a segment
+    assert txns[0] == 4
+    runs = await b.runs(lock_name, RunQuery())
+    assert sorted((r.key, r.result is not None) for r in runs) == [
+        ("first@1", True), ("late@1", True), ("plain@1", True), ("seen@1", False)]
+    kinds = sorted(k.split("/")[3] + ("/" + k.split("/")[-1] if "/runs/" in k else "")
+                   for k in await raw_keys(etcd_url, lock_name))
+    assert kinds == ["lock", "open", "runs/late@1", "runs/seen@1", "seg", "seg", "time", "time", "window"]
+    txns[0] = 0
+    await a.record_many(lock_name, [record("plain@2", lease.token)])  # the open index as read: one transaction
+    assert txns[0] == 1
 
 
 async def test_listings_read_a_bounded_number_of_records(etcd_url: str, make_backend: Factory,
                                                          lock_name: str) -> None:
-    from lock_backends.etcd_runs import SCAN_CAP
+    from lock_backends.etcd_listing import SCAN_CAP
 
     backend = make_backend(etcd_url)
     lease = await backend.acquire(lock_name, Holder("a"), 30.0)
@@ -565,6 +652,17 @@ async def test_listings_skip_records_that_do_not_decode(etcd_url: str, make_back
             await raw.put(f"/baton/{lock_name}/{index}/{inv}/bad@1".encode(), b"{not json")
             await raw.put(f"/baton/{lock_name}/{index}/{inv}/bad@2".encode(), b'{"token": 1}')
     assert {r.key for r in await backend.runs(lock_name, RunQuery())} == {"good@1", "good@2"}
+    assert [r.key for r in await backend.unfinished(lock_name, 10)] == ["good@1"]
+    # segments: one that does not decode at all, one with an entry that does not (its others are listed)
+    good = {"key": "in-segment@1", "token": 1, "node_id": "a", "claimed_at": time.time(), "result": {"outcome": "ok"}}
+    async with raw_client(etcd_url) as raw:
+        await raw.put(f"/baton/{lock_name}/seg/{inv}/bad1".encode(), b"[{not json")
+        await raw.put(f"/baton/{lock_name}/seg/{inv}/bad2".encode(), b'{"key": "x"}')
+        await raw.put(f"/baton/{lock_name}/seg/{inv}/mixed".encode(),
+                      json.dumps([{"token": 1}, 5, {**good, "claimed_at": "x"}, good]).encode())
+    assert {r.key for r in await backend.runs(lock_name, RunQuery())} == {"good@1", "good@2", "in-segment@1"}
+    assert {r.key for r in await backend.runs(lock_name, RunQuery(limit=1, before=time.time() + 1))} <= {
+        "good@1", "good@2", "in-segment@1"}
     assert [r.key for r in await backend.unfinished(lock_name, 10)] == ["good@1"]
 
 

@@ -122,12 +122,13 @@ def test_records_cost_a_bounded_number_of_writes_however_many_runs_finish() -> N
 
 
 async def test_record_writes_are_spaced_on_the_stores_that_batch_them(tmp_path: Path) -> None:
-    """Where one operation carries a batch of records (Redis, PostgreSQL, and the in-memory store that stands for
-    them) record writes are spaced; the file backend writes a file per record, so spacing would only lengthen its
-    writer thread's hold on the GIL (registry: batched_records). No server is needed to build a node."""
+    """Where one operation carries a batch of records (Redis, PostgreSQL, etcd's segments, and the in-memory store
+    that stands for them) record writes are spaced; the file backend has no server to spare, so spacing would only
+    lengthen its writer thread's hold on the GIL (registry: batched_records). No server is needed to build a
+    node."""
     spacing = {}
-    for kind, url in (("file", f"file://{tmp_path}"), ("memory", "memory://spacing")):
+    for kind, url in (("file", f"file://{tmp_path}"), ("memory", "memory://spacing"), ("etcd", "etcd://127.0.0.1:9")):
         node = Node(Settings(node_id="n", lock_url=url, demo_jobs=False), JobRegistry())
         spacing[kind] = node.scheduler.recorder.spacing
         await node.backend.close()
-    assert spacing == {"file": 0.0, "memory": RECORD_SPACING}
+    assert spacing == {"file": 0.0, "memory": RECORD_SPACING, "etcd": RECORD_SPACING}

@@ -305,13 +305,13 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], units: dict[st
                   f"{r.get('duplicates', '')} | {r.get('missed', '')} |")
     few, some, many = (f"{j:,}" for j in SCALE_JOBS)
     md += ["", f"Cost against the job count: a leader alone runs {few}, {some} or {many} jobs, each every "
-           f"{SCALE_PERIOD:g} s (the `leading` rows). Claims are per window of time and, on Redis and PostgreSQL, "
+           f"{SCALE_PERIOD:g} s (the `leading` rows). Claims are per window of time and, on the server backends, "
            f"run records go in at most {1 / RECORD_SPACING:g} writes a second, so once fire times are dense enough "
            f"that the claim window never lapses (a few jobs every {SCALE_PERIOD:g} s let it lapse between fire "
            f"times), what a leader sends stops growing with the number of jobs: about two claims per lead (at most "
            f"{2 / MIN_LEAD:g} a second), the record writes and the renewals. The {many} / {some} column shows it. "
-           "On etcd a transaction holds at most 128 operations (the server's `--max-txn-ops`; a record is two "
-           "keys), so its record transactions follow the number of runs (and are not spaced: "
+           "On etcd a transaction holds at most 128 operations (the server's `--max-txn-ops`), so a batch's "
+           "finished runs go into segments of hundreds of records, a value each (`lock_backends.etcd_segments`; "
            "`lock_backends.registry`, `batched_records`).", "",
            f"| backend | leading ops/s, {few} jobs | {some} jobs | {many} jobs | {many} / {some} | {many} / {few} |",
            "| --- | ---: | ---: | ---: | ---: | ---: |",
