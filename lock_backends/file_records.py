@@ -443,6 +443,20 @@ def _open_records(lockdir: Path, horizon: float, subs: Sequence[str]) -> list[tu
     return found
 
 
+def _reported(lockdir: Path, key: str) -> bool:
+    """True when the claim of ``key`` has its result: the claim file then holds it (``write_records``).
+
+    A claim is a batch line too, at the instant it was claimed; its result is a line at another
+    instant, in another batch. One listing that reads both keeps the result, but a page ending between
+    the two would list the claim, and a later page the result: the key twice. Claims are few (per-key
+    claims: recoveries, manual runs), so each claim line costs one small file read.
+    """
+    with contextlib.suppress(CorruptValue, OSError):
+        run = read_key_file(lockdir, lockdir / CLAIMS / key_name(key))
+        return run is not None and run.result is not None
+    return False
+
+
 def _mtime(entry: os.DirEntry[str]) -> float:
     try:
         return entry.stat().st_mtime
@@ -541,6 +555,8 @@ def list_runs(lockdir: Path, query: RunQuery, horizon: float) -> list[RunRecord]
                 continue
             if run.claimed_at < since or page.beats(run.claimed_at):
                 break  # the rest of the file is older still
+            if run.result is None and _reported(lockdir, run.key):
+                continue  # its result is listed at its own instant (which may be on another page)
             page.offer(run, _CLAIMED if run.result is None else _RECORDED, batch.written_ns)
             if lines >= SCAN_LINES:
                 break

@@ -526,3 +526,33 @@ async def test_a_page_never_splits_an_instant_so_the_cursor_skips_nothing(backen
         before = page[-1].claimed_at
     assert sorted(seen) == sorted(r.key for r in batch)  # every run once, none skipped at the tie
     assert len(seen) == len(set(seen))
+
+
+async def test_a_claim_and_its_later_result_are_one_run_on_every_page(backend_url: str, make_backend: Factory,
+                                                                      lock_name: str) -> None:
+    """A claimed key whose result is stamped at another instant (older here) is one run in a paged listing,
+    at its result's instant, whatever the page size: a page that ends between the claim's instant and the
+    result's must not list the claim (the file backend did, then the result on a later page)."""
+    a, b = make_backend(backend_url), make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    claimed = [f"claimed@{i}" for i in range(4)]
+    assert await a.claim_many(lease, [*claimed, "open@1"]) == {*claimed, "open@1"}
+    t = time.time() - 30
+    tie = [record(k, lease, at=t) for k in claimed] + [record(f"tie@{i}", lease, at=t) for i in range(6)]
+    others = [record(f"old@{i}", lease, at=t - 5 - i) for i in range(2)]
+    others += [record(f"new@{i}", lease, at=t + 1 + i) for i in range(2)]
+    await a.record_many(lock_name, [*tie[2:], *others[:2]])
+    await b.record_many(lock_name, [*tie[:2], *others[2:]])  # an instance that claimed nothing
+    expected = [*(r.key for r in [*tie, *others]), "open@1"]
+    for limit in (1, 2, 5, 50):
+        seen: list[tuple[str, float]] = []
+        before: float | None = None
+        for _ in range(50):
+            page = await b.runs(lock_name, RunQuery(limit=limit, before=before))
+            if not page:
+                break
+            seen += [(r.key, r.claimed_at) for r in page]
+            before = page[-1].claimed_at
+        assert sorted(key for key, _ in seen) == sorted(expected), f"limit {limit}: {seen}"
+        assert all(abs(at - t) < 1e-5 for key, at in seen if key in claimed), f"limit {limit}: listed at its claim"
