@@ -139,15 +139,15 @@ class Node:
             self.metrics.duration_of(spec.id)
             self.metrics.runs_of(spec.id, RunOutcome.OK)
             _ = spec.is_async  # computed now, not at the first fire time of a burst
-        # what exists now lives as long as the node; and its runs' garbage should die young (gc_policy)
+        # what exists now lives as long as the node
         gc_policy.freeze()
-        if not self._gc_held:
-            gc_policy.acquire()
-            self._gc_held = True
         self.skew.start()
         # a first look at the clock before campaigning, so a skewed node does not win in the meantime
         await self.skew.wait_first(self.backend.options.op_timeout * 4)
         self.elector.start()
+        if not self._gc_held:  # last: a start that failed owes the collector nothing (gc_policy)
+            gc_policy.acquire()
+            self._gc_held = True
 
     def hand_over(self) -> asyncio.Task[None]:
         """Begin the graceful handoff of a stopping node (idempotent): hand back, then let the lease go.

@@ -37,15 +37,16 @@ _saved: tuple[int, int, int] | None = None
 
 
 def acquire() -> None:
-    """A node starts: raise the young threshold to ``YOUNG_THRESHOLD`` if it is lower (and not 0: off)."""
+    """A node starts: raise the young threshold to ``YOUNG_THRESHOLD`` if it is lower (and not 0: off).
+
+    Also when another node of the process runs already: the host may have set its own value since.
+    """
     global _users, _saved
     with _lock:
         _users += 1
-        if _users > 1:
-            return
         young, middle, old = gc.get_threshold()
         if 0 < young < YOUNG_THRESHOLD:
-            _saved = (young, middle, old)
+            _saved = (young, middle, old)  # the host's latest wish is what the last node out puts back
             gc.set_threshold(YOUNG_THRESHOLD, middle, old)
 
 

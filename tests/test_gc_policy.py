@@ -16,8 +16,11 @@ from node.jobs import JobRegistry
 
 
 @pytest.fixture(autouse=True)
-def threshold() -> Iterator[tuple[int, int, int]]:
-    """The process's thresholds as a host application left them (700 young), restored after each test."""
+def threshold(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int, int]]:
+    """The process's thresholds as a host application left them (700 young), restored after each test;
+    no node of another test counted as running (a test that never stopped its node would be one)."""
+    monkeypatch.setattr(gc_policy, "_users", 0)
+    monkeypatch.setattr(gc_policy, "_saved", None)
     saved = gc.get_threshold()
     gc.set_threshold(700, saved[1], saved[2])
     yield gc.get_threshold()
@@ -50,6 +53,17 @@ def test_a_setting_the_host_changed_while_the_node_ran_is_left_as_the_host_set_i
     gc.set_threshold(5_000)
     gc_policy.release()
     assert gc.get_threshold()[0] == 5_000
+
+
+def test_a_node_started_after_the_host_lowered_it_raises_it_again_and_restores_the_new_value(
+        threshold: tuple[int, int, int]) -> None:
+    gc_policy.acquire()
+    gc.set_threshold(1_000)  # the host, while one node runs
+    gc_policy.acquire()  # a second node
+    assert gc.get_threshold()[0] == gc_policy.YOUNG_THRESHOLD
+    gc_policy.release()
+    gc_policy.release()
+    assert gc.get_threshold() == (1_000, *threshold[1:])
 
 
 async def test_a_node_raises_it_while_it_runs_and_restores_it_when_it_stops(
