@@ -50,7 +50,7 @@ from psycopg.conninfo import make_conninfo
 
 from lock_backends import clock
 from lock_backends import postgres_sql as sql
-from lock_backends._common import listing_limit, renewed
+from lock_backends._common import ENCODE_SLICE, listing_limit, renewed
 from lock_backends.base import NO_WINDOW, BusyRun, Holder, Lease, RunQuery, RunRecord, Window, local_deadline
 from lock_backends.errors import LockBackendError
 from lock_backends.postgres_sessions import PostgresSessions
@@ -305,9 +305,16 @@ class PostgresBackend(PostgresSessions):
             return
         latest = {run.key: run for run in records}  # a key given twice: the last record wins
         batch = [latest[key] for key in sorted(latest)]
+        # the results' JSON a slice at a time (refused, if it cannot be, before any change): the whole
+        # batch's at once held the loop for about 3 ms at 2,500 records, where fire times wait
+        results: list[str] = []
+        for i, run in enumerate(batch, 1):
+            if i % ENCODE_SLICE == 0:
+                await asyncio.sleep(0)
+            results.append(sql.jsonb_text(run.result))
         params = {"name": name, "keys": [r.key for r in batch], "tokens": [r.token for r in batch],
                   "node_ids": [r.node_id for r in batch], "claimed_at": [float(r.claimed_at) for r in batch],
-                  "results": sql.jsonb_text([r.result for r in batch]),
+                  "results": "[" + ",".join(results) + "]",
                   "retention": self.options.claim_retention}
         async with self._op("record") as deadline:
             await self._shared_call(lambda c: c.execute(sql.RECORD, params), deadline)
