@@ -18,9 +18,9 @@ What a node holds for life (its job registry, APScheduler's jobs, its metrics) i
 frozen once built (``gc.freeze``): left in the collector, every full pass walks it.
 
 The threshold is process-wide state. A node raises it while it runs (never lowers
-it, and leaves it alone where the process turned collection off) and puts back what
-it found when the last node of the process stops, so an application that embeds a
-node gets its own setting back.
+it, and leaves it alone where the process turned collection off) and, when the last
+node of the process stops, puts back the value it last found there, so an application
+that embeds a node gets its own setting back.
 """
 
 from __future__ import annotations
