@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from lock_backends.base import MAX_LISTING, Lease, RunQuery, local_deadline
 
 #: Records a backend encodes for one batch between two looks at the event loop, so that the scheduler's
@@ -19,9 +21,30 @@ from lock_backends.base import MAX_LISTING, Lease, RunQuery, local_deadline
 ENCODE_SLICE = 8
 
 
-def compact_json(value: Any) -> str:
-    """``value`` as JSON without spaces, the form every backend stores (NaN is not refused here)."""
-    return json.dumps(value, separators=(",", ":"))
+#: What orjson must not write its own way: these it refuses (TypeError), and ``json.dumps`` then decides.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def compact_json(value: Any, *, allow_nan: bool = True) -> str:
+    """``value`` as JSON without spaces, the form every backend stores; with ``allow_nan``, NaN as ``NaN``.
+
+    Every run's record goes through here (ten thousand a second at the steady top rate): orjson writes
+    it in a tenth of ``json.dumps``'s time. The two differ in form only (non-ASCII text as UTF-8, not
+    escaped; ``1e-05`` as ``0.00001``; a reader gets the same values back), except where orjson would
+    change a value or accept what ``json.dumps`` refuses: it writes NaN and the infinities as ``null``
+    (so a text with a ``null`` in it is written again by ``json.dumps``), and integers past 64 bits,
+    lone surrogates, subclasses of the JSON types, dates and dataclasses are left to ``json.dumps``,
+    which writes them as before or raises TypeError or ValueError. (UUIDs and enums orjson writes as
+    their value where ``json.dumps`` would refuse them: no record the node writes holds one.)
+    """
+    try:
+        raw = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    else:
+        if b"null" not in raw:
+            return raw.decode()
+    return json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)
 
 
 def renewed(lease: Lease, t_sent: float) -> Lease:

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from lock_backends._common import listing_limit
+from lock_backends._common import compact_json, listing_limit
 from lock_backends.base import MAX_LISTING, BusyRun, RunQuery, RunRecord
 from lock_backends.errors import CorruptValue
 
@@ -152,11 +152,8 @@ def key_name(key: str) -> str:
     return name
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
 def _dump(data: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(data).encode()
+    return compact_json(data, allow_nan=False).encode()
 
 
 def _decode(lockdir: Path, path: Path, raw: bytes) -> RunRecord:

@@ -66,6 +66,7 @@ from typing import Any
 
 import psycopg
 
+from lock_backends._common import compact_json
 from lock_backends.base import MAX_LISTING, RunQuery, RunRecord
 
 Conn = psycopg.AsyncConnection[Any]
@@ -406,7 +407,7 @@ def jsonb_text(value: Any) -> str:
     an exception, say) would otherwise fail its whole batch on every retry. They are replaced (by
     U+FFFD and ``?``). Raises ValueError or TypeError, before any change, for what JSON cannot hold.
     """
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    text = compact_json(value, allow_nan=False)
     if "\\u0000" in text or "\\ud" in text:  # rare: check the strings (pairs of surrogates are fine)
         text = json.dumps(_clean(value), separators=(",", ":"), allow_nan=False)
     return text

@@ -136,8 +136,7 @@ class Node:
             self.http()
         await self.scheduler.start()
         for spec in self.scheduler.jobs:  # every job's series exists from the start, at zero
-            self.metrics.duration_of(spec.id)
-            self.metrics.runs_of(spec.id, RunOutcome.OK)
+            self.metrics.runs.add_job(spec.id, RunOutcome.OK)
             _ = spec.is_async  # computed now, not at the first fire time of a burst
         # what exists now lives as long as the node
         gc_policy.freeze()

@@ -538,8 +538,9 @@ def test_sim_metrics_has_the_interface_of_the_real_metrics() -> None:
     sim = SimMetrics("memory")
     assert public <= set(vars(sim)), public - set(vars(sim))
     assert all(callable(getattr(sim, name, None)) for name in methods)
-    sim.runs_of("job", "ok").inc(3)  # records nothing, raises nothing
-    sim.duration_of("job").observe(0.1)
+    sim.runs.ran("job", "ok", 3)  # records nothing, raises nothing
+    sim.runs.started(0.1)
+    sim.runs.took("job", 0.1)
     for family in SimMetrics.FAMILIES:
         getattr(sim, family).observe(1.0)
 
