@@ -9,6 +9,7 @@ leave one backend behind. Nothing here talks to a store.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -32,19 +33,30 @@ def compact_json(value: Any, *, allow_nan: bool = True) -> str:
     it in a tenth of ``json.dumps``'s time. The two differ in form only (non-ASCII text as UTF-8, not
     escaped; ``1e-05`` as ``0.00001``; a reader gets the same values back), except where orjson would
     change a value or accept what ``json.dumps`` refuses: it writes NaN and the infinities as ``null``
-    (so a text with a ``null`` in it is written again by ``json.dumps``), and integers past 64 bits,
+    (so a value holding one is written by ``json.dumps``: looked for only when orjson's text has a
+    ``null``, as every intent's has), and integers past 64 bits,
     lone surrogates, subclasses of the JSON types, dates and dataclasses are left to ``json.dumps``,
     which writes them as before or raises TypeError or ValueError. (UUIDs and enums orjson writes as
     their value where ``json.dumps`` would refuse them: no record the node writes holds one.)
     """
+    if value is None:
+        return "null"
     try:
         raw = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError
         pass
     else:
-        if b"null" not in raw:
+        if b"null" not in raw or not _holds_non_finite(value):
             return raw.decode()
     return json.dumps(value, separators=(",", ":"), allow_nan=allow_nan)
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """True if a float in ``value`` (a value orjson took: JSON types only) is NaN or infinite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return any(isinstance(item, float | dict | list | tuple) and _holds_non_finite(item) for item in items)
 
 
 def renewed(lease: Lease, t_sent: float) -> Lease:

@@ -310,14 +310,18 @@ WHERE c.name = %(name)s AND c.key = ANY(%(claim_keys)s::text[]) AND c.token = %(
     AND c.expires_at >= clock_timestamp()
 """
 
-# The batch as one array per column, sent in binary (no escaping on either side), and the results
-# as one JSON array (one json.dumps, one parse), zipped back into rows by ROWS FROM. Rows are written
-# in key order, so two batches sharing keys lock them in one order.
+# The batch as one JSON array per column, zipped back into rows by ROWS FROM. JSON because the client
+# writes it in C (orjson): psycopg's array dumpers are Python, and held the event loop, where fire
+# times wait, for about 2 ms per column of 2,500 records. Rows are taken and written in key order, so
+# two batches sharing keys lock them in one order.
 RECORD = """
 WITH r AS MATERIALIZED (
-    SELECT * FROM ROWS FROM (unnest(%(keys)b::text[]), unnest(%(tokens)b::int8[]), unnest(%(node_ids)b::text[]),
-                             unnest(%(claimed_at)b::float8[]), jsonb_array_elements(%(results)s::jsonb))
-        AS r(key, token, node_id, claimed_at, result)
+    SELECT e.key, e.token::int8, e.node_id, e.claimed_at::float8, e.result
+    FROM ROWS FROM (jsonb_array_elements_text(%(keys)s::jsonb), jsonb_array_elements_text(%(tokens)s::jsonb),
+                    jsonb_array_elements_text(%(node_ids)s::jsonb), jsonb_array_elements_text(%(claimed_at)s::jsonb),
+                    jsonb_array_elements(%(results)s::jsonb))
+        AS e(key, token, node_id, claimed_at, result)
+    ORDER BY e.key COLLATE "C"
 ), freed AS (
     DELETE FROM baton_busy b USING r WHERE b.name = %(name)s AND b.key = r.key
 )

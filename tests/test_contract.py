@@ -446,6 +446,24 @@ async def test_a_record_written_again_replaces_the_first(backend_url: str, make_
     assert await a.runs(lock_name, RunQuery(limit=100, outcome="error")) == []
 
 
+async def test_a_key_given_twice_in_one_batch_keeps_its_last_record(backend_url: str, make_backend: Factory,
+                                                                    lock_name: str) -> None:
+    """Out of key order, with a key twice (the last record wins, as written one at a time) and text that
+    JSON escapes or that reads like a JSON null."""
+    a = make_backend(backend_url)
+    lease = await a.acquire(lock_name, Holder("a"), TTL)
+    assert lease is not None
+    at = time.time() - 20
+    await a.record_many(lock_name, [record("zeta@1", lease, "error", at=at, note="null"),
+                                    record("nœud@1", lease, at=at + 1, note='"quoted"\n'),
+                                    record("alpha@1", lease, at=at + 2),
+                                    record("zeta@1", lease, "ok", at=at + 3, value=None)])
+    runs = {r.key: (r.claimed_at, r.result) for r in await a.runs(lock_name, RunQuery(limit=100))}
+    assert runs == {"zeta@1": (pytest.approx(at + 3), {"outcome": "ok", "value": None}),
+                    "nœud@1": (pytest.approx(at + 1), {"outcome": "ok", "note": '"quoted"\n'}),
+                    "alpha@1": (pytest.approx(at + 2), {"outcome": "ok"})}
+
+
 async def test_settings_are_shared(backend_url: str, make_backend: Factory, lock_name: str) -> None:
     a, b = make_backend(backend_url), make_backend(backend_url)
     await a.set_setting(lock_name, "paused:job", "1")

@@ -86,3 +86,13 @@ def test_nan_is_written_as_nan_or_refused_never_turned_into_null() -> None:
     assert json.loads(compact_json({"x": math.nan, "y": [math.inf]}))["y"] == [math.inf]
     with pytest.raises(ValueError):
         compact_json({"x": -math.inf}, allow_nan=False)
+    with pytest.raises(ValueError):
+        compact_json({"result": None, "deep": [{"x": math.nan}]}, allow_nan=False)
+    assert compact_json({"result": None, "x": [math.nan]}) == '{"result":null,"x":[NaN]}'
+
+
+def test_a_null_without_a_nan_beside_it_is_written_by_orjson() -> None:
+    """An intent's ``"result": null`` (one per claim) takes orjson's way, not a second pass by ``json.dumps``:
+    orjson's form shows in the non-ASCII text, which ``json.dumps`` would escape."""
+    assert compact_json(None) == "null"
+    assert compact_json({"result": None, "node_id": "nœud", "at": 1.5}) == '{"result":null,"node_id":"nœud","at":1.5}'
