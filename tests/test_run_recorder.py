@@ -31,9 +31,11 @@ class Store:
         self.failures = list(failures)
         self.stored: list[str] = []
         self.calls = 0
+        self.sizes: list[int] = []
 
     async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
         self.calls += 1
+        self.sizes.append(len(records))
         await asyncio.sleep(0.001)
         if self.failures:
             raise self.failures.pop(0)
@@ -72,6 +74,38 @@ def test_a_passing_surprise_is_tried_again_and_a_lasting_one_dropped_and_counted
     stored, dropped, stored_too, dropped_too = on_virtual_time(main)
     assert stored == ["job@1"] and dropped == []
     assert stored_too == ["job@3"] and dropped_too == [1]
+
+
+def test_a_backlog_goes_oldest_first_a_batch_at_a_time_and_a_waiter_learns_once_its_record_is_stored() -> None:
+    """A queue longer than the batch is taken a batch at a time (a queue that fits is handed over whole), in
+    order through a failed write put back; whoever waits for a record is answered after it is stored, not
+    before, and whoever waits for one the store refuses for good, when it is dropped."""
+    async def main(loop: SimLoop) -> tuple[Store, list[str], dict[str, bool], list[int], list[str]]:
+        store = Store([BackendUnavailable("down")])
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        recorder.batch = 300
+        keys = [f"job-{i:04d}@1" for i in range(1000)]
+        answered: dict[str, bool] = {}
+        waits = []
+        for i, key in enumerate(keys):
+            if (waited := recorder.add(record(key), wait=i % 199 == 0)) is not None:
+                waited.add_done_callback(lambda _, key=key: answered.setdefault(key, key in store.stored))
+                waits.append(waited)
+        await asyncio.gather(*waits)
+        assert await recorder.flush(5.0)
+        refusing = Store([RuntimeError("refused")] * SURPRISE_ATTEMPTS)
+        dropped: list[int] = []
+        other = RunRecorder(refusing, "baton", op_timeout=0.5, on_dropped=dropped.append)  # type: ignore[arg-type]
+        lost = other.add(record("refused@1"), wait=True)
+        assert lost is not None
+        await asyncio.wait_for(lost, 5.0)
+        return store, keys, answered, dropped, refusing.stored
+
+    store, keys, answered, dropped, refused_stored = on_virtual_time(main)
+    assert store.stored == keys  # each once, oldest first
+    assert store.sizes[:3] == [300, 150, 300]  # the failed batch put back, half of it, then the batch regrown
+    assert answered == {key: True for key in keys[::199]}
+    assert dropped == [1] and refused_stored == []
 
 
 def test_a_flush_wakes_a_writer_waiting_out_its_backoff() -> None:
