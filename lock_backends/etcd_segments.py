@@ -90,6 +90,9 @@ class Segment:
     key: bytes
     value: bytes
     runs: tuple[RunRecord, ...]
+    #: The runs' keys, for the set operations of a write (which are busy, whether one is open): a batch's
+    #: records are long out of the processor's caches by then, and a pass over them costs a millisecond.
+    keys: frozenset[str]
 
 
 def pack(name: str, runs: Sequence[RunRecord], values: dict[str, bytes]) -> list[Segment]:
@@ -100,9 +103,11 @@ def pack(name: str, runs: Sequence[RunRecord], values: dict[str, bytes]) -> list
     size = newest = 0
 
     def close() -> None:
-        digest = hashlib.blake2b("\n".join(run.key for run in group).encode(), digest_size=8).hexdigest()
-        value = b"[" + b",".join(values[run.key] for run in group) + b"]"
-        segments.append(Segment(etcd_key(name, "seg", inv(newest).decode(), digest), value, tuple(group)))
+        keys = [run.key for run in group]
+        digest = hashlib.blake2b("\n".join(keys).encode(), digest_size=8).hexdigest()
+        value = b"[" + b",".join(values[key] for key in keys) + b"]"
+        segments.append(Segment(etcd_key(name, "seg", inv(newest).decode(), digest), value, tuple(group),
+                                frozenset(keys)))
 
     for run in ordered:
         us, more = to_us(run.claimed_at), len(values[run.key]) + 1
@@ -123,7 +128,7 @@ def txn_groups(segments: Sequence[Segment], busy: frozenset[str], txn_bytes: int
     groups: list[list[Segment]] = []
     ops = size = 0
     for segment in segments:
-        more = 1 + sum(run.key in busy for run in segment.runs)
+        more = 1 + len(segment.keys & busy)
         if not groups or ops + more > TXN_OPS or size + len(segment.value) > txn_bytes:
             groups.append([])
             ops = size = 0
@@ -185,9 +190,9 @@ class EtcdSegments(EtcdPlumbing):
         open_end, busy_end = prefix_range_end(open_prefix), prefix_range_end(busy_prefix)
         open_at, open_keys = self._open.get(name, (0, frozenset()))
         busy_at, busy = self._busy.get(name, (0, frozenset()))
-        if any(run.key in open_keys for segment in chunk for run in segment.runs):
+        if not all(s.keys.isdisjoint(open_keys) for s in chunk):
             return False  # learned meanwhile (another transaction's failure branch): the per-key way
-        done = [delete(etcd_key(name, "busy", run.key)) for s in chunk for run in s.runs if run.key in busy]
+        done = [delete(etcd_key(name, "busy", key)) for s in chunk for key in sorted(s.keys & busy)]
         if len(chunk) + len(done) > TXN_OPS:
             return False
 

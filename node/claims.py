@@ -81,10 +81,11 @@ BATCH_START, BATCH_MIN, BATCH_MAX = 500, 20, 20_000
 SURPRISE_ATTEMPTS = 3
 #: Records waiting to be written at most; beyond, the oldest are dropped and counted.
 QUEUE_MAX = 500_000
-#: Records taken off a queue longer than the batch between two looks at the event loop. (A queue that fits in the
-#: batch is handed over whole, in no time: taking 2,500 records one by one held the loop for 2.2 ms at 10,000
-#: runs/s, its records long out of the processor's caches, where fire times wait.)
-TAKE_SLICE = 256
+#: Records taken off the queue, or let go of once written, between two looks at the event loop. A batch's records
+#: are long out of the processor's caches by then: taking 2,500 one by one, or freeing them at once, held the
+#: loop for about 2 ms at 10,000 runs/s, where fire times wait. (A queue that fits in the batch is handed over
+#: whole, in no time.)
+RECORD_SLICE = 256
 
 
 @dataclass
@@ -399,9 +400,7 @@ class RunRecorder:
                     self.batch = min(BATCH_MAX, self.batch * 2)
                 elif took > self.op_timeout / 2:
                     self.batch = max(BATCH_MIN, self.batch // 2)
-            if self._waiters:
-                for record in batch:
-                    self._release(record)
+            await self._let_go(batch)
         self._hurry.clear()
 
     async def _take(self) -> deque[RunRecord]:
@@ -411,10 +410,20 @@ class RunRecorder:
             return batch
         batch = deque[RunRecord]()
         while len(batch) < self.batch and self._queue:
-            for _ in range(min(TAKE_SLICE, self.batch - len(batch), len(self._queue))):
+            for _ in range(min(RECORD_SLICE, self.batch - len(batch), len(self._queue))):
                 batch.append(self._queue.popleft())
             await asyncio.sleep(0)
         return batch
+
+    async def _let_go(self, batch: deque[RunRecord]) -> None:
+        """Let go of a batch written (or given up on) a slice at a time, oldest first, answering its waiters."""
+        while batch:
+            for _ in range(min(RECORD_SLICE, len(batch))):
+                record = batch.popleft()
+                if self._waiters:
+                    self._release(record)
+            del record
+            await asyncio.sleep(0)
 
     def _release(self, record: RunRecord) -> None:
         """Whoever waits for ``record`` (now stored, or given up on) waits no more."""

@@ -9,6 +9,7 @@ the next leader run a finished recoverable run again.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,10 +87,14 @@ def test_a_backlog_goes_oldest_first_a_batch_at_a_time_and_a_waiter_learns_once_
         recorder.batch = 300
         keys = [f"job-{i:04d}@1" for i in range(1000)]
         answered: dict[str, bool] = {}
+
+        def note_answer(key: str, _: object) -> None:
+            answered[key] = key in store.stored
+
         waits = []
         for i, key in enumerate(keys):
             if (waited := recorder.add(record(key), wait=i % 199 == 0)) is not None:
-                waited.add_done_callback(lambda _, key=key: answered.setdefault(key, key in store.stored))
+                waited.add_done_callback(functools.partial(note_answer, key))
                 waits.append(waited)
         await asyncio.gather(*waits)
         assert await recorder.flush(5.0)
