@@ -54,7 +54,7 @@ from lock_backends.etcd_client import (
     to_us,
 )
 from lock_backends.etcd_listing import SCAN_CAP, listed, scan
-from lock_backends.etcd_segments import SEG_RECORDS, EtcdSegments, Segment, decode_record, pack, txn_groups
+from lock_backends.etcd_segments import EtcdSegments, Packer, Segment, decode_record, newest_first, pack, txn_groups
 from lock_backends.url import BackendOptions
 
 #: Records per per-key transaction at most (one compare each, next to the busy-runs compare).
@@ -68,8 +68,8 @@ _RECORD_PARALLEL = 4
 _SEGMENT_TRIES = 3
 #: Keys written as records of their own remembered per lock (a retry of a lost answer writes them there again).
 _OWN_KEYS = 100_000
-#: Records of a batch sorted into segments together (a segment's worth): between two, the event loop runs.
-_PACK_SLICE = SEG_RECORDS
+#: Records of a batch sorted into segments between two looks at the event loop.
+_PACK_SLICE = 128
 #: Records read per ``unfinished`` request at most.
 _PAGE = 500
 
@@ -184,15 +184,23 @@ class EtcdRuns(EtcdSegments):
             keyed, packed = self._partition(name, runs, tries)
             queue_up(keyed, pack(name, packed, values), tries)
 
-        # sorted into segments a segment's worth at a time: the whole batch at once held the loop for about
-        # 4 ms at 2,500 records (its records long out of the processor's caches), where fire times wait
-        runs, keyed, segments = list(latest.values()), list[RunRecord](), list[Segment]()
+        # sorted into segments a slice at a time: the whole batch at once held the loop for about 4 ms at 2,500
+        # records (its records long out of the processor's caches), where fire times wait
+        runs, keyed, packed = list(latest.values()), list[RunRecord](), list[RunRecord]()
+        order: list[tuple[int, str, int]] = []  # (newest_first, the run's place in packed): sorted without a key
         for at in range(0, len(runs), _PACK_SLICE):
-            some, packed = self._partition(name, runs[at:at + _PACK_SLICE], 1)
+            some, more = self._partition(name, runs[at:at + _PACK_SLICE], 1)
             keyed += some
-            segments += pack(name, packed, values)
+            order += [(*newest_first(run), len(packed) + i) for i, run in enumerate(more)]
+            packed += more
             await asyncio.sleep(0)
-        queue_up(keyed, segments, 1)
+        order.sort()
+        packer = Packer(name, values)
+        for at in range(0, len(order), _PACK_SLICE):
+            for *_, i in order[at:at + _PACK_SLICE]:
+                packer.add(packed[i])
+            await asyncio.sleep(0)
+        queue_up(keyed, packer.segments(), 1)
 
         async def worker() -> None:
             while not queue.empty():
