@@ -217,7 +217,9 @@ class GatedScheduler:
                                     spacing=RECORD_SPACING if kind is None or kind.batched_records else 0.0,
                                     # the next leader waits on a handing-over leadership's records to run what it
                                     # was handed as busy
-                                    prompt=lambda: self._hand_back_at_us is not None)
+                                    prompt=lambda: self._hand_back_at_us is not None,
+                                    # a claim can queue behind a record write at the store: the lead covers both
+                                    on_round_trip=self.keeper.observe)
         # ``fire`` looked up at each call, not bound now: a wrapper set on the instance later (the simulator's
         # history) sees every fire time; a function returning the coroutine, not one more coroutine per run
         self.executor = FireTimeExecutor(lambda job_id, at: self.fire(job_id, at), self._submitted)
