@@ -74,6 +74,8 @@ def test_quick_failover_and_fire_lag_on_redis(tmp_path: Path) -> None:
     lag = doc["sections"]["fire_lag"]["data"]["results"]["1000"]
     assert isinstance(lag["redis"]["p99_ms"], float) and isinstance(lag["apscheduler3 (single process)"]["p99_ms"],
                                                                     float)
+    assert lag["apscheduler3 (single process)"]["self_ratio_p99"] >= 1.0  # plain against itself, the yardstick
+    assert "Plain against itself" in md
     assert all(v is None or isinstance(v, str | int | float | bool) for v in numbers(doc))
     assert not (out / "out").exists(), "scratch space is removed after a clean run"
 
@@ -147,3 +149,12 @@ def test_a_kill_is_held_to_the_lease_ttl_only_where_a_dead_holder_keeps_it() -> 
     assert {b: target(b, "kill", TIMING)[0] for b in ("file", "redis", "postgres", "etcd")} == {
         "file": 1.0, "redis": ttl_bound, "postgres": 1.0, "etcd": ttl_bound}
     assert target("etcd", "term", TIMING) == (0.25, "< 0.25 s")
+
+
+def test_plain_against_itself_is_the_larger_p99_over_the_smaller() -> None:
+    from loadtest.bench.fire_lag import self_ratio
+
+    fast, slow = [0.001] * 100, [0.002] * 100
+    assert self_ratio(fast, slow) == self_ratio(slow, fast) == 2.0
+    assert self_ratio(fast, fast) == 1.0
+    assert self_ratio([], slow) is None

@@ -278,11 +278,12 @@ def run(ctx: BenchContext) -> SectionResult:
             n = round(rate * INTERVAL)
             warmup = 1.0 + n / 1000  # start-up, and the catch-up on winning (one claim per job) drained
             window = duration / rounds
-            plain: list[float] = []
+            before: list[float] = []  # plain, ahead of each round's Baton runs
+            after: list[float] = []  # and after them
             lags: dict[str, list[float]] = {kind: [] for kind in urls}
             costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
             for _ in range(rounds):
-                plain += asyncio.run(measure_plain(n, warmup, window / 2))
+                before += asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
                 for kind, url in urls.items():
                     limit = warmup + window + STOP_TIMEOUT + SLACK
@@ -293,15 +294,28 @@ def run(ctx: BenchContext) -> SectionResult:
                     lags[kind] += more
                     costs[kind] = merge_costs(costs[kind], cost)
                     advance()
-                plain += asyncio.run(measure_plain(n, warmup, window / 2))
+                after += asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
             row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind]} for kind in urls}
-            row[PLAIN] = summary(plain, n, duration)
+            row[PLAIN] = {**summary(before + after, n, duration), "self_ratio_p99": self_ratio(before, after)}
             for kind in urls:
                 base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
                 row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
             results[str(rate)] = row
     return result(ctx, rates, duration, results, failed, split)
+
+
+def self_ratio(before: list[float], after: list[float]) -> float | None:
+    """Plain APScheduler against itself: the larger of its two halves' p99 over the smaller (>= 1).
+
+    Both halves run the same scheduler minutes apart at most, around the Baton
+    runs of each round: how far apart they land is how far a ratio moves on
+    this machine in this run with nothing changed, the yardstick for Baton's.
+    """
+    a, b = percentile(before, 99), percentile(after, 99)
+    if not a or not b:
+        return None
+    return round(max(a, b) / min(a, b), 2)
 
 
 def rounds_for(rate: int, quick: bool) -> int:
@@ -351,6 +365,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
             runs = f"{r['runs']}" + (" (saturated)" if r["saturated"] else "")
             lines.append(f"| {int(rate):,} | {name} | {backend} | {runs} | {ms(r['p50_ms'])} | {ms(r['p99_ms'])} "
                          f"| {ms(r['max_ms'])} | {ratio} | {costs} | {retried} |")
+    spreads = [f"{int(rate):,}/s {ms(row[PLAIN].get('self_ratio_p99'))}" for rate, row in results.items()
+               if PLAIN in row]
     targets: list[dict[str, Any]] = []
     at = results.get(str(TARGET_RATE), {})
     steady = results.get(str(STEADY_RATE), {})
@@ -392,7 +408,10 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
               f"`claim_window`, `record_batch`); claim retries are claims the backend did not answer "
               f"(retried with a back-off), with the most frequent reason.")
     failures = [f"**{kind} failed:** {error}" for kind, error in failed.items()]
-    markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "",
+    spread = ("Plain against itself (its measurements before each round's Baton runs against those after, "
+              "p99, the larger over the smaller; half the fire times each): " + ", ".join(spreads) + ". How far "
+              "a ratio moves on this machine in this run with nothing changed.")
+    markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "", spread, "",
                           "Targets:", "",
                           "| backend | runs/s | p99 ratio | target | met |", "| --- | ---: | ---: | --- | --- |",
                           *target_lines])
