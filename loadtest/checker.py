@@ -66,8 +66,10 @@ Missed fire times (strict)
     (c) lost to a crash, reported apart (``lost_to_crash``), not as excused: t
         lies in ``[fault - crash_slack, fault + claim_ahead + crash_slack]`` of a
         ``kill``, ``pause`` or ``partition`` that hit the leader (the node that
-        holds the highest token started before the fault), j is not recoverable,
-        and j's next run carries a newer token than that leader's. That leader
+        holds the highest token started before the fault), or of a
+        ``restart-backend`` (it ends the leader's lease whatever its target);
+        j is not recoverable, and j's next run carries a newer token than that
+        leader's. That leader
         may have claimed t ahead and never started it: at-most-once by design
         (``BATON_CLAIM_AHEAD``). Names the fault and the window.
     (d) window_end: j has no run after t at all and ``end - t <= misfire_grace
