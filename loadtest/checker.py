@@ -69,9 +69,9 @@ Missed fire times (strict)
         holds the highest token started before the fault), or of a
         ``restart-backend`` (it ends the leader's lease whatever its target);
         j is not recoverable, and j's next run carries a newer token than that
-        leader's. That leader
-        may have claimed t ahead and never started it: at-most-once by design
-        (``BATON_CLAIM_AHEAD``). Names the fault and the window.
+        leader's. That leader may have claimed t ahead and never started it:
+        at-most-once by design (``BATON_CLAIM_AHEAD``). Names the fault and the
+        window.
     (d) window_end: j has no run after t at all and ``end - t <= misfire_grace
         + interval``: its run, or the catch-up that covers it, may still come.
 

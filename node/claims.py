@@ -384,9 +384,10 @@ class RunRecorder:
             try:
                 try:
                     await self.backend.record_many(self.lock_name, batch)
-                finally:
+                finally:  # answered or not, the write's round trip is measured once, for the batch and the lead
+                    took = clocks.monotonic() - t0
                     if self.on_round_trip is not None:
-                        self.on_round_trip(clocks.monotonic() - t0)
+                        self.on_round_trip(took)
             except BackendUnavailable as exc:
                 # not written (or not known to be): put it back, smaller batches, and wait before the next try
                 self._queue.extendleft(reversed(batch))
@@ -410,7 +411,6 @@ class RunRecorder:
             else:
                 surprises = 0
                 self._last_write = t0  # a retry waits out its backoff instead
-                took = clocks.monotonic() - t0
                 self._complaint = ""
                 delay = RETRY_FIRST
                 if size >= self.batch and took < self.op_timeout / 4:
