@@ -837,6 +837,9 @@ class GatedScheduler:
         window = self.keeper.window
         if not recoverable or window is None or not window.owned_by(lease.token):
             return
+        # this node's own records first, as at a hand-back: a run it finished under an earlier token whose record
+        # is still queued (the store restarted under it) would read as a dead leader's (failover suite, PostgreSQL)
+        await self.recorder.flush(self.backend.options.op_timeout)
         # the listing is retried while this leadership lasts: given up, a dead leader's recoverable runs would
         # wait for the next leader (found by the simulator)
         delay, complaint = 0.05, ""

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from lock_backends import BackendUnavailable, Lease, RunQuery, Window
+from lock_backends import BackendUnavailable, Holder, Lease, RunQuery, RunRecord, Window
 from lock_backends.memory import MemoryBackend
 from node.app import create_app
 from node.outcomes import RunKind, RunOutcome
@@ -241,6 +241,68 @@ async def test_a_crashed_leaders_recoverable_run_is_run_again(make_cluster: Call
         return True if any(k is RunKind.RECOVERY and t == crashed[1] for _, t, _, _, k in history.starts) else None
 
     await eventually("the next leader recovers the run", recovered, within=15)
+
+
+class RestartsUnderItsLeader(MemoryBackend):
+    """A store restarted under its leader, as the failover suite's PostgreSQL restart does: the lease ends
+    without a handoff (one renewal answered "not yours"), and record writes fail until the node has won the
+    lease again (the restart's outage), so a run it finished is still in its recorder when it leads anew."""
+
+    def __init__(self, store: str) -> None:
+        from lock_backends.memory import store as named
+
+        super().__init__(named(store), MemoryBackend.from_url(f"memory://{store}").options)
+        self.restart = False
+        self.wins = 0
+
+    async def acquire(self, name: str, holder: Holder, ttl: float) -> Lease | None:
+        lease = await super().acquire(name, holder, ttl)
+        self.wins += lease is not None
+        return lease
+
+    async def renew(self, lease: Lease) -> Lease | None:
+        if self.restart:
+            self.restart = False
+            return None
+        return await super().renew(lease)
+
+    async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+        if self.restart or self.wins < 2:
+            raise BackendUnavailable("restarting", backend="memory", address="restarting")
+        await super().record_many(name, records)
+
+
+async def test_a_leader_that_wins_again_does_not_recover_its_own_finished_run(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """Found by the failover suite on PostgreSQL: a recoverable run finished, the store restarted before its
+    record was written, and the same node, leading again under a new token, listed the run's intent without a
+    result and ran it again. A recovery reads the store after the node's own records are in it."""
+    history = History()
+    stores: list[RestartsUnderItsLeader] = []
+
+    def backend(store: str) -> RestartsUnderItsLeader:
+        stores.append(RestartsUnderItsLeader(store))
+        return stores[-1]
+
+    cluster = make_cluster(lambda: [spec("nightly", 1.0, history.body(), recover=True)], backend=backend)
+    a = await cluster.start("a")
+    await cluster.leader()
+
+    async def ran() -> bool | None:
+        return True if history.starts and not history.running["nightly"] else None
+
+    await eventually("a recoverable run ends, its record unwritten", ran, within=10, every=0.01)
+    first = history.starts[0]
+    stores[0].restart = True
+
+    async def leads_again() -> bool | None:
+        lease = a.elector.current_lease()
+        return True if lease is not None and lease.token > first[3] else None
+
+    await eventually("the node leads again under a new token", leads_again, within=15)
+    await asyncio.sleep(1.5)  # its catch-up and recovery done
+    assert [s for s in history.starts if s[:2] == first[:2]] == [first], history.starts
+    assert RunKind.RECOVERY not in [k for *_, k in history.starts]
 
 
 # -- hole 5: max_instances was per process, not per cluster -------------------------------------------
