@@ -336,6 +336,8 @@ class RunRecorder:
         #: looked through only when there are any.
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._writer: asyncio.Task[None] | None = None
+        #: The batch being taken or written: out of the queue, not yet known to be stored.
+        self._in_flight: deque[RunRecord] = deque()
         self._complaint = ""
         #: Set by ``flush``: a writer waiting out its backoff tries again at once.
         self._nudge = asyncio.Event()
@@ -351,6 +353,15 @@ class RunRecorder:
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def unwritten(self) -> set[str]:
+        """Keys of the records queued or in a write not yet answered: runs this node knows of, the store may not.
+
+        A recovery skips them: a run this node finished under an earlier token
+        whose record a store restart held up reads as a dead leader's in the
+        store's listing, but is not one.
+        """
+        return {record.key for record in self._queue} | {record.key for record in self._in_flight}
 
     def add(self, record: RunRecord, *, wait: bool = False) -> asyncio.Future[None] | None:
         """Queue a record. With ``wait``, a future that resolves once it is stored (or given up on)."""
@@ -385,6 +396,7 @@ class RunRecorder:
                 try:
                     await self.backend.record_many(self.lock_name, batch)
                 finally:  # answered or not, the write's round trip is measured once, for the batch and the lead
+                    self._in_flight = deque()  # stored, put back in the queue below, or dropped (counted)
                     took = clocks.monotonic() - t0
                     if self.on_round_trip is not None:
                         self.on_round_trip(took)
@@ -424,8 +436,9 @@ class RunRecorder:
         """The next batch, oldest first: the whole queue if it fits, else its first ``self.batch`` records."""
         if len(self._queue) <= self.batch:
             batch, self._queue = self._queue, deque()
+            self._in_flight = batch
             return batch
-        batch = deque[RunRecord]()
+        batch = self._in_flight = deque[RunRecord]()
         while len(batch) < self.batch and self._queue:
             for _ in range(min(RECORD_SLICE, self.batch - len(batch), len(self._queue))):
                 batch.append(self._queue.popleft())

@@ -843,7 +843,12 @@ class GatedScheduler:
         # the listing is retried while this leadership lasts: given up, a dead leader's recoverable runs would
         # wait for the next leader (found by the simulator)
         delay, complaint = 0.05, ""
+        # and what this node knows of that the listing may not: records the flush could not write (the store
+        # still refusing them), runs going; taken before each request, so a record stored after it is here
+        known: set[str] = set()
         while True:
+            known |= self.recorder.unwritten()
+            known.update(key.partition("#")[0] for key in self.running)
             try:
                 open_runs = await self.backend.unfinished(self.lock_name, RECOVERY_SCAN)
                 break
@@ -867,7 +872,7 @@ class GatedScheduler:
             if parsed is None or "#" in run.key or run.token >= lease.token:
                 continue
             job_id, scheduled_at = parsed
-            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going
+            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going or run.key in known
                     or to_us(scheduled_at) >= window.since_us):
                 continue
             log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -246,18 +248,23 @@ async def test_a_crashed_leaders_recoverable_run_is_run_again(make_cluster: Call
 class RestartsUnderItsLeader(MemoryBackend):
     """A store restarted under its leader, as the failover suite's PostgreSQL restart does: the lease ends
     without a handoff (one renewal answered "not yours"), and record writes fail until the node has won the
-    lease again (the restart's outage), so a run it finished is still in its recorder when it leads anew."""
+    lease again (the restart's outage), so a run it finished is still in its recorder when it leads anew;
+    and for ``refuse_after_win`` seconds more, so that its recovery's flush cannot write them either."""
 
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, refuse_after_win: float = 0.0) -> None:
         from lock_backends.memory import store as named
 
         super().__init__(named(store), MemoryBackend.from_url(f"memory://{store}").options)
         self.restart = False
         self.wins = 0
+        self.refuse_after_win = refuse_after_win
+        self.won_again_at = math.inf
 
     async def acquire(self, name: str, holder: Holder, ttl: float) -> Lease | None:
         lease = await super().acquire(name, holder, ttl)
         self.wins += lease is not None
+        if lease is not None and self.wins == 2:
+            self.won_again_at = time.monotonic()
         return lease
 
     async def renew(self, lease: Lease) -> Lease | None:
@@ -267,21 +274,24 @@ class RestartsUnderItsLeader(MemoryBackend):
         return await super().renew(lease)
 
     async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
-        if self.restart or self.wins < 2:
+        if self.restart or time.monotonic() < self.won_again_at + self.refuse_after_win:
             raise BackendUnavailable("restarting", backend="memory", address="restarting")
         await super().record_many(name, records)
 
 
+@pytest.mark.parametrize("refused_after_win", [0.0, 3.0], ids=["records-written-on-winning",
+                                                                  "records-still-refused"])
 async def test_a_leader_that_wins_again_does_not_recover_its_own_finished_run(
-        make_cluster: Callable[..., Cluster]) -> None:
+        make_cluster: Callable[..., Cluster], refused_after_win: float) -> None:
     """Found by the failover suite on PostgreSQL: a recoverable run finished, the store restarted before its
     record was written, and the same node, leading again under a new token, listed the run's intent without a
-    result and ran it again. A recovery reads the store after the node's own records are in it."""
+    result and ran it again. A recovery reads the store after the node's own records are in it; and when the
+    store still refuses them (longer than the flush waits), it skips the runs whose records it holds."""
     history = History()
     stores: list[RestartsUnderItsLeader] = []
 
     def backend(store: str) -> RestartsUnderItsLeader:
-        stores.append(RestartsUnderItsLeader(store))
+        stores.append(RestartsUnderItsLeader(store, refused_after_win))
         return stores[-1]
 
     cluster = make_cluster(lambda: [spec("nightly", 1.0, history.body(), recover=True)], backend=backend)
@@ -300,7 +310,8 @@ async def test_a_leader_that_wins_again_does_not_recover_its_own_finished_run(
         return True if lease is not None and lease.token > first[3] else None
 
     await eventually("the node leads again under a new token", leads_again, within=15)
-    await asyncio.sleep(1.5)  # its catch-up and recovery done
+    await asyncio.sleep(1.5 + refused_after_win)  # its catch-up and recovery done, its records written
+    assert a.scheduler.recorder.unwritten() == set()
     assert [s for s in history.starts if s[:2] == first[:2]] == [first], history.starts
     assert RunKind.RECOVERY not in [k for *_, k in history.starts]
 

@@ -113,6 +113,35 @@ def test_a_backlog_goes_oldest_first_a_batch_at_a_time_and_a_waiter_learns_once_
     assert dropped == [1] and refused_stored == []
 
 
+def test_unwritten_names_every_record_not_known_stored_queued_in_a_write_or_put_back() -> None:
+    """What a recovery skips (``GatedScheduler._recover``): a record is unwritten from ``add`` until its write
+    is answered, including while the write is on its way and after a failed write put it back."""
+    class Peeking(Store):
+        """Notes what the recorder calls unwritten while each write is on its way."""
+
+        peek: Callable[[], set[str]]
+        during: list[set[str]] = []
+
+        async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+            self.during.append(self.peek())
+            await super().record_many(name, records)
+
+    async def main(loop: SimLoop) -> tuple[set[str], list[set[str]], set[str]]:
+        store = Peeking([BackendUnavailable("down")])
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        store.peek = recorder.unwritten
+        recorder.add(record("a@1"))
+        recorder.add(record("b@1"))
+        queued = recorder.unwritten()
+        assert await recorder.flush(5.0)
+        return queued, store.during, recorder.unwritten()
+
+    queued, during, after = on_virtual_time(main)
+    assert queued == {"a@1", "b@1"}
+    assert during == [{"a@1", "b@1"}] * 2  # in the failed write, then put back and in the next one
+    assert after == set()
+
+
 def test_a_flush_wakes_a_writer_waiting_out_its_backoff() -> None:
     async def main(loop: SimLoop) -> tuple[bool, float, list[str]]:
         store = Store([BackendUnavailable("down")] * 7)  # backoff 0.02, 0.04 ... 1.28 s after the 7th failure

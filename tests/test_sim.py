@@ -469,9 +469,15 @@ def test_each_hole_and_finding_schedule_passes(hole: holes.Hole) -> None:
     assert result.checked.violations == [], [v.detail for v in result.checked.violations]
 
 
-@pytest.mark.parametrize("hole", holes.load(), ids=lambda h: f"{h.name}+{h.bug}")
+def _bugged() -> list[holes.Hole]:
+    """The holes of #12, and the findings that name the bug re-creating them."""
+    return [h for h in holes.load(findings=True) if h.bug]
+
+
+@pytest.mark.parametrize("hole", _bugged(), ids=lambda h: f"{h.name}+{h.bug}")
 def test_each_hole_is_found_again_with_its_bug_put_back(hole: holes.Hole) -> None:
-    """The simulator can still fail: each hole of #12, re-created from here (loadtest.sim.broken), is reported."""
+    """The simulator can still fail: each hole of #12 (and each finding with a bug), re-created from here
+    (loadtest.sim.broken), is reported."""
     with broken.injected(hole.bug):
         result = run_scenario(hole.scenario)
     assert result.error is None
@@ -479,7 +485,8 @@ def test_each_hole_is_found_again_with_its_bug_put_back(hole: holes.Hole) -> Non
     assert found, f"{hole.name}: expected {hole.expect}, got {[v.invariant for v in result.checked.violations]}"
     if hole.fire_time is not None:
         assert _f(hole.fire_time) in {v.f_us for v in found}, [v.detail for v in found]
-    assert holes.classify(found[0], result.history) == hole.hole
+    if hole.hole:  # the classifier knows the holes of #12; a finding's bug is named by its schedule alone
+        assert holes.classify(found[0], result.history) == hole.hole
 
 
 def test_a_new_leaders_catch_up_intents_go_with_its_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -520,8 +527,9 @@ def test_a_catch_up_is_judged_on_the_freshest_busy_list(monkeypatch: pytest.Monk
 
 
 def test_every_bug_has_a_hole_and_is_put_back_only_inside_the_block() -> None:
-    assert {h.bug for h in holes.load()} == set(broken.BUGS)
-    assert all(broken.BUGS[h.bug][0] == h.hole for h in holes.load())
+    assert {h.bug for h in _bugged()} == set(broken.BUGS)
+    assert all(broken.BUGS[h.bug][0] == h.hole for h in _bugged())
+    assert all(h.bug for h in holes.load())  # every hole of #12 has one
     from loadtest.sim import cluster
     from node.scheduler import GatedScheduler
 
@@ -597,7 +605,7 @@ def test_cli_holes_pass_and_fail_with_their_bugs() -> None:
     run = sim_cli("--hole", "all")
     assert run.returncode == 0, run.stdout
     assert run.stdout.count("passes") == len(holes.load(findings=True))
-    assert run.stdout.count(" found") == len(holes.load()) and "NOT FOUND" not in run.stdout
+    assert run.stdout.count(" found") == len(_bugged()) and "NOT FOUND" not in run.stdout
 
 
 def test_cli_explores_and_prints_failing_seeds() -> None:

@@ -26,6 +26,12 @@ max-instances-per-     5     ``max_instances`` counts this node's runs only     
 node                         (``GatedScheduler._over_limit`` ignores busy runs)
 no-shutdown-grace      6     a stopping node cuts running bodies at once            lost (cut)
                              (``GatedScheduler.shutdown`` with grace 0)
+recovers-own-run       0     a leader that wins again lists unfinished runs before  duplicate_start
+                             its own records are written, and forgets it holds them
+                             (``GatedScheduler._recover`` with a recorder that
+                             looks empty): a run it finished under its earlier
+                             token, its record held up by a store restart, is run
+                             again (found by the failover suite on PostgreSQL)
 =====================  ====  =====================================================  ====================
 """
 
@@ -92,6 +98,26 @@ def _local_over_limit(self: GatedScheduler, spec: Any) -> Refusal | None:
     return None
 
 
+def _forgetful_recovery(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _recover(self: GatedScheduler, lease: Lease) -> None:
+        recorder = self.recorder
+
+        async def no_flush(timeout: float) -> bool:
+            return True
+
+        def nothing_unwritten() -> set[str]:
+            return set()
+
+        # for this recovery only (its own calls come first, before anything else on the node could ask)
+        recorder.flush, recorder.unwritten = no_flush, nothing_unwritten  # type: ignore[method-assign]
+        try:
+            return await original(self, lease)
+        finally:
+            del recorder.flush, recorder.unwritten
+
+    return _recover
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -107,6 +133,7 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "hand-back-without-busy": (4, (cluster, "BACKEND", lambda _original: HandBackWithoutBusy)),
     "max-instances-per-node": (5, (GatedScheduler, "_over_limit", lambda _original: _local_over_limit)),
     "no-shutdown-grace": (6, (GatedScheduler, "shutdown", _no_grace)),
+    "recovers-own-run": (0, (GatedScheduler, "_recover", _forgetful_recovery)),
 }
 
 

@@ -507,10 +507,12 @@ class Cluster:
     def apply(self, fault: Fault) -> None:
         now = self.loop.now
         entry: dict[str, Any] = {"t": round(now, 6), **fault.to_dict()}
-        if fault.kind == "outage":
+        if fault.kind in ("outage", "restart"):
             self.net.outage(fault.duration)
             self.history.cut("", now, now + fault.duration)
             self.history.fault(entry)
+            if fault.kind == "restart":
+                self._drop_leases()
             return
         n = self.resolve(fault.target)
         if n is None or (not n.up() and fault.kind != "clock_step"):
@@ -522,6 +524,15 @@ class Cluster:
             entry["pid"] = n.proc.pid
         self.history.fault(entry)
         getattr(self, f"_fault_{fault.kind}")(n, fault)
+
+    def _drop_leases(self) -> None:
+        """A store restart that ends every lease, as PostgreSQL's does (a session advisory lock ends with its
+        session): the holder learns it at its next renewal, when it is refused. What the store wrote stays:
+        tokens, claim marks, run records."""
+        for state in self.store.locks.values():
+            if state.holder is not None:
+                state.holder, state.expires = None, 0.0
+                self.store.notify(state)
 
     def _fault_pause(self, n: SimHost, fault: Fault) -> None:
         proc = n.proc

@@ -2,8 +2,9 @@
 
 On the claim-window core every schedule passes. Each hole names the bug of
 ``loadtest.sim.broken`` that puts it back, and the invariant the simulator
-then reports (``expect``); findings are weaknesses the simulator found beside
-the six holes, each fixed, kept as regression schedules.
+then reports (``expect``); findings are weaknesses found beside the six
+holes, each fixed, kept as regression schedules; a finding that names a bug
+must fail with it, as a hole does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Hole:
     fire_time: float | None
     about: str
     scenario: Scenario
-    #: the bug of ``loadtest.sim.broken`` that re-creates the hole ("" for a finding)
+    #: the bug of ``loadtest.sim.broken`` that re-creates the hole (a finding may have none)
     bug: str = ""
 
 

@@ -8,8 +8,9 @@ first. The names and their meaning:
 ``duplicate_start``
     No fire time of a job is started twice, except a declared at-least-once
     recovery: a ``recovery`` run of a fire time whose every earlier run was on
-    a process that failed (was killed, paused, or cut off from the store)
-    between that run's start and the recovery's.
+    another process, one that failed (was killed, paused, or cut off from the
+    store) between that run's start and the recovery's. A process never
+    recovers its own run: it knows it ran it, whatever the store heard.
 ``fenced_sink``
     A sink that accepts a write when its token is at least the highest it
     accepted (per job; the bodies write at their start and end) never accepts
@@ -29,7 +30,9 @@ first. The names and their meaning:
     claim-ahead lead, plus one operation timeout either side, of the instant
     its leader was killed, paused or cut off, or due before the window that
     gave it to a leader killed or paused within that slack of the answer: a
-    new leader's catch-up it had no time to start); no leader at all
+    new leader's catch-up it had no time to start; or claimed by a leader
+    whose lease a store restart ended, due after it stopped firing, when it
+    could no longer hand it back); no leader at all
     for the whole misfire grace after it. A fire time whose only runs were
     cancelled by a graceful stop is lost too (cut).
 ``max_instances``
@@ -43,7 +46,11 @@ first. The names and their meaning:
 ``one_leader``
     At most one process believes it leads at any instant (beliefs overlap by
     no more than ``LEADER_OVERLAP_BOUND``: hosts' clock rates stay within the
-    documented drift, so the local deadline margin must absorb it).
+    documented drift, so the local deadline margin must absorb it). Except
+    after a store restart that ended the leases: the holder learns it at its
+    next renewal, so its belief may outlast the restart by up to its renew
+    deadline (``RESTART_BELIEF_SLACK`` beyond it); its claim window, fenced by
+    its token, keeps what it runs apart from the next leader's.
 """
 
 from __future__ import annotations
@@ -75,6 +82,9 @@ CRASH_SLACK = 0.6
 STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
+#: How long past its renew deadline after a store restart a holder may still believe it leads: the renewal in
+#: flight at the restart answered late, and the holder's clock running slow.
+RESTART_BELIEF_SLACK = 0.5
 
 
 @dataclass
@@ -120,6 +130,8 @@ class _Facts:
                 self.failures[proc.pid].append((proc.end, float("inf"), "killed"))
         for items in self.failures.values():
             items.sort()
+        #: store restarts that ended every lease: when each began
+        self.restarts = [float(f["t"]) for f in h.faults if f["kind"] == "restart"]
         self.runs_by_job: dict[str, list[Run]] = defaultdict(list)
         for run in h.runs:
             self.runs_by_job[run.job].append(run)
@@ -212,6 +224,11 @@ class _Facts:
         of a leading process's wall clock: ``f_us`` lies in the range it jumped
         over (up to a period after), and a later fire time of that range ran
         (its recovery included, the leader having died since) or was skipped so.
+        The scheduler learns of the step at its next wake-up, timed on the
+        monotonic clock before the step (the job's first fire time after the
+        step's start, at the latest); a pause of the process that began by
+        then holds that wake-up to its resume, and the range to the wall time
+        of the resume.
         """
         h = self.h
         f = f_us / 1e6
@@ -230,7 +247,11 @@ class _Facts:
             if delta <= 0 or not any(b.host == host and b.since - EPS <= at <= b.until + EPS for b in self.beliefs):
                 continue
             before = h.wall(host, at - EPS)
-            top_us = int((before + delta + shape.period_ms / 1000) * 1e6)
+            period_us = shape.period_ms * 1000
+            first_us = INTERVAL_EPOCH_US + (int(before * 1e6) - INTERVAL_EPOCH_US) // period_us * period_us + period_us
+            wakes = at + (first_us / 1e6 - before) / h.hosts[host]["rate"] + STOP_SLACK
+            held = [t1 for p_host, _, t0, t1 in h.pauses if p_host == host and at - EPS <= t0 <= wakes]
+            top_us = int((max([before + delta, *(h.wall(host, t1) for t1 in held)]) + shape.period_ms / 1000) * 1e6)
             if not before < f <= top_us / 1e6:
                 continue
             if any(f_us < r.f_us <= top_us for r in self.runs_by_job.get(shape.id, ()) if r.kind != "manual"):
@@ -315,12 +336,37 @@ class _Facts:
                                 default=None)
                     if how in ("killed", "paused") and given is not None and at <= given + slack:
                         return how
+                if self._dropped_with_its_lease(b, marks, f_us):
+                    return "whose lease a store restart ended"
             return None
         return None
 
+    def _dropped_with_its_lease(self, b: Belief, marks: list[Mark], f_us: int) -> bool:
+        """``f_us``, claimed by ``b``'s token before a store restart ended its lease, came due after the leader
+        stopped firing (it learned of the loss, or began a SIGTERM or step-down) and before it could hand it back:
+        a hand-back needs the lease the restart ended."""
+        stopped = min([f["t"] for f in self.h.faults if f.get("pid") == b.pid
+                       and f["kind"] in ("term", "step_down") and b.since <= f["t"] <= b.until] + [b.until])
+        for t0 in self.restarts:
+            if not b.since - EPS <= t0 <= stopped + HAND_BACK_TIME:
+                continue
+            held = max((m.until_us for m in marks if m.sent <= t0 + EPS), default=0)
+            if f_us < held and f_us / 1e6 >= self.h.wall(b.host, stopped) - STOP_SLACK:
+                return True
+        return False
+
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
         return later.kind == "recovery" and all(
-            self.failed_between(e.pid, e.start, later.start) is not None for e in earlier)
+            e.pid != later.pid and self.failed_between(e.pid, e.start, later.start) is not None for e in earlier)
+
+    def restart_under(self, a: Belief, b: Belief) -> float | None:
+        """The store restart that ended ``a``'s lease before ``b`` began, if ``a``'s belief ended within the
+        renew deadline of it (the holder learns at its next renewal): when it began."""
+        bound = self.config.renew_deadline + RESTART_BELIEF_SLACK
+        for t0 in self.restarts:
+            if a.since - EPS <= t0 <= b.since + EPS and a.until <= t0 + bound:
+                return t0
+        return None
 
     def leader_when_due(self, f_us: int) -> tuple[Belief, float] | None:
         """The process that believed it led when ``f_us`` came due on its own clock, and that instant."""
@@ -582,7 +628,9 @@ def check_one_leader(facts: _Facts, excused: dict[str, int]) -> tuple[list[Viola
             if b.pid == a.pid:
                 continue
             overlap = min(a.until, b.until) - b.since
-            if overlap > LEADER_OVERLAP_BOUND:
+            if overlap > LEADER_OVERLAP_BOUND and facts.restart_under(a, b) is not None:
+                excused["one_leader: a holder learning at its next renewal that a store restart ended its lease"] += 1
+            elif overlap > LEADER_OVERLAP_BOUND:
                 out.append(Violation(
                     "one_leader", b.since, f"{a.host}/p{a.pid} (token {a.token}, {a.since:.3f}-{a.until:.3f}) and "
                     f"{b.host}/p{b.pid} (token {b.token}, {b.since:.3f}-{b.until:.3f}) both believed they led "

@@ -47,7 +47,7 @@ def events(h: History) -> list[tuple[float, int, str, str, dict[str, Any]]]:
             what += f" {f['job']}"
         if f.get("skipped"):
             what += f" (skipped: {f['skipped']})"
-        add(f["t"], f.get("host", "store" if f["kind"] == "outage" else "-"), what, fault=True)
+        add(f["t"], f.get("host", "store" if f["kind"] in ("outage", "restart") else "-"), what, fault=True)
     for p in h.procs:
         add(p.start, p.host, f"process p{p.pid} starts", proc=True)
         if p.end is not None:

@@ -14,11 +14,11 @@ import random
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-KINDS = ("pause", "kill", "term", "step_down", "clock_step", "outage", "cut", "op", "run_now")
+KINDS = ("pause", "kill", "term", "step_down", "clock_step", "outage", "restart", "cut", "op", "run_now")
 
 #: Relative weights of fault kinds in a random schedule.
-KIND_WEIGHTS = {"pause": 3, "kill": 2, "term": 3, "step_down": 3, "clock_step": 1, "outage": 1, "cut": 1,
-                "op": 6, "run_now": 1}
+KIND_WEIGHTS = {"pause": 3, "kill": 2, "term": 3, "step_down": 3, "clock_step": 1, "outage": 1, "restart": 1,
+                "cut": 1, "op": 6, "run_now": 1}
 #: Relative weights of operations for operation faults; a name not listed weighs ``OP_DEFAULT_WEIGHT``.
 OP_WEIGHTS = {"claim_window": 5, "hand_back": 3, "claim": 2, "renew": 3, "acquire": 2, "record_many": 3,
               "unfinished": 2, "release": 1, "settings": 1, "leader": 1, "server_time": 1,
@@ -32,7 +32,7 @@ class Fault:
     at: float
     kind: str
     target: str = "leader"
-    #: pause, outage, cut: how long; kill, term: how long until the host's process is started again
+    #: pause, outage, restart, cut: how long; kill, term: how long until the host's process is started again
     duration: float = 0.0
     #: clock_step: seconds added to the target's wall clock
     delta: float = 0.0
@@ -61,7 +61,7 @@ class Fault:
 
     def describe(self) -> str:
         who = self.target or "store"
-        if self.kind in ("pause", "outage", "cut"):
+        if self.kind in ("pause", "outage", "restart", "cut"):
             return f"{self.kind} {who} for {self.duration:.3f}s"
         if self.kind in ("kill", "term"):
             return f"{self.kind} {who}, restart after {self.duration:.3f}s"
@@ -214,7 +214,7 @@ def random_faults(config: RunConfig, ops: list[str]) -> list[Fault]:
         elif kind == "clock_step":
             delta = rng.uniform(0.05, 1.5) * rng.choice([-1, 1])
             faults.append(Fault(at, kind, target, delta=round(delta, 4)))
-        elif kind == "outage":
+        elif kind in ("outage", "restart"):
             faults.append(Fault(at, kind, "", duration=round(rng.uniform(0.2, 3.0), 4)))
         elif kind == "cut":
             faults.append(Fault(at, kind, target, duration=round(rng.uniform(0.2, 3.0), 4)))
