@@ -257,6 +257,13 @@ def test_duplicate_start() -> None:
     h.proc_end(5.2, 0, "killed")
     _run(h, "tick", 5.0, host="n1", pid=1, token=2, kind="recovery", start=5.5, end=5.6)
     assert "duplicate_start" not in _violated(h, scenario)
+    # the store was down meanwhile: another process's recovery is excused, the same process's is not (it knows)
+    for pid, excused in ((1, True), (0, False)):
+        h = _history()
+        _every_second(h)
+        h.cut("", 5.2, 5.4)
+        _run(h, "tick", 5.0, host=f"n{pid}", pid=pid, token=2, kind="recovery", start=5.5, end=5.6)
+        assert ("duplicate_start" not in _violated(h, scenario)) == excused, pid
 
 
 def test_fenced_sink() -> None:
@@ -431,6 +438,26 @@ def test_one_leader() -> None:
     h.lease(5.0, "n0", 0, None, 0.0)
     h.lease(5.0, "n1", 1, 2, 8.0)  # one after the other
     assert "one_leader" not in _violated(h, scenario)
+
+
+@pytest.mark.parametrize(("restart", "believed_until", "violated"),
+                         [(True, 6.0, False), (True, 8.0, True), (False, 6.0, True)],
+                         ids=["learns-at-its-renewal", "believes-past-its-renew-deadline", "no-restart"])
+def test_one_leader_after_a_store_restart_only_until_the_old_holders_renewal(
+        restart: bool, believed_until: float, violated: bool) -> None:
+    """A restart that ends the leases lets a new leader win while the old holder still believes, until its next
+    renewal is refused: excused (and counted) within its renew deadline of the restart, never without one."""
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    h = _history()
+    _every_second(h)
+    if restart:
+        h.cut("", 5.0, 5.2)
+        h.fault({"t": 5.0, "kind": "restart", "target": "", "duration": 0.2})
+    h.lease(5.3, "n1", 1, 2, 12.0)
+    h.lease(believed_until, "n0", 0, None, 0.0)
+    checked = check(h, scenario)
+    assert ("one_leader" in {v.invariant for v in checked.violations}) == violated
+    assert any("store restart" in reason for reason in checked.excused) == (restart and not violated)
 
 
 @pytest.mark.parametrize(("rate", "overlap"), [(0.95, True), (0.99, False)])

@@ -30,9 +30,7 @@ first. The names and their meaning:
     claim-ahead lead, plus one operation timeout either side, of the instant
     its leader was killed, paused or cut off, or due before the window that
     gave it to a leader killed or paused within that slack of the answer: a
-    new leader's catch-up it had no time to start; or claimed by a leader
-    whose lease a store restart ended, due after it stopped firing, when it
-    could no longer hand it back); no leader at all
+    new leader's catch-up it had no time to start); no leader at all
     for the whole misfire grace after it. A fire time whose only runs were
     cancelled by a graceful stop is lost too (cut).
 ``max_instances``
@@ -336,24 +334,8 @@ class _Facts:
                                 default=None)
                     if how in ("killed", "paused") and given is not None and at <= given + slack:
                         return how
-                if self._dropped_with_its_lease(b, marks, f_us):
-                    return "whose lease a store restart ended"
             return None
         return None
-
-    def _dropped_with_its_lease(self, b: Belief, marks: list[Mark], f_us: int) -> bool:
-        """``f_us``, claimed by ``b``'s token before a store restart ended its lease, came due after the leader
-        stopped firing (it learned of the loss, or began a SIGTERM or step-down) and before it could hand it back:
-        a hand-back needs the lease the restart ended."""
-        stopped = min([f["t"] for f in self.h.faults if f.get("pid") == b.pid
-                       and f["kind"] in ("term", "step_down") and b.since <= f["t"] <= b.until] + [b.until])
-        for t0 in self.restarts:
-            if not b.since - EPS <= t0 <= stopped + HAND_BACK_TIME:
-                continue
-            held = max((m.until_us for m in marks if m.sent <= t0 + EPS), default=0)
-            if f_us < held and f_us / 1e6 >= self.h.wall(b.host, stopped) - STOP_SLACK:
-                return True
-        return False
 
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
         return later.kind == "recovery" and all(
