@@ -158,3 +158,13 @@ def test_plain_against_itself_is_the_larger_p99_over_the_smaller() -> None:
     assert self_ratio(fast, slow) == self_ratio(slow, fast) == 2.0
     assert self_ratio(fast, fast) == 1.0
     assert self_ratio([], slow) is None
+
+
+def test_the_backends_order_turns_so_each_takes_each_place_once() -> None:
+    from loadtest.bench.fire_lag import rotated
+
+    kinds = ["file", "redis", "postgres", "etcd"]
+    orders = [rotated(kinds, turn) for turn in range(len(kinds))]
+    assert all(sorted(order) == sorted(kinds) for order in orders)
+    assert all(sorted(order[place] for order in orders) == sorted(kinds) for place in range(len(kinds)))
+    assert rotated(kinds, 4) == kinds and rotated([], 3) == []

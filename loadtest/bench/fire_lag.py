@@ -11,9 +11,12 @@ second. Plain APScheduler 3 does not hand the fire time to the job; its body
 derives it from the job's grid (exact while the lag stays under the interval).
 
 Per rate, the measurements alternate in rounds (plain, Baton on each backend,
-plain again), each system's windows pooled over the rounds, so a slow spell of
-the machine lands on every system rather than on whichever ran then. Ratio =
-Baton p99 / plain p99.
+plain again; the backends' order turns by one each round), each system's
+windows pooled over the rounds, so a slow spell of the machine lands on every
+system rather than on whichever ran then. Ratio = Baton p99 / plain p99. A p99
+of a few thousand fire times moves by a fifth or more between runs of the same
+code on a shared two-core VM (plain against itself, reported); the rounds and
+the 20 s per system are what keeps a verdict from resting on one such spell.
 
 On a machine with two or more cores the backend servers run on the last core
 and the measuring process on the others, for plain and Baton alike: in a
@@ -55,11 +58,13 @@ TARGET_RATE = 1_000
 TARGET_RATIO = 1.5
 #: At the steady top rate no backend may collapse: this share of the fire times run, p99 within this ratio.
 STEADY_RATE, STEADY_SHARE, STEADY_RATIO = 10_000, 0.99, 2.0
-#: Alternating rounds per rate up to the target rate; at the steady top rate two (its verdict then does not
-#: rest on one slow spell of the machine); past the target otherwise one (those rates only show saturation).
-ROUNDS = 3
-STEADY_ROUNDS = 2
+#: Alternating rounds per rate up to the target rate, and at the steady top rate (each verdict then rests on
+#: several spells of the machine, not one); past the target otherwise one (those rates only show saturation).
+ROUNDS = 5
+STEADY_ROUNDS = 4
 QUICK_ROUNDS = 1
+#: Seconds of fire times per system and rate, pooled over the rounds.
+DURATION, QUICK_DURATION = 20.0, 2.0
 PLAIN = "apscheduler3 (single process)"
 #: Store operations whose mean cost the section reports: the claim window's refills and the record batches.
 COST_OPS = ("claim_window", "record_batch")
@@ -262,7 +267,7 @@ def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str
 
 def run(ctx: BenchContext) -> SectionResult:
     rates = QUICK_RATES if ctx.quick else RATES
-    duration = 2.0 if ctx.quick else 10.0
+    duration = QUICK_DURATION if ctx.quick else DURATION
     (ctx.work / "fire_lag").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -282,10 +287,10 @@ def run(ctx: BenchContext) -> SectionResult:
             after: list[float] = []  # and after them
             lags: dict[str, list[float]] = {kind: [] for kind in urls}
             costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
-            for _ in range(rounds):
+            for turn in range(rounds):
                 before += asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
-                for kind, url in urls.items():
+                for kind, url in rotated(list(urls.items()), turn):
                     limit = warmup + window + STOP_TIMEOUT + SLACK
                     try:
                         more, cost = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
@@ -303,6 +308,14 @@ def run(ctx: BenchContext) -> SectionResult:
                 row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
             results[str(rate)] = row
     return result(ctx, rates, duration, results, failed, split)
+
+
+def rotated(items: list[Any], turn: int) -> list[Any]:
+    """``items`` turned by ``turn`` places: over as many rounds as items, each takes each place once."""
+    if not items:
+        return items
+    k = turn % len(items)
+    return items[k:] + items[:k]
 
 
 def self_ratio(before: list[float], after: list[float]) -> float | None:
@@ -398,7 +411,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
     method = (f"In-process: one Baton node leading alone (claims ahead, run records, metrics, JSON logs to a "
               f"file) against a plain single-process AsyncIOScheduler, the same N interval jobs every "
               f"{INTERVAL:g} s with anchors spread over the interval (N runs/s), same job defaults. Per rate the "
-              f"systems alternate in rounds ({rounds}: plain, Baton per backend, plain again), {duration:g} s of "
+              f"systems alternate in rounds ({rounds}: plain, Baton per backend in an order that turns each round, "
+              f"plain again), {duration:g} s of "
               f"fire times per system pooled over the rounds; {cores}. The node raises the process's "
               f"young-generation GC threshold while it runs (`node/gc_policy.py`); plain APScheduler runs with "
               f"the interpreter's default. "
