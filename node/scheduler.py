@@ -204,6 +204,8 @@ class GatedScheduler:
         #: Set when this leadership stopped firing: fire times from here on are not started here.
         self._hand_back_at_us: int | None = None
         self._handed_back = False
+        #: The graceful handoff under way, if any, and the token of the leadership it hands over.
+        self._handing_over: tuple[int, asyncio.Task[None]] | None = None
         #: Intents this leadership wrote: recoverable fire times claimed with its windows (key -> us).
         self._intents: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -394,12 +396,25 @@ class GatedScheduler:
     async def hand_over(self) -> None:
         """A graceful handoff while the lease is still held: run what we own, give back the rest.
 
-        The caller lets the lease go afterwards (stop, or step down). Idempotent.
+        The caller lets the lease go afterwards (stop, or step down). Idempotent: a call while this
+        leadership's handoff is under way waits for it to end. (Returning at once, a SIGTERM during a
+        step-down's handoff, whose flush of the run records waited on a slow store, let the lease go before
+        the window and its busy runs were handed back: the next leader recovered a run still going; found
+        by the simulator.) The handoff goes on if its caller is cancelled.
         """
         lease = self._current_lease()
+        under_way = self._handing_over
+        if under_way is not None and not under_way[1].done() and (lease is None or lease.token == under_way[0]):
+            await asyncio.shield(under_way[1])
+            return
         if lease is None or self._hand_back_at_us is not None:
             return
         at = self._close_gate()
+        task = asyncio.ensure_future(self._hand_over(lease, at))
+        self._handing_over = (lease.token, task)
+        await asyncio.shield(task)
+
+    async def _hand_over(self, lease: Lease, at: int) -> None:
         await self.keeper.stop()
         # fire times before the hand-back point are ours: let those already handed to us start
         for job in self.scheduler.get_jobs():

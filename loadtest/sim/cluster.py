@@ -376,7 +376,8 @@ class Cluster:
         def answered(op: str, args: tuple[Any, ...], result: Any) -> None:
             if op in ("claim_window", "hand_back") and isinstance(result, Window):
                 history.view(loop.now, host, pid, args[0].token,
-                             [(b.key, b.job_id, b.node_id, b.token, b.until_us) for b in result.busy])
+                             [(b.key, b.job_id, b.node_id, b.token, b.until_us) for b in result.busy],
+                             result.until_us if result.token == args[0].token else 0)
 
         return answered
 

@@ -95,7 +95,9 @@ class View:
     """A claim mark as it reached a process (the answer of its ``claim_window`` or ``hand_back``).
 
     ``busy``: the runs a previous leader handed over as still going, as the
-    store listed them: (key, job, node, token, until_us).
+    store listed them: (key, job, node, token, until_us). ``until_us``: where
+    the window the process now knows it owns ends (0: the answer gave it none,
+    a newer token's mark).
     """
 
     t: float
@@ -103,6 +105,7 @@ class View:
     pid: int
     token: int
     busy: list[tuple[str, str, str, int, int]] = field(default_factory=list)
+    until_us: int = 0
 
 
 @dataclass
@@ -178,9 +181,10 @@ class History:
         if not self.frozen:
             self.marks.append(Mark(t, host, op, asked, token, since_us, until_us, sealed, at_us, busy or [], sent))
 
-    def view(self, t: float, host: str, pid: int, token: int, busy: list[tuple[str, str, str, int, int]]) -> None:
+    def view(self, t: float, host: str, pid: int, token: int, busy: list[tuple[str, str, str, int, int]],
+             until_us: int = 0) -> None:
         if not self.frozen:
-            self.views.append(View(t, host, pid, token, busy))
+            self.views.append(View(t, host, pid, token, busy, until_us))
 
     def fire_enter(self, t: float, host: str, pid: int, job: str, f_us: int, kind: str) -> int:
         fid = len(self.fires)

@@ -300,7 +300,9 @@ class _Facts:
         Cut off, or the store down: a leader keeps running its window, so only
         what came due after it stopped firing (its leadership ended, or a
         SIGTERM or step-down began; ``STOP_SLACK``) while it could not reach
-        the store to hand the rest back.
+        the store to hand the rest back; and what the store granted it but
+        whose answer never reached it by then (a new leader's catch-up, or a
+        claim ahead, answered too late), which it could not start.
         """
         h = self.h
         for token, marks in self.marks_of.items():
@@ -325,6 +327,8 @@ class _Facts:
                                       + [b.until])
                         if not (t0 - EPS <= stopped + HAND_BACK_TIME and t1 >= stopped - EPS):
                             continue  # the store was reachable when it stopped firing: it could hand back
+                        if f_us >= self.known_until(b.pid, token, stopped):
+                            return how  # granted, but the answer never reached it: it could not start it
                         due_from, slack = max(at, stopped), STOP_SLACK
                     if f_us / 1e6 >= h.wall(b.host, due_from) - slack:
                         return how
@@ -336,6 +340,11 @@ class _Facts:
                         return how
             return None
         return None
+
+    def known_until(self, pid: int, token: int, t: float) -> int:
+        """Where the window of ``token`` that process ``pid`` had learned by ``t`` ended (0: none reached it)."""
+        return max((v.until_us for v in self.views_of.get(pid, ()) if v.token == token and v.t <= t + EPS),
+                   default=0)
 
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
         return later.kind == "recovery" and all(
