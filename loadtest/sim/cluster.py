@@ -46,7 +46,7 @@ import apscheduler.schedulers.base as aps_schedulers
 from loadtest.sim.history import WALL0, History
 from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
 from loadtest.sim.net import FaultyBackend, Network
-from loadtest.sim.scenario import Fault, JobShape, RunConfig
+from loadtest.sim.scenario import STORE_KINDS, Fault, JobShape, RunConfig
 from lock_backends import Holder, Lease, Window, memory
 from lock_backends import clock as clocks
 from lock_backends.clock import to_us
@@ -508,7 +508,7 @@ class Cluster:
     def apply(self, fault: Fault) -> None:
         now = self.loop.now
         entry: dict[str, Any] = {"t": round(now, 6), **fault.to_dict()}
-        if fault.kind in ("outage", "restart"):
+        if fault.kind in STORE_KINDS:
             self.net.outage(fault.duration)
             self.history.cut("", now, now + fault.duration)
             self.history.fault(entry)

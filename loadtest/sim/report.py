@@ -7,7 +7,7 @@ from typing import Any
 from loadtest.sim.history import WALL0, History
 from loadtest.sim.invariants import Violation
 from loadtest.sim.run import RunResult
-from loadtest.sim.scenario import Scenario
+from loadtest.sim.scenario import STORE_KINDS, Scenario
 
 #: Events shown before and after a violation's instant.
 BEFORE, AFTER = 14, 8
@@ -47,7 +47,7 @@ def events(h: History) -> list[tuple[float, int, str, str, dict[str, Any]]]:
             what += f" {f['job']}"
         if f.get("skipped"):
             what += f" (skipped: {f['skipped']})"
-        add(f["t"], f.get("host", "store" if f["kind"] in ("outage", "restart") else "-"), what, fault=True)
+        add(f["t"], f.get("host", "store" if f["kind"] in STORE_KINDS else "-"), what, fault=True)
     for p in h.procs:
         add(p.start, p.host, f"process p{p.pid} starts", proc=True)
         if p.end is not None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 KINDS = ("pause", "kill", "term", "step_down", "clock_step", "outage", "restart", "cut", "op", "run_now")
+#: Faults of the store itself (no target): down for a while; a restart also ends every lease.
+STORE_KINDS = ("outage", "restart")
 
 #: Relative weights of fault kinds in a random schedule.
 KIND_WEIGHTS = {"pause": 3, "kill": 2, "term": 3, "step_down": 3, "clock_step": 1, "outage": 1, "restart": 1,
@@ -61,7 +63,7 @@ class Fault:
 
     def describe(self) -> str:
         who = self.target or "store"
-        if self.kind in ("pause", "outage", "restart", "cut"):
+        if self.kind in ("pause", *STORE_KINDS, "cut"):
             return f"{self.kind} {who} for {self.duration:.3f}s"
         if self.kind in ("kill", "term"):
             return f"{self.kind} {who}, restart after {self.duration:.3f}s"
@@ -214,7 +216,7 @@ def random_faults(config: RunConfig, ops: list[str]) -> list[Fault]:
         elif kind == "clock_step":
             delta = rng.uniform(0.05, 1.5) * rng.choice([-1, 1])
             faults.append(Fault(at, kind, target, delta=round(delta, 4)))
-        elif kind in ("outage", "restart"):
+        elif kind in STORE_KINDS:
             faults.append(Fault(at, kind, "", duration=round(rng.uniform(0.2, 3.0), 4)))
         elif kind == "cut":
             faults.append(Fault(at, kind, target, duration=round(rng.uniform(0.2, 3.0), 4)))
