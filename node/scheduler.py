@@ -882,12 +882,13 @@ class GatedScheduler:
         # runs still going (handed over by a predecessor, or here) are not run again, whatever their kind:
         # a recovery run's key carries a suffix, its intent's does not (found by the simulator)
         going = {b.key.partition("#")[0] for b in window.busy} | {key.partition("#")[0] for key in self.running}
+        going |= known
         for run in open_runs:
             parsed = parse_claim_key(run.key)
             if parsed is None or "#" in run.key or run.token >= lease.token:
                 continue
             job_id, scheduled_at = parsed
-            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going or run.key in known
+            if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going
                     or to_us(scheduled_at) >= window.since_us):
                 continue
             log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id,
