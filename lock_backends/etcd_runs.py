@@ -54,7 +54,16 @@ from lock_backends.etcd_client import (
     to_us,
 )
 from lock_backends.etcd_listing import SCAN_CAP, listed, scan
-from lock_backends.etcd_segments import EtcdSegments, Packer, Segment, decode_record, newest_first, pack, txn_groups
+from lock_backends.etcd_segments import (
+    Entry,
+    EtcdSegments,
+    Packer,
+    Segment,
+    decode_record,
+    entry,
+    pack,
+    txn_groups,
+)
 from lock_backends.url import BackendOptions
 
 #: Records per per-key transaction at most (one compare each, next to the busy-runs compare).
@@ -186,19 +195,17 @@ class EtcdRuns(EtcdSegments):
 
         # sorted into segments a slice at a time: the whole batch at once held the loop for about 4 ms at 2,500
         # records (its records long out of the processor's caches), where fire times wait
-        runs, keyed, packed = list(latest.values()), list[RunRecord](), list[RunRecord]()
-        order: list[tuple[int, str, int]] = []  # (newest_first, the run's place in packed): sorted without a key
+        runs, keyed, order = list(latest.values()), list[RunRecord](), list[Entry]()
         for at in range(0, len(runs), _PACK_SLICE):
             some, more = self._partition(name, runs[at:at + _PACK_SLICE], 1)
             keyed += some
-            order += [(*newest_first(run), len(packed) + i) for i, run in enumerate(more)]
-            packed += more
+            order += more
             await asyncio.sleep(0)
-        order.sort()
+        order.sort()  # a batch comes oldest first: one descending run, which the sort turns around in one pass
         packer = Packer(name, values)
         for at in range(0, len(order), _PACK_SLICE):
-            for *_, i in order[at:at + _PACK_SLICE]:
-                packer.add(packed[i])
+            for item in order[at:at + _PACK_SLICE]:
+                packer.add(item)
             await asyncio.sleep(0)
         queue_up(keyed, packer.segments(), 1)
 
@@ -220,9 +227,8 @@ class EtcdRuns(EtcdSegments):
 
         await _all_or_first_error([worker() for _ in range(min(_RECORD_PARALLEL, queue.qsize()))])
 
-    def _partition(self, name: str, runs: Sequence[RunRecord],
-                   tries: int) -> tuple[list[RunRecord], list[RunRecord]]:
-        """(records to write a key each, records for segments); the former noted as this instance's own.
+    def _partition(self, name: str, runs: Sequence[RunRecord], tries: int) -> tuple[list[RunRecord], list[Entry]]:
+        """(records to write a key each, entries for segments); the former noted as this instance's own.
 
         A segment takes a record with a result whose key is neither open nor written a key each
         by this instance lately (see ``etcd_segments``); after ``_SEGMENT_TRIES`` failed segment
@@ -236,7 +242,7 @@ class EtcdRuns(EtcdSegments):
                 own.pop(run.key, None)
                 own[run.key] = None  # before the write: its answer may be lost after it applied
             else:
-                packed.append(run)
+                packed.append(entry(run))
         while len(own) > _OWN_KEYS:
             del own[next(iter(own))]
         return keyed, packed

@@ -95,23 +95,28 @@ class Segment:
     keys: frozenset[str]
 
 
-def newest_first(run: RunRecord) -> tuple[int, str]:
-    """The order runs go into segments in: newest first, then by key (the same runs make the same segments)."""
-    return -to_us(run.claimed_at), run.key
+#: A run as it goes into a segment: (minus its claimed_at in microseconds, its key, the run). Sorted, newest
+#: first then by key (the same runs make the same segments), without a key function; the time is worked
+#: out once per run, while the run is at hand.
+Entry = tuple[int, str, RunRecord]
 
 
-def pack(name: str, runs: Sequence[RunRecord], values: dict[str, bytes]) -> list[Segment]:
-    """``runs`` (one per key, each with a result) as segments, newest first; the same runs make the same ones."""
+def entry(run: RunRecord) -> Entry:
+    return -to_us(run.claimed_at), run.key, run
+
+
+def pack(name: str, entries: Sequence[Entry], values: dict[str, bytes]) -> list[Segment]:
+    """Entries (one per key, each run with a result) as segments, newest first; the same runs make the same ones."""
     packer = Packer(name, values)
-    for run in sorted(runs, key=newest_first):
-        packer.add(run)
+    for item in sorted(entries):
+        packer.add(item)
     return packer.segments()
 
 
 class Packer:
-    """Runs, fed to it in ``newest_first`` order, as segments: what ``pack`` does, a piece at a time if need be
-    (a batch's records are out of the processor's caches by then: packing 2,500 at once held the event loop
-    for about 4 ms)."""
+    """Entries, fed to it sorted, as segments: what ``pack`` does, a piece at a time if need be (a batch's
+    records are out of the processor's caches by then: packing 2,500 at once held the event loop for about
+    4 ms)."""
 
     def __init__(self, name: str, values: dict[str, bytes]) -> None:
         self.name = name
@@ -120,8 +125,9 @@ class Packer:
         self._group: list[RunRecord] = []
         self._size = self._newest = 0
 
-    def add(self, run: RunRecord) -> None:
-        us, more = to_us(run.claimed_at), len(self.values[run.key]) + 1
+    def add(self, item: Entry) -> None:
+        minus_us, key, run = item
+        us, more = -minus_us, len(self.values[key]) + 1
         group = self._group
         if group and (us <= self._newest - SEG_SPAN_US or len(group) >= SEG_RECORDS or self._size + more > SEG_BYTES):
             self._close()
