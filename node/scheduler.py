@@ -54,7 +54,6 @@ from typing import Any, cast
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
@@ -76,6 +75,7 @@ from node.jobs import (
     parse_claim_key,
 )
 from node.jobstore import BatonJobStore
+from node.loop_scheduler import LoopScheduler
 from node.metrics import Metrics
 from node.outcomes import RunKind, RunOutcome
 from node.stored_jobs import StoredJobs
@@ -225,7 +225,7 @@ class GatedScheduler:
         # history) sees every fire time; a function returning the coroutine, not one more coroutine per run
         self.executor = FireTimeExecutor(lambda job_id, at: self.fire(job_id, at), self._submitted)
         self.store = BatonJobStore()
-        self.scheduler = AsyncIOScheduler(
+        self.scheduler = LoopScheduler(
             timezone=timezone,
             jobstores={"default": self.store},
             executors={"default": self.executor},
