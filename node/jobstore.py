@@ -49,11 +49,13 @@ class BatonJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is unt
     def __init__(self) -> None:
         super().__init__()
         self._order: SortedList = SortedList()
-        self._jobs: dict[str, tuple[Job, tuple[float, str]]] = {}
+        # a job and its place in the order, in two dicts: a pair per job would be a new tuple at every fire
+        # time, one more object for the collector's young pass to walk (ten thousand a second at the top rate)
+        self._jobs: dict[str, Job] = {}
+        self._slots: dict[str, tuple[float, str]] = {}
 
     def lookup_job(self, job_id: str) -> Job | None:
-        found = self._jobs.get(job_id)
-        return None if found is None else found[0]
+        return self._jobs.get(job_id)
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         now_timestamp = datetime_to_utc_timestamp(now)
@@ -61,59 +63,63 @@ class BatonJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 is unt
         for timestamp, job_id in self._order:
             if timestamp > now_timestamp or len(due) >= DUE_CHUNK:
                 break
-            due.append(self._jobs[job_id][0])
+            due.append(self._jobs[job_id])
         return due
 
     def get_next_run_time(self) -> datetime | None:
         if not self._order:
             return None
         timestamp, job_id = self._order[0]
-        return None if timestamp == _PAUSED else self._jobs[job_id][0].next_run_time
+        return None if timestamp == _PAUSED else self._jobs[job_id].next_run_time
 
     def get_all_jobs(self) -> list[Job]:
-        return [self._jobs[job_id][0] for _, job_id in self._order]
+        return [self._jobs[job_id] for _, job_id in self._order]
 
     def add_job(self, job: Job) -> None:
         if job.id in self._jobs:
             raise ConflictingIdError(job.id)
         slot = _slot(job)
         self._order.add(slot)
-        self._jobs[job.id] = (job, slot)
+        self._jobs[job.id] = job
+        self._slots[job.id] = slot
 
     def update_job(self, job: Job) -> None:
-        found = self._jobs.get(job.id)
-        if found is None:
+        old = self._slots.get(job.id)
+        if old is None:
             raise JobLookupError(job.id)
         slot = _slot(job)
-        if slot != found[1]:
-            self._order.remove(found[1])
+        if slot != old:
+            self._order.remove(old)
             self._order.add(slot)
-        self._jobs[job.id] = (job, slot)
+            self._slots[job.id] = slot
+        self._jobs[job.id] = job
 
     def remove_job(self, job_id: str) -> None:
-        found = self._jobs.pop(job_id, None)
-        if found is None:
+        slot = self._slots.pop(job_id, None)
+        if slot is None:
             raise JobLookupError(job_id)
-        self._order.remove(found[1])
+        del self._jobs[job_id]
+        self._order.remove(slot)
 
     def remove_all_jobs(self) -> None:
         self._order = SortedList()
         self._jobs = {}
+        self._slots = {}
 
     def shutdown(self) -> None:
         self.remove_all_jobs()
 
     async def realign(self, after: datetime) -> None:
         """Set every scheduled job's next fire time to its first one after ``after``; paused jobs stay paused."""
-        jobs = [self._jobs[job_id][0] for _, job_id in self._order]
+        jobs = [self._jobs[job_id] for _, job_id in self._order]
         for i, job in enumerate(jobs):
             if job.next_run_time is not None:
                 job.next_run_time = job.trigger.get_next_fire_time(None, after)
             if i % REALIGN_CHUNK == REALIGN_CHUNK - 1:
                 await asyncio.sleep(0)
-        slots = {job.id: (job, _slot(job)) for job in jobs}
-        self._order = SortedList(slot for _, slot in slots.values())
-        self._jobs = slots
+        self._slots = {job.id: _slot(job) for job in jobs}
+        self._order = SortedList(self._slots.values())
+        self._jobs = {job.id: job for job in jobs}
 
     def __repr__(self) -> str:
         return f"<BatonJobStore ({len(self._jobs)} jobs)>"

@@ -242,6 +242,9 @@ class GatedScheduler:
         if isinstance(trigger, DateTrigger) and not isinstance(trigger, OnceTrigger):
             trigger = OnceTrigger(run_date=trigger.run_date)  # a hand-built one-shot: see node.triggers
         self._triggers[spec.id] = trigger
+        # made with the job, not at its first run: built before the node starts, it is frozen with the jobs
+        # (node.gc_policy), not ten thousand young objects for the collector's first pass after a leader starts
+        self._running_keys.setdefault(spec.id, set())
         paused: dict[str, Any] = {"next_run_time": None} if spec.id in self.paused_jobs else {}
         # args=(None,) only satisfies APScheduler's signature check: FireTimeExecutor calls
         # the gate with the fire time, never job.func directly
