@@ -75,6 +75,7 @@ def test_quick_failover_and_fire_lag_on_redis(tmp_path: Path) -> None:
     assert isinstance(lag["redis"]["p99_ms"], float) and isinstance(lag["apscheduler3 (single process)"]["p99_ms"],
                                                                     float)
     assert lag["apscheduler3 (single process)"]["self_ratio_p99"] >= 1.0  # plain against itself, the yardstick
+    assert len(lag["redis"]["round_ratios_p99"]) == 1  # one round in a quick run: one ratio of its own
     assert "Plain against itself" in md
     assert all(v is None or isinstance(v, str | int | float | bool) for v in numbers(doc))
     assert not (out / "out").exists(), "scratch space is removed after a clean run"
@@ -168,3 +169,11 @@ def test_the_backends_order_turns_so_each_takes_each_place_once() -> None:
     assert all(sorted(order) == sorted(kinds) for order in orders)
     assert all(sorted(order[place] for order in orders) == sorted(kinds) for place in range(len(kinds)))
     assert rotated(kinds, 4) == kinds and rotated([], 3) == []
+
+
+def test_a_rounds_ratio_is_its_baton_p99_over_the_same_rounds_plain_p99() -> None:
+    from loadtest.bench.fire_lag import round_ratio
+
+    assert round_ratio([0.003] * 100, [0.001] * 50 + [0.002] * 50) == 1.5
+    assert round_ratio([], [0.001] * 100) is None
+    assert round_ratio([0.001] * 100, []) is None

@@ -287,27 +287,41 @@ def run(ctx: BenchContext) -> SectionResult:
             after: list[float] = []  # and after them
             lags: dict[str, list[float]] = {kind: [] for kind in urls}
             costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
+            by_round: dict[str, list[float | None]] = {kind: [] for kind in urls}
             for turn in range(rounds):
-                before += asyncio.run(measure_plain(n, warmup, window / 2))
+                first = asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
+                mine: dict[str, list[float]] = {}
                 for kind, url in rotated(list(urls.items()), turn):
                     limit = warmup + window + STOP_TIMEOUT + SLACK
                     try:
                         more, cost = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
                     except TimeoutError:
                         more, cost = [], {"notes": [f"no result within {limit:g} s"]}
-                    lags[kind] += more
+                    mine[kind] = more
                     costs[kind] = merge_costs(costs[kind], cost)
                     advance()
-                after += asyncio.run(measure_plain(n, warmup, window / 2))
+                last = asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
-            row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind]} for kind in urls}
+                before += first
+                after += last
+                for kind, more in mine.items():
+                    lags[kind] += more
+                    by_round[kind].append(round_ratio(more, first + last))
+            row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind],
+                                          "round_ratios_p99": by_round[kind]} for kind in urls}
             row[PLAIN] = {**summary(before + after, n, duration), "self_ratio_p99": self_ratio(before, after)}
             for kind in urls:
                 base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
                 row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
             results[str(rate)] = row
     return result(ctx, rates, duration, results, failed, split)
+
+
+def round_ratio(mine: list[float], plain: list[float]) -> float | None:
+    """One round's ratio: Baton's p99 in it over plain's p99 in the same round (its runs before and after)."""
+    a, b = percentile(mine, 99), percentile(plain, 99)
+    return round(a / b, 2) if a is not None and b else None
 
 
 def rotated(items: list[Any], turn: int) -> list[Any]:
@@ -425,6 +439,13 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
     spread = ("Plain against itself (its measurements before each round's Baton runs against those after, "
               "p99, the larger over the smaller; half the fire times each): " + ", ".join(spreads) + ". How far "
               "a ratio moves on this machine in this run with nothing changed.")
+    per_round = [f"{int(rate):,}/s {system} " + ", ".join(ms(x) for x in r["round_ratios_p99"])
+                 for rate, row in results.items() for system, r in row.items()
+                 if len(r.get("round_ratios_p99") or ()) > 1]
+    if per_round:
+        spread += (" Each round on its own (Baton's p99 in the round over plain's in the same round; the verdict "
+                   "is the pooled ratio above): " + "; ".join(per_round) + ". A verdict carried by one round is "
+                   "a spell of the machine; one every round agrees on is Baton's.")
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "", spread, "",
                           "Targets:", "",
                           "| backend | runs/s | p99 ratio | target | met |", "| --- | ---: | ---: | --- | --- |",
