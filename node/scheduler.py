@@ -691,9 +691,8 @@ class GatedScheduler:
         ctx = RunContext(spec.id, scheduled_at, lease.token, self.node_id, key, kind)
         reset = current_run.set(ctx)
         try:
-            # an async body is awaited here, not through one more coroutine (a few percent of a core at
-            # ten thousand runs a second); a plain def runs in a thread, so it cannot block the loop the lease
-            # is renewed on
+            # an async body is awaited here, not through one more coroutine per run; a plain def runs in a
+            # thread, so it cannot block the loop the lease is renewed on
             value = await (cast(Awaitable[object], spec.func(ctx)) if spec.is_async else self._in_thread(spec, ctx))
             outcome = RunOutcome.OK
         except asyncio.CancelledError:
