@@ -201,7 +201,7 @@ class EtcdRuns(EtcdSegments):
             keyed += some
             order += more
             await asyncio.sleep(0)
-        order.sort()  # a batch comes oldest first: one descending run, which the sort turns around in one pass
+        order.sort()  # a batch comes nearly oldest first: long descending runs, which the sort turns around
         packer = Packer(name, values)
         for at in range(0, len(order), _PACK_SLICE):
             for item in order[at:at + _PACK_SLICE]:

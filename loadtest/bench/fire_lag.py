@@ -291,21 +291,21 @@ def run(ctx: BenchContext) -> SectionResult:
             for turn in range(rounds):
                 first = asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
-                mine: dict[str, list[float]] = {}
+                this_round: dict[str, list[float]] = {}
                 for kind, url in rotated(list(urls.items()), turn):
                     limit = warmup + window + STOP_TIMEOUT + SLACK
                     try:
                         more, cost = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
                     except TimeoutError:
                         more, cost = [], {"notes": [f"no result within {limit:g} s"]}
-                    mine[kind] = more
+                    this_round[kind] = more
                     costs[kind] = merge_costs(costs[kind], cost)
                     advance()
                 last = asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
                 before += first
                 after += last
-                for kind, more in mine.items():
+                for kind, more in this_round.items():
                     lags[kind] += more
                     by_round[kind].append(round_ratio(more, first + last))
             row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind],
