@@ -476,7 +476,8 @@ class RunRecorder:
             await asyncio.wait_for(self._nudge.wait(), delay)
 
     async def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for every queued record to be written. True if none is left.
+        """Wait up to ``timeout`` for every queued record to be written. True if none is left, queued or in a write
+        not yet answered.
 
         A writer waiting out the backoff of an earlier failure tries again at
         once: after an outage, the backoff could outlast the timeout while the
@@ -492,7 +493,7 @@ class RunRecorder:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._writer), left)
-        return not self._queue
+        return not self._queue and not self._in_flight
 
     def _complain(self, what: str, exc: BaseException, error: bool = False) -> None:
         text = f"{type(exc).__name__}: {exc}"

@@ -323,7 +323,9 @@ class GatedScheduler:
         others = {*self._tasks, *self.executor._pending_futures}
         if others:
             await asyncio.wait(others, timeout=1.0)
-        await self.recorder.flush(max(1.0, self.backend.options.op_timeout * 3))
+        if not await self.recorder.flush(max(1.0, self.backend.options.op_timeout * 3)):
+            log.warning("stopping with %d run record(s) the store has not confirmed: it did not answer in time",
+                        len(self.recorder.unwritten()))
         self.scheduler.shutdown(wait=False)
         self._sync_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -51,7 +51,7 @@ TIERS: dict[str, tuple[str, ...]] = {
              "test_stored_jobs.py", "test_deploy.py", "test_config.py", "test_checker.py", "test_election.py",
              "test_embed.py", "test_metrics.py", "test_triggers.py", "test_api_fuzz.py", "test_api_forwarding.py",
              "test_api_corrupt.py", "test_run_recorder.py", "test_proxy.py", "test_gc_policy.py",
-             "test_record_json.py", "test_loop_scheduler.py", "test_jobstore.py"),
+             "test_record_json.py", "test_loop_scheduler.py", "test_jobstore.py", "test_resample.py"),
 }
 #: Tests of the fast tiers that ``make test-fast`` leaves to ``make test`` (marker ``slow``): the longest ones,
 #: each tens of seconds of a worker (the simulator's command-line runs start interpreters; the 2,000 seeds).

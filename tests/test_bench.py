@@ -76,6 +76,8 @@ def test_quick_failover_and_fire_lag_on_redis(tmp_path: Path) -> None:
                                                                     float)
     assert lag["apscheduler3 (single process)"]["self_ratio_p99"] >= 1.0  # plain against itself, the yardstick
     assert len(lag["redis"]["round_ratios_p99"]) == 1  # one round in a quick run: one ratio of its own
+    low, high = lag["redis"]["ratio_p99_interval"]  # the ratio over resampled seconds: around the ratio itself
+    assert low <= lag["redis"]["ratio_p99"] * 1.01 and high >= lag["redis"]["ratio_p99"] * 0.99
     assert "Plain against itself" in md
     assert all(v is None or isinstance(v, str | int | float | bool) for v in numbers(doc))
     assert not (out / "out").exists(), "scratch space is removed after a clean run"

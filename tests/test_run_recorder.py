@@ -260,3 +260,32 @@ async def test_a_node_tells_its_claim_window_how_long_its_record_writes_take() -
     node = Node(Settings(node_id="n", lock_url="memory://round-trips", demo_jobs=False), JobRegistry())
     assert node.scheduler.recorder.on_round_trip == node.scheduler.keeper.observe
     await node.backend.close()
+
+
+class SlowStore(Store):
+    """``record_many`` whose answer takes ``delay`` seconds: the batch is in flight all that while."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__([])
+        self.delay = delay
+
+    async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+        await asyncio.sleep(self.delay)
+        await super().record_many(name, records)
+
+
+def test_a_flush_says_records_are_left_while_their_write_is_unanswered() -> None:
+    """The queue is empty once a batch is taken, but the batch is not stored until its write is answered: a flush
+    that times out in between must not report every record written (its callers hand a leadership over on it)."""
+    async def main(loop: SimLoop) -> tuple[bool, list[str], bool, list[str]]:
+        store = SlowStore(delay=2.0)
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        recorder.add(record("job@1"))
+        early = await recorder.flush(0.5)  # the write has started and waits on its answer
+        stored_early = list(store.stored)
+        late = await recorder.flush(5.0)
+        return early, stored_early, late, store.stored
+
+    early, stored_early, late, stored = on_virtual_time(main)
+    assert (early, stored_early) == (False, [])
+    assert (late, stored) == (True, ["job@1"])

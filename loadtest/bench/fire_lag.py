@@ -15,8 +15,11 @@ plain again; the backends' order turns by one each round), each system's
 windows pooled over the rounds, so a slow spell of the machine lands on every
 system rather than on whichever ran then. Ratio = Baton p99 / plain p99. A p99
 of a few thousand fire times moves by a fifth or more between runs of the same
-code on a shared two-core VM (plain against itself, reported); the rounds and
-the 20 s per system are what keeps a verdict from resting on one such spell.
+code on a shared two-core VM (plain against itself, reported), at the target
+rate by half between two 20-second runs; the rounds, the 60 s per system at
+the target rate, and each ratio's interval over resampled seconds
+(``resample``) are what keeps a verdict from resting on one such spell, or
+says so when it does.
 
 On a machine with two or more cores the backend servers run on the last core
 and the measuring process on the others, for plain and Baton alike: in a
@@ -44,6 +47,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
+from loadtest.bench.resample import DRAWS, LEVEL, p99_ratio_interval, seconds
 from loadtest.checker import percentile
 from loadtest.servers import Cluster, start_backend
 from node.app import Node
@@ -58,13 +62,15 @@ TARGET_RATE = 1_000
 TARGET_RATIO = 1.5
 #: At the steady top rate no backend may collapse: this share of the fire times run, p99 within this ratio.
 STEADY_RATE, STEADY_SHARE, STEADY_RATIO = 10_000, 0.99, 2.0
-#: Alternating rounds per rate up to the target rate, and at the steady top rate (each verdict then rests on
-#: several spells of the machine, not one); past the target otherwise one (those rates only show saturation).
+#: Alternating rounds per rate below the target rate, at it, and at the steady top rate (each verdict then rests
+#: on several spells of the machine, not one); past the target otherwise one (those rates only show saturation).
 ROUNDS = 5
+TARGET_ROUNDS = 10
 STEADY_ROUNDS = 4
 QUICK_ROUNDS = 1
-#: Seconds of fire times per system and rate, pooled over the rounds.
-DURATION, QUICK_DURATION = 20.0, 2.0
+#: Seconds of fire times per system and rate, pooled over the rounds; more at the target rate, whose p99 (a
+#: few milliseconds, set by the machine's stalls) moved by half between 20-second runs of the same code.
+DURATION, TARGET_DURATION, QUICK_DURATION = 20.0, 60.0, 2.0
 PLAIN = "apscheduler3 (single process)"
 #: Store operations whose mean cost the section reports: the claim window's refills and the record batches.
 COST_OPS = ("claim_window", "record_batch")
@@ -267,7 +273,6 @@ def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str
 
 def run(ctx: BenchContext) -> SectionResult:
     rates = QUICK_RATES if ctx.quick else RATES
-    duration = QUICK_DURATION if ctx.quick else DURATION
     (ctx.work / "fire_lag").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -281,6 +286,7 @@ def run(ctx: BenchContext) -> SectionResult:
         stack.enter_context(node_logging(ctx.work / "fire_lag" / "node.log"))
         for rate, rounds in plan:
             n = round(rate * INTERVAL)
+            duration = duration_for(rate, ctx.quick)
             warmup = 1.0 + n / 1000  # start-up, and the catch-up on winning (one claim per job) drained
             window = duration / rounds
             before: list[float] = []  # plain, ahead of each round's Baton runs
@@ -288,6 +294,8 @@ def run(ctx: BenchContext) -> SectionResult:
             lags: dict[str, list[float]] = {kind: [] for kind in urls}
             costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
             by_round: dict[str, list[float | None]] = {kind: [] for kind in urls}
+            # seconds of fire times, per system, for the ratio's interval (``resample``)
+            blocks: dict[str, list[list[float]]] = {kind: [] for kind in [*urls, PLAIN]}
             for turn in range(rounds):
                 first = asyncio.run(measure_plain(n, warmup, window / 2))
                 advance()
@@ -305,8 +313,10 @@ def run(ctx: BenchContext) -> SectionResult:
                 advance()
                 before += first
                 after += last
+                blocks[PLAIN] += seconds(first, n) + seconds(last, n)
                 for kind, more in this_round.items():
                     lags[kind] += more
+                    blocks[kind] += seconds(more, n)
                     by_round[kind].append(round_ratio(more, first + last))
             row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind],
                                           "round_ratios_p99": by_round[kind]} for kind in urls}
@@ -314,8 +324,10 @@ def run(ctx: BenchContext) -> SectionResult:
             for kind in urls:
                 base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
                 row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
+                interval = p99_ratio_interval(blocks[kind], blocks[PLAIN], seed=ctx.seed)
+                row[kind]["ratio_p99_interval"] = None if interval is None else [round(x, 2) for x in interval]
             results[str(rate)] = row
-    return result(ctx, rates, duration, results, failed, split)
+    return result(ctx, rates, results, failed, split)
 
 
 def round_ratio(mine: list[float], plain: list[float]) -> float | None:
@@ -348,7 +360,14 @@ def self_ratio(before: list[float], after: list[float]) -> float | None:
 def rounds_for(rate: int, quick: bool) -> int:
     if quick:
         return QUICK_ROUNDS
-    return ROUNDS if rate <= TARGET_RATE else STEADY_ROUNDS if rate == STEADY_RATE else 1
+    if rate == TARGET_RATE:
+        return TARGET_ROUNDS
+    return ROUNDS if rate < TARGET_RATE else STEADY_ROUNDS if rate == STEADY_RATE else 1
+
+
+def duration_for(rate: int, quick: bool) -> float:
+    """Seconds of fire times per system at ``rate``, pooled over its rounds."""
+    return QUICK_DURATION if quick else TARGET_DURATION if rate == TARGET_RATE else DURATION
 
 
 def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -370,19 +389,22 @@ def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: dict[str, dict[str, Any]],
+def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[str, Any]],
            failed: dict[str, str], split: tuple[set[int], set[int]] | None = None) -> SectionResult:
-    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio "
+    lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio (interval) "
              "| claim window / record batch mean ms | claim retries |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
 
     def ms(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
+    def with_interval(ratio: float | None, interval: list[float] | None) -> str:
+        return ms(ratio) + ("" if interval is None else f" ({interval[0]:.2f}-{interval[1]:.2f})")
+
     for rate, row in results.items():
         for system, r in row.items():
             name, backend = (PLAIN, "-") if system == PLAIN else ("baton", system)
-            ratio = "1.00" if system == PLAIN else ms(r.get("ratio_p99"))
+            ratio = "1.00" if system == PLAIN else with_interval(r.get("ratio_p99"), r.get("ratio_p99_interval"))
             costs = "" if system == PLAIN else (f"{ms(r.get('claim_window_mean_ms'))} / "
                                                 f"{ms(r.get('record_batch_mean_ms'))}")
             retried = "" if system == PLAIN else str(r.get("claim_retries", "n/a"))
@@ -400,7 +422,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
     for kind in ctx.backends:
         ratio = at.get(kind, {}).get("ratio_p99")
         met = None if ratio is None else ratio <= TARGET_RATIO
-        targets.append({"backend": kind, "rate": TARGET_RATE, "ratio_p99": ratio, "met": met,
+        targets.append({"backend": kind, "rate": TARGET_RATE, "ratio_p99": ratio,
+                        "ratio_p99_interval": at.get(kind, {}).get("ratio_p99_interval"), "met": met,
                         "target": f"p99 <= {TARGET_RATIO}x"})
     for kind in ctx.backends:
         steady_row: dict[str, Any] | None = steady.get(kind)
@@ -410,15 +433,17 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
         steady_ratio: float | None = steady_row.get("ratio_p99")
         met = (None if share is None or steady_ratio is None
                else share >= STEADY_SHARE and steady_ratio <= STEADY_RATIO)
-        targets.append({"backend": kind, "rate": STEADY_RATE, "ratio_p99": steady_ratio, "share_run": share, "met": met,
+        targets.append({"backend": kind, "rate": STEADY_RATE, "ratio_p99": steady_ratio,
+                        "ratio_p99_interval": steady_row.get("ratio_p99_interval"), "share_run": share, "met": met,
                         "target": f">= {STEADY_SHARE:.0%} run, p99 <= {STEADY_RATIO}x"})
 
     def met_text(met: bool | None) -> str:
         return "n/a (not run)" if met is None else "met" if met else "**not met**"
 
-    target_lines = [f"| {t['backend']} | {t['rate']:,} | {ms(t['ratio_p99'])} | {t['target']} | {met_text(t['met'])} |"
-                    for t in targets]
+    target_lines = [f"| {t['backend']} | {t['rate']:,} | {with_interval(t['ratio_p99'], t['ratio_p99_interval'])} "
+                    f"| {t['target']} | {met_text(t['met'])} |" for t in targets]
     rounds = ", ".join(f"{rounds_for(r, ctx.quick)} at {r:,}/s" for r in rates)
+    durations = ", ".join(f"{duration_for(r, ctx.quick):g} s at {r:,}/s" for r in rates)
     cores = ("the backend servers on the last core, the measuring process on the others (the lock server "
              "is another host in a deployment; on a shared core its work on Baton's claims would be counted "
              "as Baton's lag)" if split is not None else "one core shared by the servers and the measurement")
@@ -426,11 +451,14 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
               f"file) against a plain single-process AsyncIOScheduler, the same N interval jobs every "
               f"{INTERVAL:g} s with anchors spread over the interval (N runs/s), same job defaults. Per rate the "
               f"systems alternate in rounds ({rounds}: plain, Baton per backend in an order that turns each round, "
-              f"plain again), {duration:g} s of "
-              f"fire times per system pooled over the rounds; {cores}. The node raises the process's "
+              f"plain again), fire times per system pooled over the rounds ({durations}); {cores}. The node "
+              f"raises the process's "
               f"young-generation GC threshold while it runs (`node/gc_policy.py`); plain APScheduler runs with "
               f"the interpreter's default. "
-              f"Lag: body start minus scheduled fire time. Ratio: Baton p99 / plain p99 at the same rate. "
+              f"Lag: body start minus scheduled fire time. Ratio: Baton p99 / plain p99 at the same rate; in "
+              f"brackets, the central {LEVEL:.0%} of that ratio over {DRAWS} resamples of whole seconds of fire "
+              f"times, each system's apart (`loadtest/bench/resample.py`): how far it could move with this run's "
+              f"seconds drawn otherwise. "
               f"Saturated: fewer than 90% of the fire times ran, or the median lag passed half the interval. "
               f"Claim-window and record-batch means come from the node's own `baton_lock_op_seconds` (ops "
               f"`claim_window`, `record_batch`); claim retries are claims the backend did not answer "
@@ -448,14 +476,15 @@ def result(ctx: BenchContext, rates: tuple[int, ...], duration: float, results: 
                    "a spell of the machine; one every round agrees on is Baton's.")
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "", spread, "",
                           "Targets:", "",
-                          "| backend | runs/s | p99 ratio | target | met |", "| --- | ---: | ---: | --- | --- |",
+                          "| backend | runs/s | p99 ratio (interval) | target | met |", "| --- | ---: | ---: | --- | --- |",
                           *target_lines])
     verdict = [VerdictRow(PLAIN, "-", fire_lag_ratio=1.0)]
     for kind in ctx.backends:
         ratio = at.get(kind, {}).get("ratio_p99")
         verdict.append(VerdictRow("baton", kind, fire_lag_ratio=ratio))
     plots = [p for p in [plot(ctx.out / "fire_lag.png", results)] if p is not None]
-    data = {"interval_s": INTERVAL, "rates": list(rates), "window_s": duration, "results": results,
+    data = {"interval_s": INTERVAL, "rates": list(rates), "results": results,
+            "window_s": {str(r): duration_for(r, ctx.quick) for r in rates},
             "targets": targets, "failed_backends": failed,
             "rounds": {str(r): rounds_for(r, ctx.quick) for r in rates},
             "server_cpus": sorted(split[0]) if split else None, "bench_cpus": sorted(split[1]) if split else None}

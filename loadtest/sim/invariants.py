@@ -60,11 +60,13 @@ from typing import Any
 
 from loadtest.sim.history import WALL0, Belief, Fire, History, Mark, Run, View
 from loadtest.sim.scenario import Scenario
+from lock_backends.clock import to_us
+from node.triggers import INTERVAL_EPOCH
 
 INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "max_instances", "waits_forever", "one_leader")
 
-#: Unix time of node.jobs.INTERVAL_EPOCH (2000-01-01 UTC), in microseconds.
-INTERVAL_EPOCH_US = 946_684_800_000_000
+#: Unix time of the interval triggers' epoch, in microseconds: interval fire times are this plus whole periods.
+INTERVAL_EPOCH_US = to_us(INTERVAL_EPOCH)
 #: Seconds two beliefs may overlap (none: clock rates in a run stay inside the documented drift).
 LEADER_OVERLAP_BOUND = 1e-9
 #: Fire times this close to the run's start or end are not checked for "lost" (start-up, in flight).
