@@ -386,6 +386,36 @@ def _skipped_at_five(*, run_on: tuple[str, int], killed_at: float | None = None,
     return h
 
 
+def _stepped_leader(pause: tuple[float, float] | None) -> History:
+    """n0 leads; its wall clock jumps 1 s forward at 4.5; it runs 1-4, then 9 and 10 (wall), nothing between."""
+    h = _history()
+    for k in (1.0, 2.0, 3.0, 4.0):
+        _run(h, "tick", k, end=k + 0.1)
+    h.step("n0", 4.5, 1.0)
+    if pause is not None:
+        h.pause("n0", 0, *pause)
+    _run(h, "tick", 9.0, start=8.05, end=8.1)  # true time 8.05 is wall 9.05 on n0 after the step
+    _run(h, "tick", 10.0, start=9.0, end=9.1)
+    return h
+
+
+def _lost_f(h: History, scenario: Scenario) -> list[int]:
+    return sorted(v.f_us for v in check(h, scenario).violations if v.invariant == "lost" and v.f_us is not None)
+
+
+def test_lost_excuses_a_forward_clock_step_as_far_as_a_pause_from_before_its_wake_up_holds_it() -> None:
+    """APScheduler learns of a step at its next wake-up, timed on the monotonic clock (here the fire time of 5,
+    half a second after the step): the fire times it jumped over (up to 5.5, and a period after) are folded into
+    the next one it runs. A pause of the process that began by that wake-up holds it to the resume, so the range
+    runs on to the resume's wall time (8 + 1) and a period after; one that began later does not stretch it."""
+    scenario = _scenario(JobShape("tick", 1000, 0.1))
+    assert _lost_f(_stepped_leader(pause=(4.8, 8.0)), scenario) == []
+    without = _lost_f(_stepped_leader(pause=None), scenario)
+    late_pause = _lost_f(_stepped_leader(pause=(5.3, 8.0)), scenario)
+    # the range the step alone covers ends at 6.5: 7 and 8 had no excuse, 5 and 6 none either with nothing run by 6.5
+    assert without == late_pause == [_f(5.0), _f(6.0), _f(7.0), _f(8.0)]
+
+
 def test_lost_excuses_a_max_instances_skip_only_with_the_runs_going() -> None:
     scenario = _scenario(JobShape("tick", 1000, 0.1, max_instances=1))
     # a run going on a live process

@@ -476,7 +476,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[st
                    "a spell of the machine; one every round agrees on is Baton's.")
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "", spread, "",
                           "Targets:", "",
-                          "| backend | runs/s | p99 ratio (interval) | target | met |", "| --- | ---: | ---: | --- | --- |",
+                          "| backend | runs/s | p99 ratio (interval) | target | met |",
+                          "| --- | ---: | ---: | --- | --- |",
                           *target_lines])
     verdict = [VerdictRow(PLAIN, "-", fire_lag_ratio=1.0)]
     for kind in ctx.backends:
