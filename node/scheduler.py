@@ -448,11 +448,15 @@ class GatedScheduler:
 
     async def _hand_back(self, lease: Lease, at_us: int, *, retry_until: float) -> None:
         """Hand back the window from ``at_us``, listing the runs going; attempts until ``retry_until`` (monotonic)."""
-        # Records of runs that ended reach the store before the window goes: otherwise the next leader
-        # finds a finished recoverable run's intent without a result and runs it again (found by the simulator).
-        await self.recorder.flush(self.backend.options.op_timeout)
         drop = [key for key, t_us in self._intents.items() if t_us >= at_us]
         while True:
+            # Records of runs that ended reach the store before the window goes: otherwise the next leader finds
+            # a finished recoverable run's intent without a result and runs it again (found by the simulator).
+            # Waited for at each attempt, as the hand-back is: a store restarting under a leader outlasts one
+            # flush, and the hand-back that follows it would pass them by (failover suite, etcd). Past
+            # ``retry_until`` the window goes anyway: its fire times not yet run are worth more than a run again.
+            if not await self.recorder.flush(self.backend.options.op_timeout) and clocks.monotonic() < retry_until:
+                continue
             # the runs going now, at each attempt: a run listed that ended meanwhile (and was recorded) would
             # hold its job back in the cluster until its entry expires (found by the simulator)
             now_us = int(clocks.time() * 1_000_000)

@@ -289,3 +289,46 @@ def test_a_flush_says_records_are_left_while_their_write_is_unanswered() -> None
     early, stored_early, late, stored = on_virtual_time(main)
     assert (early, stored_early) == (False, [])
     assert (late, stored) == (True, ["job@1"])
+
+
+class RecordsDown:
+    """The in-memory store, its record writes refused until ``up_at`` (monotonic); operations noted in order."""
+
+    def __init__(self, inner: Any, up_at: float) -> None:
+        self.inner = inner
+        self.up_at = up_at
+        self.ops: list[str] = []
+
+    async def record_many(self, name: str, records: Sequence[RunRecord]) -> None:
+        if clocks.monotonic() < self.up_at:
+            raise BackendUnavailable("restarting")
+        await self.inner.record_many(name, records)
+        self.ops.append("record_many")
+
+    async def hand_back(self, *args: Any) -> Window | None:
+        self.ops.append("hand_back")
+        window: Window | None = await self.inner.hand_back(*args)
+        return window
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_hand_back_waits_out_a_store_restart_for_the_records_of_runs_that_ended() -> None:
+    """A leader steps down while its store restarts, with a finished run's record still queued: the window goes
+    back only once that record is stored. Before, one flush was tried and the hand-back went on without it, so
+    the next leader found the run's intent without a result and recovered it: a recoverable run started twice
+    (failover suite, etcd, a store restart just after a fire time)."""
+    async def main(loop: SimLoop) -> list[str]:
+        node = Node(Settings(node_id="n0", lock_url="memory://hand-back-restart", demo_jobs=False), JobRegistry())
+        scheduler = node.scheduler
+        lease = await node.backend.acquire(scheduler.recorder.lock_name, Holder("n0"), 10.0)
+        assert lease is not None
+        await node.backend.claim_window(lease, int((clocks.time() + 5) * 1e6), int(clocks.time() * 1e6), [])
+        store = RecordsDown(node.backend, up_at=clocks.monotonic() + 2.0)  # longer than a flush's timeout
+        scheduler.backend = scheduler.recorder.backend = store
+        scheduler.recorder.add(record("recover-000@1"))
+        await scheduler._hand_back(lease, int(clocks.time() * 1e6), retry_until=clocks.monotonic() + 10.0)
+        return store.ops
+
+    assert on_virtual_time(main) == ["record_many", "hand_back"]
