@@ -395,8 +395,10 @@ class ClaimStore(Protocol):
         run). None when the mark is not this token's (a newer leader moved it:
         nothing is given back). Otherwise the mark after: ``handed_back(...)``.
         ``busy`` are the caller's runs still going, stored for the next leader;
-        ``drop`` are intents (of fire times given back) deleted when they carry
-        this token. Idempotent.
+        ``drop`` are intents deleted when they carry this token and no result:
+        fire times given back, and runs that ended whose records the caller
+        could not store yet (a record that lands later is stored all the same).
+        Idempotent.
         """
         ...
 

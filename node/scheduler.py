@@ -454,16 +454,21 @@ class GatedScheduler:
             # a finished recoverable run's intent without a result and runs it again (found by the simulator).
             # Waited for at each attempt, as the hand-back is: a store restarting under a leader outlasts one
             # flush, and the hand-back that follows it would pass them by (failover suite, etcd). Past
-            # ``retry_until`` the window goes anyway: its fire times not yet run are worth more than a run again.
+            # ``retry_until`` the window goes anyway, its fire times not yet run being worth more than a record
+            # on time; the intents of the runs whose records are still unwritten go with it (below).
             if not await self.recorder.flush(self.backend.options.op_timeout) and clocks.monotonic() < retry_until:
                 continue
+            # A run that ended is not the next leader's to recover, written or not: its intent is dropped with the
+            # window (the store keeps an intent that has its result, or another token's). Its record, when it
+            # lands, is the run's only trace.
+            ended = sorted(self.recorder.unwritten())
             # the runs going now, at each attempt: a run listed that ended meanwhile (and was recorded) would
             # hold its job back in the cluster until its entry expires (found by the simulator)
             now_us = int(clocks.time() * 1_000_000)
             until_us = now_us + int((self.shutdown_grace + BUSY_SLACK) * 1_000_000)
             busy = [BusyRun(r.key, r.job_id, self.node_id, r.token, until_us) for r in self.running.values()]
             try:
-                window = await self.backend.hand_back(lease, at_us, busy, drop)
+                window = await self.backend.hand_back(lease, at_us, busy, drop + ended)
             except Exception as exc:  # not handed back, or not known to be: hand_back is idempotent, so try again
                 # (a surprise too: given up, it would lose the window's fire times and the busy runs; simulator)
                 if clocks.monotonic() < retry_until:

@@ -362,8 +362,15 @@ async def test_intents_are_unfinished_until_recorded_and_busy_runs_until_their_r
     busy = [BusyRun("nightly@2", "nightly", "a", lease.token, expiry),
             BusyRun("long@9", "long", "a", lease.token, expiry),
             BusyRun("gone@1", "gone", "a", lease.token, now_us() - US)]  # expired already
-    back = await a.hand_back(lease, start + 2 * US, busy=busy, drop=["nightly@3"])
+    # a dropped key with its result stored keeps it: a hand-back drops the intents of the runs whose records it
+    # could not confirm, and a record may have landed with its answer lost
+    back = await a.hand_back(lease, start + 2 * US, busy=busy, drop=["nightly@3", "nightly@1"])
     assert back is not None
+    assert {r.key for r in await b.unfinished(lock_name, 10)} == {"nightly@2"}
+    # and a record that lands after its intent was dropped is stored, not refused for the missing intent
+    await a.record_many(lock_name, [record("nightly@3", lease)])
+    stored = {r.key: r.result for r in await b.runs(lock_name, RunQuery(limit=10, job="nightly"))}
+    assert stored == {"nightly@1": {"outcome": "ok"}, "nightly@2": None, "nightly@3": {"outcome": "ok"}}
     assert {r.key for r in await b.unfinished(lock_name, 10)} == {"nightly@2"}
     await a.release(lease)
     new = await b.acquire(lock_name, Holder("b"), TTL)

@@ -332,3 +332,32 @@ def test_a_hand_back_waits_out_a_store_restart_for_the_records_of_runs_that_ende
         return store.ops
 
     assert on_virtual_time(main) == ["record_many", "hand_back"]
+
+
+def test_a_hand_back_past_its_attempts_takes_the_intents_of_runs_that_ended_with_it() -> None:
+    """The store refuses records for longer than the hand-back's attempts, and the window goes without the record
+    of a run that ended: the run's intent goes with it, so the next leader does not find it unfinished and run it
+    again. Before, the intent stayed, and a recoverable run started twice (the simulator's strict recovery rule)."""
+    async def main(loop: SimLoop) -> tuple[list[str], list[str], list[str]]:
+        node = Node(Settings(node_id="n0", lock_url="memory://hand-back-past-attempts", demo_jobs=False),
+                    JobRegistry())
+        scheduler = node.scheduler
+        name = scheduler.recorder.lock_name
+        lease = await node.backend.acquire(name, Holder("n0"), 10.0)
+        assert lease is not None and lease.token == record("x").token
+        now_us = int(clocks.time() * 1e6)
+        ended, going = "recover-000@1", "recover-000@2"
+        await node.backend.claim_window(lease, now_us + 5_000_000, now_us, [ended, going])
+        store = RecordsDown(node.backend, up_at=clocks.monotonic() + 30.0)
+        scheduler.backend = scheduler.recorder.backend = store
+        scheduler.recorder.add(record(ended))
+        await scheduler._hand_back(lease, now_us + 5_000_000, retry_until=clocks.monotonic() + 3.0)
+        open_keys = sorted(r.key for r in await node.backend.unfinished(name, 10))
+        written_before = [op for op in store.ops if op == "record_many"]
+        await scheduler.recorder.flush(60.0)  # the store back: the record lands after all
+        return open_keys, written_before, [r.key for r in await node.backend.unfinished(name, 10)]
+
+    open_keys, written_before, open_after = on_virtual_time(main)
+    assert written_before == []
+    assert open_keys == ["recover-000@2"]  # the run not ended stays the next leader's to recover
+    assert open_after == ["recover-000@2"]

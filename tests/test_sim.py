@@ -266,6 +266,23 @@ def test_duplicate_start() -> None:
         assert ("duplicate_start" not in _violated(h, scenario)) == excused, pid
 
 
+def test_duplicate_start_excuses_a_store_outage_only_while_the_lease_ended_without_a_hand_back() -> None:
+    """The run of +5 ends at 5.1; the store is down from 5.2 to 5.4; another process recovers +5 at 5.5. Excused
+    while token 1 handed nothing back, or handed back before the run ended (the run was then busy, the holder's to
+    record). A hand-back the store took after the run ended makes the recovery a duplicate: its holder knew."""
+    scenario = _scenario(JobShape("tick", 1000, 0.1, recover=True))
+    for hand_back_at, excused in ((None, True), (5.05, True), (5.45, False)):
+        h = _history()
+        _every_second(h)
+        h.cut("", 5.2, 5.4)
+        if hand_back_at is not None:
+            _window(h, 1, 0.0, 5.3, t=hand_back_at, op="hand_back", sealed=True)
+        _run(h, "tick", 5.0, host="n1", pid=1, token=2, kind="recovery", start=5.5, end=5.6)
+        assert ("duplicate_start" not in _violated(h, scenario)) == excused, hand_back_at
+        # the sink check reads the same excuse
+        assert ("fenced_sink" not in _violated(h, scenario)) == excused, hand_back_at
+
+
 def test_fenced_sink() -> None:
     scenario = _scenario(JobShape("tick", 1000, 0.1))
     h = _history()
@@ -691,6 +708,6 @@ def test_bench_section_reports_speed_faults_checks_and_no_violation(tmp_path: Pa
     assert data["runs"] == 12 and data["ok"] and data["runs_per_s"] > 0 and data["faults"]
     assert set(data["checked"]) == set(INVARIANTS) and data["load_before"] is not None
     assert all(p["found"] for p in data["holes_with_their_bug"])
-    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 8
+    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 9
     md = (tmp_path / "report.md").read_text()
     assert "Deterministic simulator" in md and "**violations: 0** in 12 runs" in md and "runs/s" in md

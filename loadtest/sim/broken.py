@@ -32,6 +32,12 @@ recovers-own-run       0     a leader that wins again lists unfinished runs befo
                              looks empty): a run it finished under its earlier
                              token, its record held up by a store restart, is run
                              again (found by the failover suite on PostgreSQL)
+hand-back-flushes-    0     a hand-back tries the node's records once, then goes   duplicate_start
+once                         without them, leaving their intents
+                             (``GatedScheduler._hand_back`` with a recorder that
+                             looks written after one flush): a recoverable run
+                             that ended while the store restarted is recovered by
+                             the next leader (found by the failover suite on etcd)
 =====================  ====  =====================================================  ====================
 """
 
@@ -98,24 +104,46 @@ def _local_over_limit(self: GatedScheduler, spec: Any) -> Refusal | None:
     return None
 
 
+@contextlib.contextmanager
+def _empty_looking(recorder: Any, *, flushes: int = 0) -> Iterator[None]:
+    """The block sees ``recorder`` as empty: no records unwritten, and a flush that returns True at once (after
+    the first ``flushes`` calls, which are real)."""
+    real_flush = recorder.flush
+    calls = 0
+
+    async def flush(timeout: float) -> bool:
+        nonlocal calls
+        calls += 1
+        return await real_flush(timeout) if calls <= flushes else True
+
+    def nothing_unwritten() -> set[str]:
+        return set()
+
+    recorder.flush, recorder.unwritten = flush, nothing_unwritten
+    try:
+        yield
+    finally:
+        for name in ("flush", "unwritten"):  # another block may have put the originals back already
+            recorder.__dict__.pop(name, None)
+
+
 def _forgetful_recovery(original: Callable[..., Any]) -> Callable[..., Any]:
     async def _recover(self: GatedScheduler, lease: Lease) -> None:
-        recorder = self.recorder
-
-        async def no_flush(timeout: float) -> bool:
-            return True
-
-        def nothing_unwritten() -> set[str]:
-            return set()
-
         # for this recovery only (its own calls come first, before anything else on the node could ask)
-        recorder.flush, recorder.unwritten = no_flush, nothing_unwritten  # type: ignore[method-assign]
-        try:
+        with _empty_looking(self.recorder):
             return await original(self, lease)
-        finally:
-            del recorder.flush, recorder.unwritten
 
     return _recover
+
+
+def _records_passed_by(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _hand_back(self: GatedScheduler, lease: Lease, at_us: int, *, retry_until: float) -> None:
+        # for this hand-back only (a node stepping down has nothing else to flush meanwhile): one flush, as
+        # before the fix, and no intents of ended runs dropped
+        with _empty_looking(self.recorder, flushes=1):
+            return await original(self, lease, at_us, retry_until=retry_until)
+
+    return _hand_back
 
 
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,6 +162,7 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "max-instances-per-node": (5, (GatedScheduler, "_over_limit", lambda _original: _local_over_limit)),
     "no-shutdown-grace": (6, (GatedScheduler, "shutdown", _no_grace)),
     "recovers-own-run": (0, (GatedScheduler, "_recover", _forgetful_recovery)),
+    "hand-back-flushes-once": (0, (GatedScheduler, "_hand_back", _records_passed_by)),
 }
 
 

@@ -349,8 +349,26 @@ class _Facts:
                    default=0)
 
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
+        """``later`` is a recovery of a run of a process that failed while the runs before it went on.
+
+        A kill, a pause or a cut excuse it: the run may have ended unreported. A store outage alone excuses it only
+        while the lease ended without a hand-back (at least once, as after a crash): once the store took a hand-back
+        of the run's token after the run ended, its holder knew it had ended and had the store to say so, so a
+        recovery of it is a duplicate, as the failover suite's checker counts it.
+        """
         return later.kind == "recovery" and all(
-            e.pid != later.pid and self.failed_between(e.pid, e.start, later.start) is not None for e in earlier)
+            e.pid != later.pid and self._crashed_under(e, later.start) for e in earlier)
+
+    def _crashed_under(self, run: Run, until: float) -> bool:
+        hows = {how for t0, t1, how in self.failures.get(run.pid, ())
+                if t0 <= until + EPS and t1 >= run.start - EPS}
+        if hows - {"outage"}:
+            return True
+        if not hows:
+            return False
+        ended = run.end if run.end is not None else float("inf")
+        return not any(m.op == "hand_back" and m.asked == m.token == run.token and ended <= m.t <= until + EPS
+                       for m in self.marks_of.get(run.token, ()))
 
     def restart_under(self, a: Belief, b: Belief) -> float | None:
         """The store restart that ended ``a``'s lease before ``b`` began, if ``a``'s belief ended within the
