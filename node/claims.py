@@ -489,8 +489,10 @@ class RunRecorder:
         deadline = clocks.monotonic() + timeout
         while self._queue or (self._writer is not None and not self._writer.done()):
             left = deadline - clocks.monotonic()
-            if left <= 0 or self._writer is None:
+            if left <= 0:
                 break
+            if self._writer is None or self._writer.done():  # records queued and no writer (it ended): one, as
+                self._writer = asyncio.create_task(self._write(), name="run-recorder")  # ``add`` starts
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._writer), left)
         return not self._queue and not self._in_flight

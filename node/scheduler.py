@@ -86,6 +86,11 @@ log = logging.getLogger("baton.scheduler")
 PAUSED_PREFIX = "paused:"
 #: Unfinished runs looked at for recovery when a node wins.
 RECOVERY_SCAN = 500
+#: How often a recovery waiting for a handed-over run's busy entry to expire looks at its leadership, and how
+#: long after that expiry (by this node's clock) it lists the unfinished runs again.
+RECOVERY_RECHECK = 0.5
+#: How often a recovery skipped for ``max_instances`` looks whether a run of its job has ended (no store operation).
+RECOVERY_SLOT_POLL = 0.05
 #: APScheduler's own ``max_instances``: never reached, so every fire time reaches the gate,
 #: which holds the job's limit across the cluster and counts what it skips.
 APSCHEDULER_INSTANCES = 1_000_000
@@ -858,11 +863,44 @@ class GatedScheduler:
         return self.spawn(run())
 
     async def _recover(self, lease: Lease) -> None:
-        """Run again, once, the recoverable runs a leader before this one claimed and never reported."""
+        """Run again the recoverable runs a leader before this one claimed and never reported, while this
+        leadership lasts.
+
+        A run handed over as still going is left to its node until its busy entry expires (the node's shutdown
+        grace and a slack). No record by then means its node died within that grace (a rolling deploy's kill after
+        its own grace, say): the recovery looks again then, or nobody would run it before the next leader.
+        """
+        tries: dict[str, asyncio.Task[RunOutcome]] = {}
+        while (look_at := await self._recover_once(lease, tries)) is not None:
+            look_at = max(look_at, clocks.time() + RECOVERY_RECHECK)  # an entry the store still lists: not at once
+            while (rest := look_at - clocks.time()) > 0:
+                if not self._leads_as(lease):
+                    return  # the next leader's recovery takes over
+                await asyncio.sleep(min(rest, RECOVERY_RECHECK))
+
+    def _leads_as(self, lease: Lease) -> bool:
+        current = self._current_lease()
+        return current is not None and current.token == lease.token and self._hand_back_at_us is None
+
+    async def _recover_run(self, lease: Lease, job_id: str, scheduled_at: datetime) -> RunOutcome:
+        """One recovery, run as soon as ``max_instances`` lets it while this leadership lasts: it is owed, not
+        optional, and a run of its job going (a catch-up, the next fire time) would otherwise skip it for good."""
+        while (outcome := await self.fire(job_id, scheduled_at, RunKind.RECOVERY)) is RunOutcome.SKIPPED:
+            while (spec := self.jobs.specs.get(job_id)) is not None and self._over_limit(spec) is not None:
+                if not self._leads_as(lease):
+                    return outcome
+                await asyncio.sleep(RECOVERY_SLOT_POLL)
+            if spec is None or not self._leads_as(lease):
+                return outcome
+        return outcome
+
+    async def _recover_once(self, lease: Lease, tries: dict[str, asyncio.Task[RunOutcome]]) -> float | None:
+        """One pass of ``_recover`` (``tries``: its recoveries so far, by intent): when to look again (wall
+        seconds: a busy entry that held an unreported run back expires), or None."""
         recoverable = {spec.id for spec in self.jobs if spec.recover}
         window = self.keeper.window
         if not recoverable or window is None or not window.owned_by(lease.token):
-            return
+            return None
         # this node's own records first, as at a hand-back: a run it finished under an earlier token whose record
         # is still queued (the store restarted under it) would read as a dead leader's (failover suite, PostgreSQL)
         await self.recorder.flush(self.backend.options.op_timeout)
@@ -881,7 +919,7 @@ class GatedScheduler:
             except Exception as exc:
                 if self._current_lease() is None or self._hand_back_at_us is not None:
                     log.warning("could not list unfinished runs for recovery: %s", exc)
-                    return
+                    return None
                 if str(exc) != complaint:
                     complaint = str(exc)
                     log.warning("listing unfinished runs for recovery failed, retrying: %s", exc)
@@ -889,11 +927,12 @@ class GatedScheduler:
                 delay = min(delay * 2, 0.5)
         window = self.keeper.window
         if window is None or not window.owned_by(lease.token):
-            return
+            return None
         # runs still going (handed over by a predecessor, or here) are not run again, whatever their kind:
         # a recovery run's key carries a suffix, its intent's does not (found by the simulator)
-        going = {b.key.partition("#")[0] for b in window.busy} | {key.partition("#")[0] for key in self.running}
-        going |= known
+        handed = {b.key.partition("#")[0]: b.until_us / 1_000_000 for b in window.busy}
+        going = {key.partition("#")[0] for key in self.running} | known
+        looks: list[float] = []
         for run in open_runs:
             parsed = parse_claim_key(run.key)
             if parsed is None or "#" in run.key or run.token >= lease.token:
@@ -902,9 +941,15 @@ class GatedScheduler:
             if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going
                     or to_us(scheduled_at) >= window.since_us):
                 continue
+            if run.key in handed:  # past its expiry by this clock, the store's may still list it: a look later
+                looks.append(handed[run.key] + RECOVERY_RECHECK)
+                continue
+            if run.key in tries:  # recovered, or being recovered, by this leadership already
+                continue
             log.warning("recovering an unfinished run", extra={"key": run.key, "node": run.node_id,
                                                                "token": run.token})
-            self.spawn(self.fire(job_id, scheduled_at, RunKind.RECOVERY))
+            tries[run.key] = self.spawn(self._recover_run(lease, job_id, scheduled_at))
+        return min(looks, default=None)
 
     def _intents_between(self, lo_us: int, hi_us: int) -> list[str]:
         """Keys of the recoverable fire times in ``[lo_us, hi_us)`` this leader will run (for a new window)."""

@@ -9,6 +9,7 @@ the next leader run a finished recoverable run again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -361,3 +362,21 @@ def test_a_hand_back_past_its_attempts_takes_the_intents_of_runs_that_ended_with
     assert written_before == []
     assert open_keys == ["recover-000@2"]  # the run not ended stays the next leader's to recover
     assert open_after == ["recover-000@2"]
+
+
+def test_a_flush_starts_a_writer_when_the_one_it_finds_has_ended_with_records_queued() -> None:
+    """Nothing in the node cancels the writer, but a flush must not depend on that: with records queued and the
+    writer gone, it starts one and the records are written. Before, it awaited the ended writer (a cancelled
+    one raised its CancelledError into the hand-back) and left the records queued."""
+    async def main(loop: SimLoop) -> tuple[bool, list[str]]:
+        store = Store([])
+        recorder = RunRecorder(store, "baton", op_timeout=0.5)  # type: ignore[arg-type]
+        recorder.add(record("job@1"))
+        writer = recorder._writer
+        assert writer is not None
+        writer.cancel()  # in its linger, before it took the record
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        return await recorder.flush(5.0), store.stored
+
+    assert on_virtual_time(main) == (True, ["job@1"])

@@ -283,6 +283,40 @@ def test_duplicate_start_excuses_a_store_outage_only_while_the_lease_ended_witho
         assert ("fenced_sink" not in _violated(h, scenario)) == excused, hand_back_at
 
 
+def test_recovered_asks_a_later_leader_to_run_again_a_recoverable_fire_time_a_kill_cut() -> None:
+    """n0 runs +2 (recoverable, body 1 s) and is killed at 2.5; n1 leads from 3.0 with token 2. Owed, and not
+    run again: a violation. A recovery run after the kill, a later leader that led too briefly, a busy entry
+    that holds the run past the history's end, or a job that is not recoverable: none."""
+    def history(*, recovery: bool = False, n1_until: float = 20.0, busy_until: float | None = None,
+                end: float = 20.0) -> History:
+        h = History()
+        for i in range(3):
+            h.hosts[f"n{i}"] = {"wall0": WALL0, "rate": 1.0, "offset": 0.0}
+            h.proc_start(0.0, f"n{i}")
+        h.grant(0.0, 1, "n0")
+        h.lease(0.0, "n0", 0, 1, 2.5)
+        _run(h, "job", 2.0, key="job@2")  # never ends
+        if busy_until is not None:
+            h.view(2.3, "n0", 0, 1, [("job@2", "job", "n0", 1, round((WALL0 + busy_until) * 1e6))])
+        h.proc_end(2.5, 0, "killed")
+        h.grant(3.0, 2, "n1")
+        h.lease(3.0, "n1", 1, 2, n1_until)
+        if recovery:
+            _run(h, "job", 2.0, host="n1", pid=1, token=2, kind="recovery", start=3.2, end=4.2, key="job@2#r")
+        h.end = end
+        return h
+
+    recoverable = _scenario(JobShape("job", 60_000, 1.0, recover=True))
+    checked = check(history(), recoverable)
+    assert [v.invariant for v in checked.violations] == ["recovered"]
+    assert checked.violations[0].f_us == _f(2.0) and "n1/p1 token 2" in checked.violations[0].detail
+    assert "recovered" not in _violated(history(recovery=True), recoverable)
+    assert "recovered" not in _violated(history(n1_until=6.5), recoverable)  # 3.5 s < the allowance and twice the body
+    assert "recovered" not in _violated(history(busy_until=17.0), recoverable)  # owed from 17: 3 s left
+    assert "recovered" in _violated(history(busy_until=9.0), recoverable)  # owed from 9: 11 s left
+    assert _violated(history(), _scenario(JobShape("job", 60_000, 1.0))) == set()
+
+
 def test_fenced_sink() -> None:
     scenario = _scenario(JobShape("tick", 1000, 0.1))
     h = _history()
@@ -708,6 +742,6 @@ def test_bench_section_reports_speed_faults_checks_and_no_violation(tmp_path: Pa
     assert data["runs"] == 12 and data["ok"] and data["runs_per_s"] > 0 and data["faults"]
     assert set(data["checked"]) == set(INVARIANTS) and data["load_before"] is not None
     assert all(p["found"] for p in data["holes_with_their_bug"])
-    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 9
+    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 11
     md = (tmp_path / "report.md").read_text()
     assert "Deterministic simulator" in md and "**violations: 0** in 12 runs" in md and "runs/s" in md

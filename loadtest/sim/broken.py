@@ -38,6 +38,13 @@ once                         without them, leaving their intents
                              looks written after one flush): a recoverable run
                              that ended while the store restarted is recovered by
                              the next leader (found by the failover suite on etcd)
+recovery-in-one-pass   0     a new leader's recovery looks once                     recovered
+                             (``GatedScheduler._recover`` as one ``_recover_once``):
+                             a run handed over as still going whose node was then
+                             killed is not run again while it leads
+recovery-skipped-for-  0     a recovery skipped for ``max_instances`` (a catch-up   recovered
+good                         of its job going) is not tried again
+                             (``GatedScheduler._recover_run`` fires once)
 =====================  ====  =====================================================  ====================
 """
 
@@ -50,7 +57,7 @@ from typing import Any
 from loadtest.sim import cluster
 from lock_backends import BusyRun, Lease, LockBackendError, Window, memory
 from node.claims import WindowKeeper
-from node.outcomes import RunOutcome
+from node.outcomes import RunKind, RunOutcome
 from node.scheduler import GatedScheduler, Refusal
 
 
@@ -146,6 +153,17 @@ def _records_passed_by(original: Callable[..., Any]) -> Callable[..., Any]:
     return _hand_back
 
 
+def _one_pass(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _recover(self: GatedScheduler, lease: Lease) -> None:
+        await self._recover_once(lease, {})
+
+    return _recover
+
+
+async def _recovery_tried_once(self: GatedScheduler, lease: Lease, job_id: str, scheduled_at: Any) -> RunOutcome:
+    return await self.fire(job_id, scheduled_at, RunKind.RECOVERY)
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -163,6 +181,8 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "no-shutdown-grace": (6, (GatedScheduler, "shutdown", _no_grace)),
     "recovers-own-run": (0, (GatedScheduler, "_recover", _forgetful_recovery)),
     "hand-back-flushes-once": (0, (GatedScheduler, "_hand_back", _records_passed_by)),
+    "recovery-in-one-pass": (0, (GatedScheduler, "_recover", _one_pass)),
+    "recovery-skipped-for-good": (0, (GatedScheduler, "_recover_run", lambda _original: _recovery_tried_once)),
 }
 
 

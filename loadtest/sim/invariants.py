@@ -9,8 +9,16 @@ first. The names and their meaning:
     No fire time of a job is started twice, except a declared at-least-once
     recovery: a ``recovery`` run of a fire time whose every earlier run was on
     another process, one that failed (was killed, paused, or cut off from the
-    store) between that run's start and the recovery's. A process never
-    recovers its own run: it knows it ran it, whatever the store heard.
+    store) between that run's start and the recovery's; the store down counts
+    only while the lease ended without a hand-back after the run ended. A
+    process never recovers its own run: it knows it ran it, whatever the store
+    heard.
+``recovered``
+    A recoverable job's fire time whose every run was cut by a kill is run
+    again (a ``recovery`` run) by a later token, if one led for
+    ``RECOVERY_ALLOWANCE`` (plus twice the job's body) after it was owed: after the
+    kill, or, for a run handed over as still going, after its busy entry
+    expired (its node died within its shutdown grace). At least once, measured.
 ``fenced_sink``
     A sink that accepts a write when its token is at least the highest it
     accepted (per job; the bodies write at their start and end) never accepts
@@ -63,7 +71,7 @@ from loadtest.sim.scenario import Scenario
 from lock_backends.clock import to_us
 from node.triggers import INTERVAL_EPOCH
 
-INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "max_instances", "waits_forever", "one_leader")
+INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "recovered", "max_instances", "waits_forever", "one_leader")
 
 #: Unix time of the interval triggers' epoch, in microseconds: interval fire times are this plus whole periods.
 INTERVAL_EPOCH_US = to_us(INTERVAL_EPOCH)
@@ -82,6 +90,10 @@ CRASH_SLACK = 0.6
 STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
+#: Leadership a recovery may take after it is owed (its first window, a flush, the listing, the look again after a
+#: busy entry's expiry), beside twice the job's body (a run of it going holds the recovery back, and the looks
+#: while it waits back off).
+RECOVERY_ALLOWANCE = 2.0
 #: How long past its renew deadline after a store restart a holder may still believe it leads: the renewal in
 #: flight at the restart answered late, and the holder's clock running slow.
 RESTART_BELIEF_SLACK = 0.5
@@ -573,6 +585,49 @@ def _skipped(facts: _Facts, shape: Any, f_us: int) -> str | None:
         if len(own) + len(listed) >= shape.max_instances:
             return "skipped: max_instances, counting handed-over runs until their records arrive"
     return None
+
+
+def check_recovered(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    out = []
+    looked = 0
+    handed_until: dict[str, float] = {}  # busy entries as processes were told of them: key -> expiry, true time
+    for views in facts.views_of.values():
+        for v in views:
+            for key, _job, _node, _token, until_us in v.busy:
+                handed_until[key] = max(handed_until.get(key, 0.0), until_us / 1e6 - WALL0)
+    skew = max(abs(facts.h.wall(host, facts.h.end) - (WALL0 + facts.h.end)) for host in facts.h.hosts)
+    for shape in facts.config.jobs:
+        if not shape.recover:
+            continue
+        by_f: dict[int, list[Run]] = defaultdict(list)
+        for r in facts.scheduled_by_job.get(shape.id, []):
+            by_f[r.f_us].append(r)
+        for f_us, group in by_f.items():
+            procs = [facts.procs[r.pid] for r in group]
+            if not any(r.end is None and p.how == "killed" for r, p in zip(group, procs, strict=True)):
+                continue
+            looked += 1  # a kill cut one of its runs
+            if any(r.end is not None for r in group) or any(p.how != "killed" or p.end is None for p in procs):
+                continue  # a run ended (a recovery, say), or may still go on: nothing owed
+            cut = max(p.end or 0.0 for p in procs)
+            owed = max([cut, *(handed_until.get(r.key, 0.0) + skew for r in group)])
+            if any(r.kind == "recovery" and r.start >= cut - EPS for r in group):
+                continue  # (a recovery that was cut too is in the group: the check looks past it)
+            token = max(r.token for r in group)
+            need = RECOVERY_ALLOWANCE + 2 * shape.body_s
+            held = [b for b in facts.beliefs
+                    if b.token > token and min(b.until, facts.h.end) - max(b.since, owed) >= need]
+            if not held:
+                excused["recovered: no later leader led long enough after it was owed"] += 1
+                continue
+            b = held[0]
+            t = max(b.since, owed) + need
+            out.append(Violation(
+                "recovered", t, f"{shape.id} fire time {_fmt_f(f_us)}: every run cut by a kill (the last at "
+                f"{cut:.3f}, owed from {owed:.3f}), and {b.host}/p{b.pid} token {b.token} led {need:.1f}s after "
+                "that without recovering it: " + "; ".join(_run_desc(r) for r in group),
+                shape.id, f_us, [r.rid for r in group], sorted({r.host for r in group})))
+    return out, looked
 
 
 def check_max_instances(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
