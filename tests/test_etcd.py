@@ -174,8 +174,10 @@ async def test_killing_the_raft_leader_under_a_renew_loop(etcd_three: Cluster, m
     await loop
     errors = [o for o in outcomes if o[2].startswith("error")]
     assert errors == [], errors
-    slow = [o for o in outcomes if o[1] > OP_TIMEOUT + 0.3]
-    assert slow == [], f"calls beyond the op timeout: {slow}"
+    # bounded by the op timeout, not by gRPC's reconnect backoff or a hang; the bound leaves room for a loop that
+    # a loaded machine stalls (one call took 1.01 s of a 0.5 s timeout under CI's four workers, once)
+    slow = [o for o in outcomes if o[1] > OP_TIMEOUT * 3]
+    assert slow == [], f"calls far beyond the op timeout: {slow}"
     after = [o[2] for o in outcomes if o[0] > killed_at]
     print(f"after the kill: {after.count('unavailable')} unavailable, {after.count('renewed')} renewed, "
           f"{after.count('lost')} lost")
