@@ -13,8 +13,8 @@ that ended otherwise never started. What it promises the next leader:
   leader holds ``max_instances`` across nodes and does not recover them while
   their entries last;
 * the records of the runs that ended are stored first, at each attempt; past
-  the last attempt the intents of those still unwritten go back with the
-  window, so nobody recovers a run that ended.
+  the last attempt the window goes without them, and the intents of those
+  runs are deleted with the hand-back, so nobody recovers a run that ended.
 """
 
 from __future__ import annotations

@@ -266,21 +266,29 @@ def test_duplicate_start() -> None:
         assert ("duplicate_start" not in _violated(h, scenario)) == excused, pid
 
 
-def test_duplicate_start_excuses_a_store_outage_only_while_the_lease_ended_without_a_hand_back() -> None:
-    """The run of +5 ends at 5.1; the store is down from 5.2 to 5.4; another process recovers +5 at 5.5. Excused
-    while token 1 handed nothing back, or handed back before the run ended (the run was then busy, the holder's to
-    record). A hand-back the store took after the run ended makes the recovery a duplicate: its holder knew."""
+@pytest.mark.parametrize("failure", ["outage", "kill"])
+def test_duplicate_start_excuses_a_failure_only_while_the_lease_ended_without_a_hand_back(failure: str) -> None:
+    """The run of +5 ends at 5.1; its process is killed, or the store is down, from 5.2; another process recovers
+    +5 at 5.5. Excused while token 1 handed nothing back, handed back before the run ended, or listed the run as
+    still going. A hand-back the store took after the run ended, without it, makes the recovery a duplicate: its
+    holder knew the run had ended, and had the store to say so."""
     scenario = _scenario(JobShape("tick", 1000, 0.1, recover=True))
-    for hand_back_at, excused in ((None, True), (5.05, True), (5.45, False)):
+    for hand_back_at, busy, excused in ((None, (), True), (5.05, (), True), (5.15, ("tick@5",), True),
+                                        (5.15, (), False)):
         h = _history()
-        _every_second(h)
-        h.cut("", 5.2, 5.4)
+        _every_second(h, skip=(5.0,))
+        _run(h, "tick", 5.0, end=5.1, key="tick@5")
+        if failure == "outage":
+            h.cut("", 5.2, 5.4)
+        else:
+            h.proc_end(5.2, 0, "killed")
         if hand_back_at is not None:
-            _window(h, 1, 0.0, 5.3, t=hand_back_at, op="hand_back", sealed=True)
+            _window(h, 1, 0.0, 5.3, t=hand_back_at, op="hand_back", sealed=True, busy=busy)
         _run(h, "tick", 5.0, host="n1", pid=1, token=2, kind="recovery", start=5.5, end=5.6)
-        assert ("duplicate_start" not in _violated(h, scenario)) == excused, hand_back_at
+        case = (failure, hand_back_at, busy)
+        assert ("duplicate_start" not in _violated(h, scenario)) == excused, case
         # the sink check reads the same excuse
-        assert ("fenced_sink" not in _violated(h, scenario)) == excused, hand_back_at
+        assert ("fenced_sink" not in _violated(h, scenario)) == excused, case
 
 
 def test_recovered_asks_a_later_leader_to_run_again_a_recoverable_fire_time_a_kill_cut() -> None:

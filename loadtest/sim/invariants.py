@@ -9,8 +9,9 @@ first. The names and their meaning:
     No fire time of a job is started twice, except a declared at-least-once
     recovery: a ``recovery`` run of a fire time whose every earlier run was on
     another process, one that failed (was killed, paused, or cut off from the
-    store) between that run's start and the recovery's; the store down counts
-    only while the lease ended without a hand-back after the run ended. A
+    store) between that run's start and the recovery's, and whose token handed
+    no window back after the run ended without listing it as still going (a
+    holder that did knew it had ended, and had the store to say so). A
     process never recovers its own run: it knows it ran it, whatever the store
     heard.
 ``recovered``
@@ -363,24 +364,20 @@ class _Facts:
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
         """``later`` is a recovery of a run of a process that failed while the runs before it went on.
 
-        A kill, a pause or a cut excuse it: the run may have ended unreported. A store outage alone excuses it only
-        while the lease ended without a hand-back (at least once, as after a crash): once the store took a hand-back
-        of the run's token after the run ended, its holder knew it had ended and had the store to say so, so a
-        recovery of it is a duplicate, as the failover suite's checker counts it.
+        A kill, a pause, a cut or a store outage excuse it (at least once, as after a crash: the run may have ended
+        unreported), but only while the lease ended without a hand-back: once the store took a hand-back of the
+        run's token after the run ended, not listing it as still going, its holder knew it had ended and had the
+        store to say so, so a recovery of it is a duplicate, as the failover suite's checker counts it.
         """
         return later.kind == "recovery" and all(
             e.pid != later.pid and self._crashed_under(e, later.start) for e in earlier)
 
     def _crashed_under(self, run: Run, until: float) -> bool:
-        hows = {how for t0, t1, how in self.failures.get(run.pid, ())
-                if t0 <= until + EPS and t1 >= run.start - EPS}
-        if hows - {"outage"}:
-            return True
-        if not hows:
+        if not any(t0 <= until + EPS and t1 >= run.start - EPS for t0, t1, _ in self.failures.get(run.pid, ())):
             return False
         ended = run.end if run.end is not None else float("inf")
         return not any(m.op == "hand_back" and m.asked == m.token == run.token and ended <= m.t <= until + EPS
-                       for m in self.marks_of.get(run.token, ()))
+                       and run.key not in m.busy for m in self.marks_of.get(run.token, ()))
 
     def restart_under(self, a: Belief, b: Belief) -> float | None:
         """The store restart that ended ``a``'s lease before ``b`` began, if ``a``'s belief ended within the
