@@ -92,8 +92,7 @@ STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
 #: Leadership a recovery may take after it is owed (its first window, a flush, the listing, the look again after a
-#: busy entry's expiry), beside twice the job's body (a run of it going holds the recovery back, and the looks
-#: while it waits back off).
+#: busy entry's expiry), beside twice the job's body (a run of it going holds the recovery back).
 RECOVERY_ALLOWANCE = 2.0
 #: How long past its renew deadline after a store restart a holder may still believe it leads: the renewal in
 #: flight at the restart answered late, and the holder's clock running slow.
@@ -362,12 +361,12 @@ class _Facts:
                    default=0)
 
     def excused_recovery(self, later: Run, earlier: list[Run]) -> bool:
-        """``later`` is a recovery of a run of a process that failed while the runs before it went on.
+        """``later`` is a recovery, and every run before it was on another process that failed after it started.
 
         A kill, a pause, a cut or a store outage excuse it (at least once, as after a crash: the run may have ended
         unreported), but only while the lease ended without a hand-back: once the store took a hand-back of the
         run's token after the run ended, not listing it as still going, its holder knew it had ended and had the
-        store to say so, so a recovery of it is a duplicate, as the failover suite's checker counts it.
+        store to say so, so a recovery of it is a duplicate.
         """
         return later.kind == "recovery" and all(
             e.pid != later.pid and self._crashed_under(e, later.start) for e in earlier)
@@ -607,9 +606,8 @@ def check_recovered(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violat
             if any(r.end is not None for r in group) or any(p.how != "killed" or p.end is None for p in procs):
                 continue  # a run ended (a recovery, say), or may still go on: nothing owed
             cut = max(p.end or 0.0 for p in procs)
+            # a recovery that a kill cut too is one of the group: the fire time is owed again, from that kill
             owed = max([cut, *(handed_until.get(r.key, 0.0) + skew for r in group)])
-            if any(r.kind == "recovery" and r.start >= cut - EPS for r in group):
-                continue  # (a recovery that was cut too is in the group: the check looks past it)
             token = max(r.token for r in group)
             need = RECOVERY_ALLOWANCE + 2 * shape.body_s
             held = [b for b in facts.beliefs
