@@ -14,6 +14,18 @@ in the background. Finding an edge takes up to a second, longer than an
 operation may: the first call waits for it within the operation timeout and
 answers None ("no clock to offer yet") if the edge has not come by then; later
 calls answer at once.
+
+The cache trusts this host's monotonic clock to keep time with the server's
+wall clock. It does not when the host's virtual machine was paused (a live
+migration, a suspended host): the monotonic clock stops, the wall clock is set
+right on resume, and the cached offset would put the server tens of seconds
+behind, so every node on that host would take itself for skewed and refuse to
+lead until the next measurement (seen on the CI machine: +19.8 s on all three
+nodes of a cluster). So a read first compares this host's wall clock minus its
+monotonic clock with what it was at the measurement: if the two moved apart by
+more than ``_CLOCK_STEP``, the offset is measured again (a true step of this
+host's wall clock then shows again, measured; a stopped monotonic clock no
+longer does), and until that measurement answers, the read answers None.
 """
 
 from __future__ import annotations
@@ -32,6 +44,9 @@ _CLOCK_REFRESH = 300.0
 _CLOCK_POLL = 0.004
 #: A measurement gives up after this long (an edge comes once a second).
 _CLOCK_BUDGET = 2.5
+#: This host's wall clock minus its monotonic clock may drift this far (seconds) from its value at the measurement
+#: before the cached offset is no longer trusted (NTP slews far less between two measurements).
+_CLOCK_STEP = 0.25
 
 
 class ServerClock:
@@ -44,13 +59,16 @@ class ServerClock:
         self._endpoints = endpoints
         self._op_timeout = op_timeout
         self._kind, self._address = kind, address
-        #: (server wall clock minus local monotonic clock, monotonic time measured).
-        self._offset: tuple[float, float] | None = None
+        #: (server wall clock minus local monotonic clock, monotonic time measured, local wall minus monotonic then).
+        self._offset: tuple[float, float, float] | None = None
         self._task: asyncio.Task[float] | None = None
 
     async def read(self) -> float | None:
-        """The server's wall clock now (unix seconds), or None before the first edge came."""
+        """The server's wall clock now (unix seconds), or None before the first edge came (or after this host's
+        clocks moved apart, until the edge is found again)."""
         cached = self._offset
+        if cached is not None and abs(clock.time() - clock.monotonic() - cached[2]) > _CLOCK_STEP:
+            cached = self._offset = None  # a paused VM, or a stepped wall clock: measured again, not assumed
         if cached is not None and clock.monotonic() - cached[1] < _CLOCK_REFRESH:
             return clock.monotonic() + cached[0]
         task = self._task
@@ -82,7 +100,8 @@ class ServerClock:
                     asyncio.LimitOverrunError) as exc:
                 errors.append(f"{host}:{port}: {exc!r}")
                 continue
-            self._offset = (offset, clock.monotonic())
+            now = clock.monotonic()
+            self._offset = (offset, now, clock.time() - now)
             return offset
         raise BackendUnavailable(f"server_time: no endpoint's HTTP Date header could be read ({'; '.join(errors)})",
                                  backend=self._kind, address=self._address)

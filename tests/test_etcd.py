@@ -32,6 +32,7 @@ from lock_backends import (
     Window,
     from_url,
 )
+from lock_backends import clock as clocks
 from lock_backends.etcd import EtcdBackend
 from lock_backends.etcd_client import is_connection_error
 from tests.conftest import OP_TIMEOUT, ServerPool, eventually, with_timeout
@@ -681,6 +682,35 @@ async def test_server_time_from_the_date_header(etcd_url: str, make_backend: Fac
     after = time.time()
     assert told is not None and after - before < 0.05
     assert before - 0.02 <= told <= after + 0.02, (before, told, after)
+
+
+class PausedHost:
+    """This host's clocks after its virtual machine was paused for ``stopped`` seconds: the monotonic clock lost
+    them, the wall clock was set right on resume."""
+
+    def __init__(self) -> None:
+        self.stopped = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() - self.stopped
+
+    def time(self) -> float:
+        return time.time()
+
+
+async def test_server_time_is_measured_again_when_this_hosts_clocks_moved_apart(etcd_url: str,
+                                                                                make_backend: Factory) -> None:
+    """The offset is cached against the monotonic clock. After a VM pause that clock is behind: the cache would
+    put the server 20 s behind, and every node on the host would take itself for skewed and refuse to lead
+    (the CI machine, once: +19.8 s on all three nodes). The clocks moved apart, so it is measured again."""
+    backend = make_backend(etcd_url)
+    host = PausedHost()
+    with clocks.using(host):
+        await eventually("server_time", backend.server_time, within=5.0)
+        host.stopped = 20.0
+        told, _ = await eventually("server_time after the pause", backend.server_time, within=5.0)
+    now = time.time()
+    assert now - 0.1 <= told <= now + 0.05, (told, now)
 
 
 def test_channel_death_is_a_connection_error() -> None:
