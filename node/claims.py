@@ -380,9 +380,14 @@ class RunRecorder:
                 self.on_dropped(dropped)
         if wait:
             self._hurry.set()
+        self._ensure_writer()
+        return done
+
+    def _ensure_writer(self) -> asyncio.Task[None]:
+        """The writer task, started if none is going: records queued never wait on one that ended."""
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="run-recorder")
-        return done
+        return self._writer
 
     async def _write(self) -> None:
         delay = RETRY_FIRST
@@ -491,10 +496,9 @@ class RunRecorder:
             left = deadline - clocks.monotonic()
             if left <= 0:
                 break
-            if self._writer is None or self._writer.done():  # records queued and no writer (it ended): one, as
-                self._writer = asyncio.create_task(self._write(), name="run-recorder")  # ``add`` starts
+            writer = self._ensure_writer()  # records queued and the writer ended: one, as ``add`` starts
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._writer), left)
+                await asyncio.wait_for(asyncio.shield(writer), left)
         return not self._queue and not self._in_flight
 
     def _complain(self, what: str, exc: BaseException, error: bool = False) -> None:

@@ -106,9 +106,8 @@ class Succession:
             window = self.keeper.window
             if window is not None and window.owned_by(lease.token):
                 return window
-            current = self._current_lease()
-            if (current is None or current.token != lease.token or self._hand_back_at_us is not None
-                    or (window is not None and window.token >= lease.token)):
+            current = self._still_leading(lease)
+            if current is None or (window is not None and window.token >= lease.token):
                 return None
             target = max(now_us, window.until_us if window is not None else 0)
             t0 = clocks.monotonic()
@@ -193,23 +192,26 @@ class Succession:
         while (look_at := await self._recover_once(lease, tries)) is not None:
             look_at = max(look_at, clocks.time() + RECOVERY_RECHECK)  # an entry the store still lists: not at once
             while (rest := look_at - clocks.time()) > 0:
-                if not self._leads_as(lease):
+                if self._still_leading(lease) is None:
                     return  # the next leader's recovery takes over
                 await asyncio.sleep(min(rest, RECOVERY_RECHECK))
 
-    def _leads_as(self, lease: Lease) -> bool:
+    def _still_leading(self, lease: Lease) -> Lease | None:
+        """The current lease, if the leadership ``lease`` began still lasts and has not begun handing back."""
         current = self._current_lease()
-        return current is not None and current.token == lease.token and self._hand_back_at_us is None
+        if current is None or current.token != lease.token or self._hand_back_at_us is not None:
+            return None
+        return current
 
     async def _recover_run(self, lease: Lease, job_id: str, scheduled_at: datetime) -> RunOutcome:
         """One recovery, run as soon as ``max_instances`` lets it while this leadership lasts: it is owed, not
         optional, and a run of its job going (a catch-up, the next fire time) would otherwise skip it for good."""
         while (outcome := await self.fire(job_id, scheduled_at, RunKind.RECOVERY)) is RunOutcome.SKIPPED:
             while (spec := self.jobs.specs.get(job_id)) is not None and self._over_limit(spec) is not None:
-                if not self._leads_as(lease):
+                if self._still_leading(lease) is None:
                     return outcome
                 await asyncio.sleep(RECOVERY_SLOT_POLL)
-            if spec is None or not self._leads_as(lease):
+            if spec is None or self._still_leading(lease) is None:
                 return outcome
         return outcome
 
