@@ -79,6 +79,9 @@ def test_quick_failover_and_fire_lag_on_redis(tmp_path: Path) -> None:
     low, high = lag["redis"]["ratio_p99_interval"]  # the ratio over resampled seconds: around the ratio itself
     assert low <= lag["redis"]["ratio_p99"] * 1.01 and high >= lag["redis"]["ratio_p99"] * 0.99
     assert "Plain against itself" in md
+    (steal,) = lag["redis"]["round_steal"]  # what the host took from the measuring core, read from the kernel
+    assert 0.0 <= steal <= 1.0
+    assert doc["sections"]["fire_lag"]["data"]["redone_rounds"] == {"100": [], "1000": []}  # none in a quick run
     assert all(v is None or isinstance(v, str | int | float | bool) for v in numbers(doc))
     assert not (out / "out").exists(), "scratch space is removed after a clean run"
 
@@ -179,3 +182,56 @@ def test_a_rounds_ratio_is_its_baton_p99_over_the_same_rounds_plain_p99() -> Non
     assert round_ratio([0.003] * 100, [0.001] * 50 + [0.002] * 50) == 1.5
     assert round_ratio([], [0.001] * 100) is None
     assert round_ratio([0.001] * 100, []) is None
+
+
+STAT = """cpu  4075611 133 624188 11725328 35391 0 34175 209483 0 0
+cpu0 2412218 133 270163 5514708 15969 0 12135 104528 0 0
+cpu1 1663392 0 354025 6210619 19421 0 22039 104954 0 0
+intr 1 2 3
+"""
+
+
+def test_steal_is_read_per_core_from_the_kernels_counters() -> None:
+    import os
+
+    from loadtest.bench.steal import share, stolen
+
+    tick = os.sysconf("SC_CLK_TCK")
+    assert stolen({0}, STAT) == 104528 / tick
+    assert stolen({0, 1}, STAT) == (104528 + 104954) / tick
+    assert stolen({2}, STAT) is None  # a core the kernel does not list: no reading rather than a wrong one
+    here = stolen(os.sched_getaffinity(0))  # this machine's own counters
+    assert here is not None and here >= 0.0
+    assert share(1.0, 1.5, wall=10.0, cores=1) == 0.05
+    assert share(1.0, 1.5, wall=10.0, cores=2) == 0.025
+    assert share(None, 1.5, wall=10.0, cores=1) is None
+
+
+def test_a_round_the_host_took_cpu_from_is_measured_again_within_its_budget() -> None:
+    from loadtest.bench.fire_lag import STEAL_LIMIT, Round, Window, quiet_rounds
+
+    def window(steal: float | None, lag: float) -> Window:
+        w = Window()
+        w.lags, w.steal = [lag] * 100, steal
+        return w
+
+    def made(steal: float | None, lag: float) -> Round:
+        return Round(window(0.0, 0.001), {"file": window(steal, lag)}, {"file": {"notes": ["slow stop"]}},
+                     window(0.0, 0.001))
+
+    spell, quiet = STEAL_LIMIT * 3, STEAL_LIMIT / 2
+    planned = [made(spell, 0.004), made(quiet, 0.0012), made(None, 0.0011), made(spell, 0.005), made(spell, 0.006)]
+    turns: list[int] = []
+    agains: list[int] = []
+
+    def measure(turn: int) -> Round:
+        turns.append(turn)
+        return planned.pop(0)
+
+    kept, aside = quiet_rounds(3, 2, measure, lambda: agains.append(1))
+    assert turns == [0, 0, 1, 2, 2]  # a round measured again keeps its place in the backends' rotation
+    assert [r.baton["file"].lags[0] for r in kept] == [0.0012, 0.0011, 0.006]  # the budget spent, kept anyway
+    assert [a["steal"] for a in aside] == [round(spell, 4)] * 2 and len(agains) == 2
+    assert aside[0]["round_ratios_p99"] == {"file": 4.0} and aside[0]["notes"] == ["slow stop"]
+    kept, aside = quiet_rounds(1, 0, lambda turn: made(spell, 0.004), lambda: None)
+    assert len(kept) == 1 and aside == []  # no budget (a quick run): every round counts

@@ -25,9 +25,9 @@ from rich.progress import Progress
 
 
 class Advance(Protocol):
-    """Moves a progress bar on by ``amount`` steps."""
+    """Moves a progress bar on by ``amount`` steps; ``more`` adds steps to do (work found on the way)."""
 
-    def __call__(self, amount: float = 1) -> None: ...
+    def __call__(self, amount: float = 1, *, more: float = 0) -> None: ...
 
 
 @dataclass
@@ -72,8 +72,12 @@ class BenchContext:
     def step(self, description: str, total: float) -> Advance:
         """A progress bar for one part of a section; call the returned function to advance it."""
         task = self.progress.add_task(description, total=total)
+        totals = [total]
 
-        def advance(amount: float = 1) -> None:
+        def advance(amount: float = 1, *, more: float = 0) -> None:
+            if more:
+                totals[0] += more
+                self.progress.update(task, total=totals[0])
             self.progress.advance(task, amount)
 
         return advance

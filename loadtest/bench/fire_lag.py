@@ -38,7 +38,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
+from loadtest.bench.base import Advance, BenchContext, SectionResult, VerdictRow
 from loadtest.bench.resample import DRAWS, LEVEL, p99_ratio_interval, seconds
+from loadtest.bench.steal import share, stolen
 from loadtest.checker import percentile
 from loadtest.servers import Cluster, start_backend
 from node.app import Node
@@ -77,6 +79,10 @@ COST_OPS = ("claim_window", "record_batch")
 #: Bounds on one measurement, so an overloaded backend shows up as a note, not as a hung benchmark.
 STOP_TIMEOUT = 15.0
 SLACK = 60.0
+#: A round in which the host took more than this share of the measuring cores' time during any of its windows
+#: (steal, ``loadtest/bench/steal.py``) is measured again, plain and Baton alike, up to half the rate's rounds
+#: more; the report lists each such round with its steal and its ratios. Quiet rounds here see 0-0.5%.
+STEAL_LIMIT = 0.01
 
 
 def anchor(i: int, n: int) -> datetime:
@@ -100,20 +106,25 @@ def fire_time(now: datetime, start: datetime) -> datetime:
 
 
 class Window:
-    """Collects lags only for fire times in [start, end): warm-up (start-up, catch-up) stays out."""
+    """Collects lags only for fire times in [start, end): warm-up (start-up, catch-up) stays out.
+
+    ``steal`` is the share of the measuring cores' time the host took while the
+    window's fire times ran (None where the kernel does not count it).
+    """
 
     def __init__(self) -> None:
         self.start: datetime | None = None
         self.end: datetime | None = None
         self.lags: list[float] = []
         self.notes: list[str] = []
+        self.steal: float | None = None
 
     def add(self, scheduled_at: datetime, now: datetime) -> None:
         if self.start is not None and self.start <= scheduled_at and (self.end is None or scheduled_at < self.end):
             self.lags.append((now - scheduled_at).total_seconds())
 
 
-async def measure_plain(n: int, warmup: float, duration: float) -> list[float]:
+async def measure_plain(n: int, warmup: float, duration: float) -> Window:
     window = Window()
     anchors = [anchor(i, n) for i in range(n)]
 
@@ -130,10 +141,10 @@ async def measure_plain(n: int, warmup: float, duration: float) -> list[float]:
         await run_window(window, warmup, duration)
     finally:
         scheduler.shutdown(wait=False)
-    return window.lags
+    return window
 
 
-async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tuple[list[float], dict[str, Any]]:
+async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tuple[Window, dict[str, Any]]:
     window = Window()
 
     async def body(run: RunContext) -> None:
@@ -162,7 +173,7 @@ async def measure_baton(n: int, url: str, warmup: float, duration: float) -> tup
         except TimeoutError:
             window.notes.append(f"the node took over {STOP_TIMEOUT:g} s to stop")
         logging.getLogger("baton.scheduler").removeHandler(retries)
-    return window.lags, {**op_costs(node), "claim_retries": sum(retries.reasons.values()),
+    return window, {**op_costs(node), "claim_retries": sum(retries.reasons.values()),
                          "retry_reasons": dict(sorted(retries.reasons.items(), key=lambda kv: -kv[1])[:3]),
                          "notes": window.notes}
 
@@ -198,7 +209,11 @@ async def run_window(window: Window, warmup: float, duration: float) -> None:
     now = datetime.now(UTC)
     window.start = now + timedelta(seconds=warmup)
     window.end = window.start + timedelta(seconds=duration)
-    await asyncio.sleep(warmup + duration + 0.3)  # + the last fire times' runs
+    await asyncio.sleep(warmup)
+    cpus = os.sched_getaffinity(0)
+    before, t0 = stolen(cpus), time.monotonic()
+    await asyncio.sleep(duration + 0.3)  # + the last fire times' runs
+    window.steal = share(before, stolen(cpus), time.monotonic() - t0, len(cpus))
 
 
 def summary(lags: list[float], n: int, duration: float) -> dict[str, Any]:
@@ -271,10 +286,79 @@ def server_urls(ctx: BenchContext, stack: contextlib.ExitStack, failed: dict[str
     return urls
 
 
+@dataclass
+class Round:
+    """One round at one rate: plain, Baton on each backend (in this round's order), plain again."""
+
+    before: Window
+    baton: dict[str, Window]
+    costs: dict[str, dict[str, Any]]
+    after: Window
+
+    @property
+    def plain_lags(self) -> list[float]:
+        return self.before.lags + self.after.lags
+
+    def steal(self) -> float | None:
+        """The largest share of the measuring cores' time the host took in any of the round's windows."""
+        shares = [w.steal for w in (self.before, self.after, *self.baton.values()) if w.steal is not None]
+        return max(shares, default=None)
+
+    def ratios(self) -> dict[str, float | None]:
+        return {kind: round_ratio(w.lags, self.plain_lags) for kind, w in self.baton.items()}
+
+
+def measure_round(n: int, urls: dict[str, str], warmup: float, window: float, turn: int,
+                  advance: Advance) -> Round:
+    before = asyncio.run(measure_plain(n, warmup, window / 2))
+    advance()
+    baton: dict[str, Window] = {}
+    costs: dict[str, dict[str, Any]] = {}
+    for kind, url in rotated(list(urls.items()), turn):
+        limit = warmup + window + STOP_TIMEOUT + SLACK
+        try:
+            baton[kind], costs[kind] = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
+        except TimeoutError:
+            baton[kind] = Window()
+            costs[kind] = {"notes": [f"no result within {limit:g} s"]}
+        advance()
+    after = asyncio.run(measure_plain(n, warmup, window / 2))
+    advance()
+    return Round(before, baton, costs, after)
+
+
+def redo_budget(rounds: int, quick: bool) -> int:
+    """Rounds a rate may measure again for the host's steal: half its rounds, none in a quick run."""
+    return 0 if quick else max(1, rounds // 2)
+
+
+def quiet_rounds(rounds: int, budget: int, measure: Callable[[int], Round],
+                 again: Callable[[], None]) -> tuple[list[Round], list[dict[str, Any]]]:
+    """``rounds`` rounds in which the host took at most ``STEAL_LIMIT`` of the measuring cores, if ``budget``
+    rounds measured again suffice; past the budget a round is kept whatever its steal (its steal is reported).
+
+    ``measure(turn)`` measures one round (turn: rounds kept so far, so the backends' order still turns through
+    every place); ``again`` is told when a round is to be measured again. Also returns the rounds put aside.
+    """
+    kept: list[Round] = []
+    put_aside: list[dict[str, Any]] = []
+    while len(kept) < rounds:
+        this = measure(len(kept))
+        steal = this.steal()
+        if steal is not None and steal > STEAL_LIMIT and len(put_aside) < budget:
+            put_aside.append({"steal": round(steal, 4), "round_ratios_p99": this.ratios(),
+                              "notes": [note for cost in this.costs.values() for note in cost.get("notes", [])]})
+            again()
+            continue
+        kept.append(this)
+    return kept, put_aside
+
+
 def run(ctx: BenchContext) -> SectionResult:
     rates = QUICK_RATES if ctx.quick else RATES
     (ctx.work / "fire_lag").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    redone: dict[str, list[dict[str, Any]]] = {}
     failed: dict[str, str] = {}
     split = cpu_split()
     servers_cpus, own_cpus = split if split is not None else (None, None)
@@ -282,52 +366,47 @@ def run(ctx: BenchContext) -> SectionResult:
         urls = server_urls(ctx, stack, failed, servers_cpus)
         stack.enter_context(pinned(own_cpus))
         plan = [(rate, rounds_for(rate, ctx.quick)) for rate in rates]
-        advance = ctx.step("fire lag", total=sum(rounds * (2 + len(urls)) for _, rounds in plan))
+        per_round = 2 + len(urls)
+        advance = ctx.step("fire lag", total=sum(rounds * per_round for _, rounds in plan))
         stack.enter_context(node_logging(ctx.work / "fire_lag" / "node.log"))
         for rate, rounds in plan:
             n = round(rate * INTERVAL)
             duration = duration_for(rate, ctx.quick)
             warmup = 1.0 + n / 1000  # start-up, and the catch-up on winning (one claim per job) drained
             window = duration / rounds
-            before: list[float] = []  # plain, ahead of each round's Baton runs
-            after: list[float] = []  # and after them
-            lags: dict[str, list[float]] = {kind: [] for kind in urls}
-            costs: dict[str, dict[str, Any]] = {kind: {} for kind in urls}
-            by_round: dict[str, list[float | None]] = {kind: [] for kind in urls}
-            # seconds of fire times, per system, for the ratio's interval (``resample``)
-            blocks: dict[str, list[list[float]]] = {kind: [] for kind in [*urls, PLAIN]}
-            for turn in range(rounds):
-                first = asyncio.run(measure_plain(n, warmup, window / 2))
-                advance()
-                this_round: dict[str, list[float]] = {}
-                for kind, url in rotated(list(urls.items()), turn):
-                    limit = warmup + window + STOP_TIMEOUT + SLACK
-                    try:
-                        more, cost = asyncio.run(asyncio.wait_for(measure_baton(n, url, warmup, window), limit))
-                    except TimeoutError:
-                        more, cost = [], {"notes": [f"no result within {limit:g} s"]}
-                    this_round[kind] = more
-                    costs[kind] = merge_costs(costs[kind], cost)
-                    advance()
-                last = asyncio.run(measure_plain(n, warmup, window / 2))
-                advance()
-                before += first
-                after += last
-                blocks[PLAIN] += seconds(first, n) + seconds(last, n)
-                for kind, more in this_round.items():
-                    lags[kind] += more
-                    blocks[kind] += seconds(more, n)
-                    by_round[kind].append(round_ratio(more, first + last))
-            row: dict[str, Any] = {kind: {**summary(lags[kind], n, duration), **costs[kind],
-                                          "round_ratios_p99": by_round[kind]} for kind in urls}
-            row[PLAIN] = {**summary(before + after, n, duration), "self_ratio_p99": self_ratio(before, after)}
-            for kind in urls:
-                base, mine = row[PLAIN]["p99_ms"], row[kind]["p99_ms"]
-                row[kind]["ratio_p99"] = round(mine / base, 2) if base and mine is not None else None
-                interval = p99_ratio_interval(blocks[kind], blocks[PLAIN], seed=ctx.seed)
-                row[kind]["ratio_p99_interval"] = None if interval is None else [round(x, 2) for x in interval]
-            results[str(rate)] = row
-    return result(ctx, rates, results, failed, split)
+            measure = functools.partial(measure_round, n, urls, warmup, window, advance=advance)
+            kept, redone[str(rate)] = quiet_rounds(rounds, redo_budget(rounds, ctx.quick), measure,
+                                                   lambda: advance(0, more=per_round))
+            results[str(rate)] = pooled(kept, list(urls), n, duration, ctx.seed)
+    return result(ctx, rates, results, failed, split, redone)
+
+
+def pooled(rounds: list[Round], kinds: list[str], n: int, duration: float, seed: int) -> dict[str, Any]:
+    """One rate's row: each system's fire times pooled over the rounds, ratios to plain's p99 with intervals."""
+    before = [lag for r in rounds for lag in r.before.lags]  # plain, ahead of each round's Baton runs
+    after = [lag for r in rounds for lag in r.after.lags]  # and after them
+    plain = {**summary(before + after, n, duration), "self_ratio_p99": self_ratio(before, after)}
+    row: dict[str, Any] = {}
+    # seconds of fire times, per system, for the ratio's interval (``resample``)
+    plain_blocks = [block for r in rounds for block in seconds(r.before.lags, n) + seconds(r.after.lags, n)]
+    steals = [None if (x := r.steal()) is None else round(x, 4) for r in rounds]
+    for kind in kinds:
+        costs: dict[str, Any] = {}
+        for r in rounds:
+            costs = merge_costs(costs, r.costs[kind])
+        stats = summary([lag for r in rounds for lag in r.baton[kind].lags], n, duration)
+        base, mine = plain["p99_ms"], stats["p99_ms"]
+        interval = p99_ratio_interval([block for r in rounds for block in seconds(r.baton[kind].lags, n)],
+                                      plain_blocks, seed=seed)
+        row[kind] = {**stats, **costs, "round_ratios_p99": [r.ratios()[kind] for r in rounds], "round_steal": steals,
+                     "ratio_p99": round(mine / base, 2) if base and mine is not None else None,
+                     "ratio_p99_interval": None if interval is None else [round(x, 2) for x in interval]}
+    row[PLAIN] = plain
+    return row
+
+
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.1%}"
 
 
 def round_ratio(mine: list[float], plain: list[float]) -> float | None:
@@ -390,7 +469,8 @@ def merge_costs(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 
 def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[str, Any]],
-           failed: dict[str, str], split: tuple[set[int], set[int]] | None = None) -> SectionResult:
+           failed: dict[str, str], split: tuple[set[int], set[int]] | None = None,
+           redone: dict[str, list[dict[str, Any]]] | None = None) -> SectionResult:
     lines = ["| runs/s | system | backend | runs | p50 ms | p99 ms | max ms | p99 ratio (interval) "
              "| claim window / record batch mean ms | claim retries |",
              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
@@ -462,7 +542,11 @@ def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[st
               f"Saturated: fewer than 90% of the fire times ran, or the median lag passed half the interval. "
               f"Claim-window and record-batch means come from the node's own `baton_lock_op_seconds` (ops "
               f"`claim_window`, `record_batch`); claim retries are claims the backend did not answer "
-              f"(retried with a back-off), with the most frequent reason.")
+              f"(retried with a back-off), with the most frequent reason. Steal: the share of the measuring "
+              f"cores' time the host took while a window's fire times ran (`/proc/stat`, "
+              f"`loadtest/bench/steal.py`); a round in which it passed {STEAL_LIMIT:.0%} in any window is "
+              f"measured again, plain and Baton alike, up to half the rate's rounds more, and listed below "
+              f"with its own ratios.")
     failures = [f"**{kind} failed:** {error}" for kind, error in failed.items()]
     spread = ("Plain against itself (its measurements before each round's Baton runs against those after, "
               "p99, the larger over the smaller; half the fire times each): " + ", ".join(spreads) + ". How far "
@@ -474,6 +558,16 @@ def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[st
         spread += (" Each round on its own (Baton's p99 in the round over plain's in the same round; the verdict "
                    "is the pooled ratio above): " + "; ".join(per_round) + ". A verdict carried by one round is "
                    "a spell of the machine; one every round agrees on is Baton's.")
+    steals = [f"{int(rate):,}/s " + ", ".join(percent(x) for x in next(iter(row.values())).get("round_steal", []))
+              for rate, row in results.items() if len(row) > 1]
+    if steals:
+        spread += (" Steal in each of those rounds (the largest share of the measuring cores the host took in "
+                   "any of its windows): " + "; ".join(steals) + ".")
+    again = [f"{int(rate):,}/s: steal {percent(r['steal'])}, ratios "
+             + ", ".join(f"{kind} {ms(x)}" for kind, x in r["round_ratios_p99"].items())
+             for rate, rounds in (redone or {}).items() for r in rounds]
+    spread += (" Rounds measured again for the host's steal (their fire times are in no pool above): "
+               + ("; ".join(again) if again else "none") + ".")
     markdown = "\n".join([method, "", *failures, *([""] if failures else []), *lines, "", spread, "",
                           "Targets:", "",
                           "| backend | runs/s | p99 ratio (interval) | target | met |",
@@ -486,7 +580,8 @@ def result(ctx: BenchContext, rates: tuple[int, ...], results: dict[str, dict[st
     plots = [p for p in [plot(ctx.out / "fire_lag.png", results)] if p is not None]
     data = {"interval_s": INTERVAL, "rates": list(rates), "results": results,
             "window_s": {str(r): duration_for(r, ctx.quick) for r in rates},
-            "targets": targets, "failed_backends": failed,
+            "targets": targets, "failed_backends": failed, "redone_rounds": redone or {},
+            "steal_limit": STEAL_LIMIT,
             "rounds": {str(r): rounds_for(r, ctx.quick) for r in rates},
             "server_cpus": sorted(split[0]) if split else None, "bench_cpus": sorted(split[1]) if split else None}
     return SectionResult("fire_lag", "2. Fire lag", data, markdown, plots, verdict)
