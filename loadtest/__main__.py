@@ -99,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 def delegated(command: str, rest: list[str]) -> int | None:
     """Subcommands with parsers of their own get their arguments untouched."""
     if command == "check":
-        from loadtest import checker
+        from loadtest import check_cli
 
         if not any(a.startswith(("--state", "--records")) for a in rest) and Path(DEFAULT_STATE_DIR).is_dir():
             rest = ["--state", str(Path(DEFAULT_STATE_DIR) / "state.json"), *rest]
-        return checker.main(rest)
+        return check_cli.main(rest)
     if command == "bench-locks":
         from loadtest import bench_locks
 

@@ -117,29 +117,32 @@ Verdict
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import sys
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
-# The probe schedule (shapes, job ids, intervals), the interval grid and the run kinds a record names are a
-# description of the workload and its records, shared with the nodes that run it; nothing of how a node
-# behaves is imported.
+from loadtest.percentile import stats
+from loadtest.probe_log import (
+    EPOCH,
+    GRID_TOLERANCE_US,
+    Grid,
+    InputError,
+    Probe,
+    fault_ends,
+    fault_starts,
+    iso,
+    parse_time,
+)
+
+# The probe schedule (shapes, job ids, intervals) and the run kinds a record names are a description of the
+# workload and its records, shared with the nodes that run it; nothing of how a node behaves is imported.
 from node.outcomes import RunKind
 from node.probes import SPEC_FORM, ProbeShape, ProbeSpecError, parse_shapes, spec_text
-from node.triggers import INTERVAL_EPOCH
 
-#: Interval fire times count from here.
-EPOCH = INTERVAL_EPOCH
-#: A scheduled_at this close to a grid instant is that instant (float intervals, clock formatting).
-GRID_TOLERANCE_US = 1000
 #: Lists in the report are cut here; the counts next to them are complete.
 LIST_LIMIT = 100
 #: The nodes' default ``BATON_CLAIM_AHEAD`` (a test asserts they agree): the longest lead of a claim.
@@ -159,119 +162,6 @@ CRASH_FAULTS = ("kill", "pause", "partition")
 LEASE_ENDING_FAULTS = ("restart-backend",)
 #: Crash faults that leave the process alive but cut off: its lease may outlast the fault's start.
 ISOLATING_FAULTS = ("pause", "partition")
-
-REQUIRED_FIELDS: dict[str, type] = {"job": str, "scheduled_at": str, "node": str, "token": int, "started_at": str}
-
-
-class InputError(ValueError):
-    """Bad input; the message is one line naming the file and line (or record) at fault."""
-
-
-def parse_time(value: object) -> datetime:
-    """An ISO 8601 timestamp with an offset, as UTC. Naive times are refused: nodes' zones may differ."""
-    if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a timestamp string")
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError(f"{value!r} has no UTC offset")
-    return parsed.astimezone(UTC)
-
-
-def probe_problem(obj: object) -> str | None:
-    """Why ``obj`` is not a probe record, or None. Shared with the collector, which refuses what this refuses.
-
-    ``kind`` and ``shape`` are optional (older probes do not send them); when present they must be non-empty
-    strings. An unknown kind is accepted here (a newer node may know more kinds) and warned about by the check.
-    """
-    if not isinstance(obj, dict):
-        return "a probe record must be a JSON object"
-    for key, kind in REQUIRED_FIELDS.items():
-        if key not in obj:
-            return f"missing field {key!r}"
-        value = obj[key]
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                return f"field {key!r} must be an integer"
-        elif not isinstance(value, str) or not value:
-            return f"field {key!r} must be a non-empty string"
-    for key in ("kind", "shape"):
-        if key in obj and (not isinstance(obj[key], str) or not obj[key]):
-            return f"field {key!r} must be a non-empty string when present"
-    for key in ("scheduled_at", "started_at", *(("received_at",) if "received_at" in obj else ())):
-        try:
-            parse_time(obj[key])
-        except ValueError as exc:
-            return f"field {key!r}: {exc}"
-    return None
-
-
-@dataclass(frozen=True)
-class Probe:
-    job: str
-    scheduled_at: datetime
-    node: str
-    token: int
-    started_at: datetime
-    order: int  # position in the input, to keep sorts stable and reproducible
-    sched_us: int  # scheduled_at as microseconds since EPOCH: exact, hashable, cheap to compare
-    kind: str = RunKind.SCHEDULED
-    received_at: datetime | None = None
-
-    @classmethod
-    def from_dict(cls, obj: object, order: int, where: str) -> Probe:
-        problem = probe_problem(obj)
-        if problem is not None:
-            raise InputError(f"{where}: {problem}")
-        assert isinstance(obj, dict)
-        scheduled_at = parse_time(obj["scheduled_at"])
-        received = parse_time(obj["received_at"]) if "received_at" in obj else None
-        return cls(obj["job"], scheduled_at, obj["node"], obj["token"], parse_time(obj["started_at"]), order,
-                   Grid.micros(scheduled_at), str(obj.get("kind", RunKind.SCHEDULED)), received)
-
-    @property
-    def early_by(self) -> float:
-        """Seconds this run started before its fire time, by the node's clock or by the collector's."""
-        starts = [self.started_at] + ([self.received_at] if self.received_at is not None else [])
-        return (self.scheduled_at - min(starts)).total_seconds()
-
-    def ref(self) -> dict[str, Any]:
-        """The run as evidence: which job, which fire time, which node and token, what kind."""
-        return {"job": self.job, "scheduled_at": iso(self.scheduled_at), "node": self.node, "token": self.token,
-                "kind": self.kind, "started_at": iso(self.started_at)}
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Fire instants as integers k: ``EPOCH + k * interval``, in whole microseconds to stay exact."""
-
-    interval_us: int
-
-    @classmethod
-    def of(cls, interval: float) -> Grid:
-        return cls(round(interval * 1_000_000))
-
-    @staticmethod
-    def micros(t: datetime) -> int:
-        d = t - EPOCH
-        return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
-
-    def index(self, us: int) -> int | None:
-        """The instant at ``us`` microseconds since EPOCH, or None if that lies off the grid."""
-        k, rem = divmod(us, self.interval_us)
-        if rem <= GRID_TOLERANCE_US:
-            return k
-        if self.interval_us - rem <= GRID_TOLERANCE_US:
-            return k + 1
-        return None
-
-    def first_at_or_after(self, t: datetime) -> int:
-        return -(-(self.micros(t) - GRID_TOLERANCE_US) // self.interval_us)
-
-    def last_at_or_before(self, t: datetime) -> int:
-        return (self.micros(t) + GRID_TOLERANCE_US) // self.interval_us
-
-    def time(self, k: int) -> datetime:
-        return EPOCH + timedelta(microseconds=k * self.interval_us)
 
 
 def job_names(jobs: int) -> list[str]:
@@ -303,25 +193,6 @@ def schedule_of(probes: str | list[ProbeShape] | None, jobs: int | None, interva
     return shapes
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile: always a value that was observed."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat()
-
-
-def stats(values: list[float], prefix: str = "") -> dict[str, float | None]:
-    def r(v: float | None) -> float | None:
-        return None if v is None else round(v, 3)
-    return {f"{prefix}p50_s": r(percentile(values, 50)), f"{prefix}p99_s": r(percentile(values, 99)),
-            f"{prefix}max_s": r(max(values) if values else None)}
-
-
 @dataclass(frozen=True)
 class CrashWindow:
     """Fire times a leader hit by a crash-like fault may have claimed ahead and never started."""
@@ -338,24 +209,6 @@ class CrashWindow:
                           "leader_token": self.leader_token},
                 "window": {"start": iso(EPOCH + timedelta(microseconds=self.start_us)),
                            "end": iso(EPOCH + timedelta(microseconds=self.end_us))}}
-
-
-def fault_starts(chaos: list[dict[str, Any]]) -> list[tuple[datetime, dict[str, Any]]]:
-    """The fault entries that start a fault, in time order; a bad entry is an :class:`InputError`."""
-    starts: list[tuple[datetime, dict[str, Any]]] = []
-    for i, entry in enumerate(chaos):
-        problem = chaos_problem(entry)
-        if problem is not None:
-            raise InputError(f"chaos entry {i + 1}: {problem}")
-        if entry.get("phase", "start") != "end":
-            starts.append((parse_time(entry["ts"]), entry))
-    starts.sort(key=lambda s: s[0])
-    return starts
-
-
-def fault_ends(chaos: list[dict[str, Any]]) -> list[tuple[datetime, dict[str, Any]]]:
-    """The fault entries that end a fault, in time order (``fault_starts`` has checked every entry)."""
-    return sorted(((parse_time(e["ts"]), e) for e in chaos if e.get("phase") == "end"), key=lambda s: s[0])
 
 
 class Evidence:
@@ -727,19 +580,6 @@ def group_crashes(crashed: list[tuple[str, int, CrashWindow]], grids: dict[str, 
     return out
 
 
-def chaos_problem(entry: object) -> str | None:
-    """Why ``entry`` is not a fault entry, or None."""
-    if not isinstance(entry, dict):
-        return "a chaos entry must be a JSON object"
-    if not isinstance(entry.get("fault"), str) or not entry["fault"]:
-        return "field 'fault' must be a non-empty string"
-    try:
-        parse_time(entry.get("ts"))
-    except ValueError as exc:
-        return f"field 'ts': {exc}"
-    return None
-
-
 def failovers(starts: list[tuple[datetime, dict[str, Any]]], by_started: list[Probe]) -> dict[str, Any]:
     """Per fault start: seconds until a record with a token newer than any before the fault."""
     started = [p.started_at for p in by_started]
@@ -775,251 +615,3 @@ def failovers(starts: list[tuple[datetime, dict[str, Any]]], by_started: list[Pr
     by_kind = {kind: {"faults": counts[kind], "failovers": len(per_kind[kind]), **stats(per_kind[kind])}
                for kind in sorted(counts)}
     return {"list": out[:LIST_LIMIT], "by_kind": by_kind}
-
-
-# -- files -----------------------------------------------------------------------------------
-
-def read_jsonl(path: Path, what: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """(line number, object) of each line of a JSONL file, and warnings. A bad line is an :class:`InputError`."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{what} {path}: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")
-    torn_tail = not data.endswith(b"\n") and bool(lines[-1].strip())
-    out: list[tuple[int, dict[str, Any]]] = []
-    warnings: list[str] = []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            if torn_tail and number == len(lines):
-                warnings.append(f"{path}:{number}: ignored a torn last line (no newline, not JSON)")
-                continue
-            raise InputError(f"{path}:{number}: not a JSON object: {exc}") from None
-        out.append((number, obj))
-    return out, warnings
-
-
-def _load_checked(path: Path, what: str, problem_of: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every line checked here, so an error can name its line."""
-    lines, warnings = read_jsonl(path, what)
-    for number, obj in lines:
-        problem = problem_of(obj)
-        if problem is not None:
-            raise InputError(f"{path}:{number}: {problem}")
-    return [obj for _, obj in lines], warnings
-
-
-def load_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Probe records of the collector's file."""
-    return _load_checked(path, "records file", probe_problem)
-
-
-def load_chaos(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Fault entries of the chaos log."""
-    return _load_checked(path, "chaos log", chaos_problem)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest check",
-                                description="Judge a load test from the probe collector's records alone.")
-    p.add_argument("--state", type=Path, help="harness state JSON: probe_shapes (or probe_jobs, probe_interval), "
-                   "misfire_grace, claim_ahead, started_at, collector_file, chaos_log, optionally ended_at "
-                   "(explicit flags win)")
-    p.add_argument("--records", type=Path, help="the collector's JSONL file")
-    p.add_argument("--chaos-log", type=Path, help="JSONL of injected faults")
-    p.add_argument("--probes", metavar="SPEC", help=f"the probe jobs: {SPEC_FORM} (COUNT defaults to --jobs, "
-                   "INTERVAL to --interval)")
-    p.add_argument("--jobs", type=int, help="number of basic probe jobs (probe-000..), or COUNT's default")
-    p.add_argument("--interval", type=float, help="basic probe interval, seconds, or INTERVAL's default")
-    p.add_argument("--misfire-grace", type=float, help="the nodes' misfire grace, seconds")
-    p.add_argument("--claim-ahead", type=float, help="the nodes' BATON_CLAIM_AHEAD: how far after a crash a "
-                   f"claimed fire time may be lost (default {DEFAULT_CLAIM_AHEAD})")
-    p.add_argument("--crash-slack", type=float, default=CRASH_SLACK,
-                   help=f"seconds around a crash window (default {CRASH_SLACK})")
-    p.add_argument("--early-tolerance", type=float, default=EARLY_TOLERANCE,
-                   help=f"seconds a run may start before its fire time before it is early (default {EARLY_TOLERANCE})")
-    p.add_argument("--start", help="ISO 8601 start of the window (default: the first run)")
-    p.add_argument("--end", help="ISO 8601 end of the window (default: latest record, or now)")
-    p.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # the rules are strict; kept for scripts
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p
-
-
-def _state_path(value: object, state: Path) -> Path | None:
-    """A path from the state file: as given if it exists from here, else relative to the state file."""
-    if not value:
-        return None
-    path = Path(str(value))
-    if path.is_absolute() or path.exists():
-        return path
-    return state.parent / path
-
-
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge --state and explicit flags (flags win) into check()'s inputs."""
-    state: dict[str, Any] = {}
-    if args.state is not None:
-        try:
-            state = json.loads(args.state.read_text())
-        except OSError as exc:
-            raise InputError(f"state file {args.state}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise InputError(f"state file {args.state}: not JSON: {exc}") from None
-        if not isinstance(state, dict):
-            raise InputError(f"state file {args.state}: not a JSON object")
-
-    def pick(flag: object, key: str, kind: type) -> Any:
-        if flag is not None:
-            return flag
-        if key not in state or state[key] is None:
-            return None
-        try:
-            return kind(state[key])
-        except (TypeError, ValueError):
-            raise InputError(f"state file {args.state}: {key!r} is not a {kind.__name__}") from None
-
-    def when(flag: str | None, key: str, name: str) -> datetime | None:
-        value = flag if flag is not None else state.get(key)
-        if value is None:
-            return None
-        try:
-            return parse_time(value)
-        except ValueError as exc:
-            raise InputError(f"{name}: {exc}") from None
-
-    records = args.records or (_state_path(state.get("collector_file"), args.state) if args.state else None)
-    chaos = args.chaos_log or (_state_path(state.get("chaos_log"), args.state) if args.state else None)
-    if not args.chaos_log and chaos is not None and not chaos.exists():
-        chaos = None  # the cluster's log is written on its first fault: none yet means no faults
-    jobs = pick(args.jobs, "probe_jobs", int)
-    interval = pick(args.interval, "probe_interval", float)
-    # --probes wins; --jobs/--interval alone mean basic probes; else the state's spec, else its basic probes
-    spec = args.probes
-    if spec is None and args.jobs is None and args.interval is None:
-        spec = pick(None, "probe_shapes", str) or None
-    if spec is None:
-        for value, flag in ((jobs, "--jobs"), (interval, "--interval")):
-            if value is None:
-                raise InputError(f"missing --probes, or {flag} (or a --state file that has them)")
-    inputs = {"records": records, "chaos": chaos, "probes": spec, "jobs": jobs, "interval": interval,
-              "misfire_grace": pick(args.misfire_grace, "misfire_grace", float),
-              "claim_ahead": pick(args.claim_ahead, "claim_ahead", float),
-              "start": when(args.start, "started_at", "--start"), "end": when(args.end, "ended_at", "--end")}
-    if inputs["claim_ahead"] is None:
-        inputs["claim_ahead"] = DEFAULT_CLAIM_AHEAD
-    for key, flag in {"records": "--records", "misfire_grace": "--misfire-grace"}.items():
-        if inputs[key] is None:
-            raise InputError(f"missing {flag} (or a --state file that has it)")
-    return inputs
-
-
-#: Excused gaps and crash losses printed under the table; --json lists them all (up to LIST_LIMIT).
-TABLE_LINES = 12
-
-
-def _run_ref(run: dict[str, Any] | None) -> str:
-    if not run:
-        return "no later run yet"
-    return f"{run['job']}@{run['scheduled_at']} on {run['node']} (token {run['token']}, {run['kind']})"
-
-
-def render(result: dict[str, Any]) -> None:
-    """A short table for people; --json is for machines."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    gaps = result["gaps"]
-    table = Table(title=f"probe check: {result['verdict'].upper()}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    window = result["window"]
-    table.add_row("window", f"{window['start']} .. {window['end']} ({window['fire_times']} fire times)")
-    table.add_row("probes", result["schedule"]["probes"])
-    table.add_row("records / expected", f"{result['records']} / {result['expected']}"
-                  + (f" (+{result['manual_runs']} manual)" if result["manual_runs"] else ""))
-    table.add_row("duplicate starts", str(result["duplicates"]))
-    table.add_row("at-least-once recovery", f"{result['at_least_once']['count']} (a recovery run after a kill)")
-    table.add_row("fenced-sink duplicates", str(result["fenced_sink_duplicates"]))
-    table.add_row("early runs", str(result["early"]))
-    excused = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in result["excused"].items() if k != "coalesced")
-    table.add_row("missed fire times", f"{result['missed']} (excused: {excused})")
-    table.add_row("lost to a crash", f"{result['lost_to_crash']['count']} (claimed, never started: at-most-once)")
-    if gaps["count"]:
-        table.add_row("leaderless gaps", f"{gaps['count']}; p50 {gaps['p50_s']}s, p99 {gaps['p99_s']}s, "
-                      f"max {gaps['max_s']}s (wall max {gaps['wall_max_s']}s)")
-    else:
-        table.add_row("leaderless gaps", "0")
-    table.add_row("handoffs / stale records", f"{result['handoffs']} / {result['stale_records']}")
-    console.print(table)
-    for dup in result["duplicate_starts"][:5]:
-        runs = ", ".join(f"{r['node']} (token {r['token']}, {r['kind']})" for r in dup["runs"])
-        console.print(f"[red]duplicate[/red] {dup['job']} @ {dup['scheduled_at']}: {runs}", soft_wrap=True)
-    for miss in result["missed_fire_times"][:5]:
-        console.print(f"[red]missed[/red] {miss['job']} @ {miss['scheduled_at']}: {miss['reason']}", soft_wrap=True)
-    for run in result["early_runs"][:5]:
-        console.print(f"[red]early[/red] {run['job']} @ {run['scheduled_at']} on {run['node']} "
-                      f"(token {run['token']}): {run['early_by_s']}s before its fire time", soft_wrap=True)
-    for rec in result["at_least_once"]["list"][:5]:
-        kills = ", ".join(f"{k['fault']} {k['target']} at {k['ts']}" for k in rec["kills"])
-        console.print(f"[cyan]at-least-once[/cyan] {rec['job']} @ {rec['scheduled_at']}: "
-                      f"{rec['starts']} starts, recovered after {kills}", soft_wrap=True)
-    for gap in result["excused_gaps"][:TABLE_LINES]:
-        span = gap["first"] if gap["fire_times"] == 1 else f"{gap['first']} .. {gap['last']} ({gap['fire_times']})"
-        console.print(f"[dim]excused {gap['excuse'].replace('_', '-')}[/dim] {gap['job']} @ {span}: "
-                      f"{_run_ref(gap['covered_by'])}", soft_wrap=True)
-    for lost in result["lost_to_crash"]["list"][:TABLE_LINES]:
-        fault, window = lost["fault"], lost["window"]
-        console.print(f"[yellow]lost to a crash[/yellow] {lost['job']} @ {lost['scheduled_at']}: {fault['fault']} "
-                      f"{fault['target']} at {fault['ts']}, window {window['start']} .. {window['end']}",
-                      soft_wrap=True)
-    more = max(0, len(result["excused_gaps"]) - TABLE_LINES) + max(0, result["lost_to_crash"]["count"] - TABLE_LINES)
-    if more:
-        console.print(f"[dim]... {more} more excused or lost; --json lists them[/dim]")
-    if "faults" in result:
-        faults = Table(title="failover after faults")
-        for column in ("fault", "faults", "failovers", "p50_s", "p99_s", "max_s"):
-            faults.add_column(column)
-        for kind, row in result["faults"]["by_kind"].items():
-            faults.add_row(kind, *(str(row[c]) for c in ("faults", "failovers", "p50_s", "p99_s", "max_s")))
-        console.print(faults)
-    for warning in result["warnings"]:
-        console.print(f"[yellow]warning[/yellow] {warning}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m loadtest check``: 0 pass, 1 duplicate, miss or early run, 2 bad input."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one line; in-process callers get the code back
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        inputs = resolve(args)
-        records, warnings = load_records(inputs["records"])
-        chaos = None
-        if inputs["chaos"] is not None:
-            chaos, chaos_warnings = load_chaos(inputs["chaos"])
-            warnings += chaos_warnings
-        result = check(records, probes=inputs["probes"], jobs=inputs["jobs"], interval=inputs["interval"],
-                       start=inputs["start"], end=inputs["end"], misfire_grace=inputs["misfire_grace"], chaos=chaos,
-                       claim_ahead=inputs["claim_ahead"], crash_slack=args.crash_slack,
-                       early_tolerance=args.early_tolerance)
-    except InputError as exc:
-        print(f"check: {exc}", file=sys.stderr)
-        return 2
-    result["warnings"] = warnings + result["warnings"]
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        render(result)
-    return 0 if result["verdict"] == "pass" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

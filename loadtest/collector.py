@@ -40,7 +40,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from loadtest.checker import probe_problem
+from loadtest.probe_log import probe_problem
 
 #: A probe record is ~200 bytes; anything this big is not one.
 MAX_BODY = 64 * 1024

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.chaos import Aim, Chaos, ChaosLog, FaultResult, run_rounds
-from loadtest.checker import check, load_chaos, load_records
+from loadtest.checker import check
 from loadtest.cluster import LocalCluster, Timing
+from loadtest.probe_log import load_chaos, load_records
 from loadtest.up import Collector
 
 

@@ -405,6 +405,11 @@ class RunRecorder:
                     took = clocks.monotonic() - t0
                     if self.on_round_trip is not None:
                         self.on_round_trip(took)
+            except asyncio.CancelledError:
+                # not known stored: back in the queue for the writer that comes next (a flush or a record starts
+                # one); a batch the store did apply is only written again, a record being the same each time
+                self._queue.extendleft(reversed(batch))
+                raise
             except BackendUnavailable as exc:
                 # not written (or not known to be): put it back, smaller batches, and wait before the next try
                 self._queue.extendleft(reversed(batch))
@@ -444,21 +449,31 @@ class RunRecorder:
             self._in_flight = batch
             return batch
         batch = self._in_flight = deque[RunRecord]()
-        while len(batch) < self.batch and self._queue:
-            for _ in range(min(RECORD_SLICE, self.batch - len(batch), len(self._queue))):
-                batch.append(self._queue.popleft())
-            await asyncio.sleep(0)
+        try:
+            while len(batch) < self.batch and self._queue:
+                for _ in range(min(RECORD_SLICE, self.batch - len(batch), len(self._queue))):
+                    batch.append(self._queue.popleft())
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._queue.extendleft(reversed(batch))
+            self._in_flight = deque()
+            raise
         return batch
 
     async def _let_go(self, batch: deque[RunRecord]) -> None:
         """Let go of a batch written (or given up on) a slice at a time, oldest first, answering its waiters."""
-        while batch:
-            for _ in range(min(RECORD_SLICE, len(batch))):
-                record = batch.popleft()
-                if self._waiters:
-                    self._release(record)
-            del record
-            await asyncio.sleep(0)
+        try:
+            while batch:
+                for _ in range(min(RECORD_SLICE, len(batch))):
+                    record = batch.popleft()
+                    if self._waiters:
+                        self._release(record)
+                del record
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            while batch and self._waiters:  # stored: nobody waits for it any longer
+                self._release(batch.popleft())
+            raise
 
     def _release(self, record: RunRecord) -> None:
         """Whoever waits for ``record`` (now stored, or given up on) waits no more."""

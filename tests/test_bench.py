@@ -207,7 +207,7 @@ def test_steal_is_read_per_core_from_the_kernels_counters() -> None:
     assert share(None, 1.5, wall=10.0, cores=1) is None
 
 
-def test_a_round_the_host_took_cpu_from_is_measured_again_within_its_budget() -> None:
+def test_rounds_the_host_took_cpu_from_are_measured_again_and_the_quietest_kept() -> None:
     from loadtest.bench.fire_lag import STEAL_LIMIT, Round, Window, quiet_rounds
 
     def window(steal: float | None, lag: float) -> Window:
@@ -219,19 +219,34 @@ def test_a_round_the_host_took_cpu_from_is_measured_again_within_its_budget() ->
         return Round(window(0.0, 0.001), {"file": window(steal, lag)}, {"file": {"notes": ["slow stop"]}},
                      window(0.0, 0.001))
 
-    spell, quiet = STEAL_LIMIT * 3, STEAL_LIMIT / 2
-    planned = [made(spell, 0.004), made(quiet, 0.0012), made(None, 0.0011), made(spell, 0.005), made(spell, 0.006)]
-    turns: list[int] = []
-    agains: list[int] = []
+    def run(plan: list[Round], rounds: int, budget: int) -> tuple[list[float], list[float], list[int], int]:
+        turns: list[int] = []
+        agains = [0]
 
-    def measure(turn: int) -> Round:
-        turns.append(turn)
-        return planned.pop(0)
+        def measure(turn: int) -> Round:
+            turns.append(turn)
+            return plan.pop(0)
 
-    kept, aside = quiet_rounds(3, 2, measure, lambda: agains.append(1))
-    assert turns == [0, 0, 1, 2, 2]  # a round measured again keeps its place in the backends' rotation
-    assert [r.baton["file"].lags[0] for r in kept] == [0.0012, 0.0011, 0.006]  # the budget spent, kept anyway
-    assert [a["steal"] for a in aside] == [round(spell, 4)] * 2 and len(agains) == 2
-    assert aside[0]["round_ratios_p99"] == {"file": 4.0} and aside[0]["notes"] == ["slow stop"]
-    kept, aside = quiet_rounds(1, 0, lambda turn: made(spell, 0.004), lambda: None)
-    assert len(kept) == 1 and aside == []  # no budget (a quick run): every round counts
+        def again() -> None:
+            agains[0] += 1
+
+        kept, aside = quiet_rounds(rounds, budget, measure, again)
+        return [r.baton["file"].lags[0] for r in kept], [a["steal"] for a in aside], turns, agains[0]
+
+    quiet, spell = STEAL_LIMIT / 2, STEAL_LIMIT * 3
+    # enough quiet rounds within the budget: the noisy ones are put aside, the rest never measured
+    kept, aside, turns, agains = run([made(spell, 0.004), made(quiet, 0.0012), made(None, 0.0011),
+                                      made(quiet, 0.0013), made(spell, 0.009)], 3, 2)
+    assert kept == [0.0012, 0.0011, 0.0013] and aside == [round(spell, 4)]
+    assert turns == [0, 1, 2, 3] and agains == 1  # the backends' order turns on; the bar learns of one more round
+    # the budget spent: the quietest rounds are kept, whatever their steal
+    kept, aside, turns, agains = run([made(spell * 2, 0.005), made(quiet, 0.0012), made(spell * 3, 0.006),
+                                      made(spell, 0.004), made(spell * 4, 0.007)], 3, 2)
+    assert kept == [0.005, 0.0012, 0.004] and aside == [round(spell * 3, 4), round(spell * 4, 4)]  # measured order
+    assert turns == [0, 1, 2, 3, 4] and agains == 2
+    # no budget (a quick run): every round counts
+    kept, aside, turns, agains = run([made(spell, 0.004)], 1, 0)
+    assert kept == [0.004] and aside == [] and agains == 0
+    # what a put-aside round reports: its own ratios and notes
+    _, aside_rounds = quiet_rounds(1, 1, lambda turn: [made(spell, 0.004), made(quiet, 0.001)][turn], lambda: None)
+    assert aside_rounds == [{"steal": round(spell, 4), "round_ratios_p99": {"file": 4.0}, "notes": ["slow stop"]}]

@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from loadtest import checker
+from loadtest import checker, probe_log
 from loadtest.bench import peers, peers_venv
 from loadtest.bench.base import BenchContext, SectionResult
 from loadtest.peers import probe
@@ -69,12 +69,12 @@ def test_verdict_rows_and_markdown(section: SectionResult) -> None:
 
 
 def test_peer_grid_and_names_are_the_checkers() -> None:
-    assert probe.EPOCH == checker.EPOCH == INTERVAL_EPOCH
+    assert probe.EPOCH == probe_log.EPOCH == INTERVAL_EPOCH
     assert probe.job_names(12) == checker.job_names(12)
     now = datetime(2026, 11, 23, 8, 30, 0, 250_000, tzinfo=UTC)
     for interval in (0.5, 0.3, 7.0):
         t = probe.next_instant(interval, now)
-        grid = checker.Grid.of(interval)
+        grid = probe_log.Grid.of(interval)
         assert grid.index(grid.micros(t)) is not None and now < t <= now + timedelta(seconds=interval)
 
 

@@ -21,8 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtest.checker import DEFAULT_CLAIM_AHEAD, EPOCH, KINDS, check, main
+from loadtest.check_cli import main
+from loadtest.checker import DEFAULT_CLAIM_AHEAD, KINDS, check
 from loadtest.collector import make_app
+from loadtest.probe_log import EPOCH
 from loadtest.servers import free_port
 
 INTERVAL = 1.0

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest.bench.resample import Tops, p99_ratio_interval, seconds
-from loadtest.checker import percentile
+from loadtest.percentile import percentile
 
 lag = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 

@@ -380,3 +380,29 @@ def test_a_flush_starts_a_writer_when_the_one_it_finds_has_ended_with_records_qu
         return await recorder.flush(5.0), store.stored
 
     assert on_virtual_time(main) == (True, ["job@1"])
+
+
+def test_a_writer_cancelled_in_the_middle_of_a_write_leaves_its_batch_to_the_next() -> None:
+    """A writer cancelled while its batch is in the store's hands does not know it stored: the batch goes back to
+    the queue, and the next writer (a flush starts one) writes it; a waiter is answered once it is stored. Before,
+    the batch was forgotten and a flush answered that nothing was left: records lost without a count."""
+    async def main(loop: SimLoop) -> tuple[set[str], bool, list[str], bool]:
+        store = SlowStore(1.0)
+        recorder = RunRecorder(store, "baton", op_timeout=5.0, spacing=0.0)  # type: ignore[arg-type]
+        recorder.add(record("job@1"))
+        waited = recorder.add(record("job@2"), wait=True)
+        assert waited is not None
+        await asyncio.sleep(0.5)  # past the linger: both records are in the write
+        assert recorder._in_flight and not store.stored
+        writer = recorder._writer
+        assert writer is not None
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        unwritten = recorder.unwritten()
+        left = await recorder.flush(5.0)
+        return unwritten, left, sorted(store.stored), waited.done()
+
+    unwritten, left, stored, answered = on_virtual_time(main)
+    assert unwritten == {"job@1", "job@2"}
+    assert left and stored == ["job@1", "job@2"] and answered

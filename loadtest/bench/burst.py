@@ -33,7 +33,7 @@ from typing import Any
 
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
 from loadtest.bench.fire_lag import cpu_split, node_logging, pinned, server_urls
-from loadtest.checker import percentile
+from loadtest.percentile import percentile
 from node.outcomes import RunOutcome
 
 SIZES = (1_000, 10_000, 50_000)

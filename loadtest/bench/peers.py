@@ -42,8 +42,10 @@ from typing import Any
 from loadtest.bench.base import BenchContext, SectionResult, VerdictRow
 from loadtest.bench.peers_venv import ROOT, PeersError, ensure
 from loadtest.chaos import ChaosLog
-from loadtest.checker import InputError, check, load_chaos, load_records, parse_time, percentile
+from loadtest.checker import check
 from loadtest.peers.probe import READY
+from loadtest.percentile import percentile
+from loadtest.probe_log import InputError, load_chaos, load_records, parse_time
 from loadtest.servers import Cluster, ServerError, start_backend
 from loadtest.up import Collector, UpError
 

@@ -11,7 +11,7 @@ how much it could have moved had this run's seconds fallen otherwise. It says
 nothing about a different machine or hour; the bench's other yardsticks (plain
 against itself, the ratio round by round) speak to that.
 
-The p99 here is the same nearest-rank percentile as ``loadtest.checker.percentile``.
+The p99 here is the same nearest-rank percentile as ``loadtest.percentile``.
 Only the top 1% of a resample decides it, so each second keeps just its largest
 lags, and a draw looks at those alone: a few milliseconds per draw at 200,000
 fire times, where sorting each resample would take seconds per backend.

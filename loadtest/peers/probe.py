@@ -1,7 +1,7 @@
 """The probe workload as the peers run it: Baton's fire-time grid and the collector's record shape.
 
 Standard library only: both peer workers import this inside ``.venv-peers``.
-The grid and the record must match ``loadtest.checker`` exactly (EPOCH, job
+The grid and the record must match the checker's (``loadtest.probe_log``, ``loadtest.checker``) exactly (EPOCH, job
 names, field names), or the checker would judge the peers by other rules than
 Baton; ``tests/test_bench_peers.py`` asserts they agree.
 """
@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
-#: Interval fire times count from here, as ``node.jobs.INTERVAL_EPOCH`` and ``loadtest.checker.EPOCH``.
+#: Interval fire times count from here, as ``node.jobs.INTERVAL_EPOCH`` and ``loadtest.probe_log.EPOCH``.
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 #: The line a worker prints once it is set up, so the harness can stagger starts (schema creation races).
 READY = "PEER-READY"
