@@ -12,10 +12,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from lock_backends import Lease
+from node.admission import Refusal
 from node.election import Elector
 from node.jobs import JobSpec, claim_key
 from node.outcomes import RunKind, RunOutcome
-from node.scheduler import GatedScheduler, Refusal
+from node.scheduler import GatedScheduler
 
 
 class NaiveElector(Elector):

@@ -37,9 +37,10 @@ Promises, per event (the README's guarantees section says the same to users):
 Every fire time a node handles ends as one ``RunOutcome``, counted in
 ``baton_job_runs_total`` and, when the node owned it, recorded in the store.
 
-Here: the gate (admission, the run, its record), the elector's callbacks, runtime
-jobs and the shared job state. What a new leadership owes (catch-up, recovery,
-intents) is in ``node.succession``; the graceful handoff in ``node.handoff``.
+Here: the gate (the run, its record), the elector's callbacks, runtime jobs and
+the shared job state. Whether a fire time may start is ``node.admission``;
+what a new leadership owes (catch-up, recovery, intents) is in
+``node.succession``; the graceful handoff in ``node.handoff``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 
-from lock_backends import BackendUnavailable, Lease, LockBackend, LockBackendError, RunRecord
+from lock_backends import Lease, LockBackend, LockBackendError, RunRecord
 from lock_backends import clock as clocks
 from lock_backends.clock import from_us, to_us
 from lock_backends.registry import BY_NAME
+from node.admission import Admission, Refusal
 from node.claims import RECORD_SPACING, RunRecorder, WindowKeeper
 from node.election import Elector
 from node.handoff import Handoff
@@ -99,14 +101,6 @@ _ROUTINE = (RunOutcome.COALESCED, RunOutcome.HANDED_BACK, RunOutcome.SKIPPED)
 
 class UnknownJob(KeyError):
     """No job with this id."""
-
-
-@dataclass
-class Refusal:
-    """Why a fire time does not start here."""
-
-    outcome: RunOutcome
-    detail: str
 
 
 @dataclass(slots=True)
@@ -158,7 +152,7 @@ class FireTimeExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 
             await self._fire(job_id, run_time)
 
 
-class GatedScheduler(Handoff, Succession):
+class GatedScheduler(Admission, Handoff, Succession):
     def __init__(self, *, jobs: JobRegistry, backend: LockBackend, elector: Elector, metrics: Metrics,
                  lock_name: str, node_id: str, timezone: tzinfo, misfire_grace: float,
                  sync_period: float = 2.0, claim_ahead: float = 0.25, shutdown_grace: float = 30.0,
@@ -436,143 +430,6 @@ class GatedScheduler(Handoff, Succession):
         finally:
             if self._pending.pop(pending_key, None) is not None:
                 self._settled.set()
-
-    async def _admit(self, spec: JobSpec, scheduled_at: datetime, kind: RunKind,
-                     force: bool) -> Refusal | tuple[Lease, str]:
-        """Whether this node may start the run now: a refusal, or the lease and the key's suffix to run it under.
-
-        Whatever returns admission does so after its last await, so the caller
-        starts the body with every check still true.
-        """
-        if kind is RunKind.MANUAL:
-            lease = self._current_lease()
-            if lease is not None:  # a new leader learns the runs its predecessor left going with its first window
-                await self._first_window(lease, scheduled_at)  # (admitted before, a manual run could overlap them)
-            return self._admit_manual(spec, scheduled_at, force)
-        if kind is RunKind.RECOVERY:
-            return await self._admit_recovery(spec, scheduled_at)
-        return await self._admit_in_window(spec, scheduled_at)
-
-    def _admit_now(self, spec: JobSpec, t_us: int) -> tuple[Lease, str] | None:
-        """The common case in one look, without an await: leading, in our window, nothing in the way.
-
-        None sends the fire time through the full admission (``_admit``), which
-        says why not, or waits for the window to reach it.
-        """
-        lease = self._current_lease()
-        window = self.keeper.window
-        if (lease is None or window is None or self._hand_back_at_us is not None or window.sealed
-                or window.token != lease.token or not window.since_us <= t_us < window.until_us
-                or window.busy or spec.id in self.paused_jobs
-                or len(self._running_keys.get(spec.id, ())) >= spec.max_instances
-                or clocks.time() - t_us / 1e6 > self.grace(spec)):
-            return None
-        return lease, ""
-
-    async def _admit_in_window(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
-        t_us = to_us(scheduled_at)
-        lateness = clocks.time() - t_us / 1e6
-        grace = self.grace(spec)
-        if lateness > grace:
-            return Refusal(RunOutcome.MISSED, f"{lateness:.1f}s late, past the misfire grace ({grace:g}s)")
-        if spec.id in self.paused_jobs:
-            return Refusal(RunOutcome.SKIPPED, "paused")
-        lease = self._current_lease()
-        if lease is None:
-            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        while self._hand_back_at_us is None and not self.keeper.owns(t_us, lease.token):
-            give_up = min(lease.deadline, clocks.monotonic() + max(0.0, grace - lateness))
-            await self.keeper.cover(t_us, lease, give_up)
-            waited_out = clocks.monotonic() >= give_up
-            before, lease = lease, self._current_lease()
-            if lease is None:
-                return Refusal(RunOutcome.FENCED, "lease lost while the claim window was extended")
-            lateness = clocks.time() - t_us / 1e6
-            # waited until the lease's deadline, but it was renewed meanwhile: still ours to run, wait on (given
-            # up, the fire time would be lost, though this leader owns it once the store answers; simulator)
-            if not (waited_out and lease.deadline > before.deadline and lateness < grace):
-                break
-        refusal = self._outside_window(t_us, lease, grace)
-        if refusal is not None:
-            return refusal
-        limit = self._over_limit(spec)
-        if limit is not None:
-            return limit
-        return lease, ""
-
-    def _outside_window(self, t_us: int, lease: Lease, grace: float) -> Refusal | None:
-        """None when ``t_us`` is this leadership's to start now; else why not."""
-        if self._hand_back_at_us is not None and t_us >= self._hand_back_at_us:
-            return Refusal(RunOutcome.HANDED_BACK, "handed back to the next leader at a graceful handoff")
-        window = self.keeper.window
-        if window is None:
-            return Refusal(RunOutcome.FENCED, "no claim window: the store refused or did not answer")
-        if window.owned_by(lease.token) and window.covers(t_us):
-            return None
-        if window.token == lease.token and window.sealed:
-            return Refusal(RunOutcome.HANDED_BACK, "handed back to the next leader")
-        if window.token == lease.token and t_us < window.since_us:
-            return Refusal(RunOutcome.LOST, "before this leader's window: claimed by a predecessor that did not "
-                                            "run it (at most once after a crash)")
-        if window.token < lease.token and t_us < window.until_us:
-            return Refusal(RunOutcome.LOST, f"inside the claim window of token {window.token}, a predecessor that "
-                                            "did not hand it back (at most once after a crash)")
-        if window.token > lease.token:
-            return Refusal(RunOutcome.FENCED, f"a newer leader (token {window.token}) holds the claim window")
-        if clocks.time() - t_us / 1e6 > grace:
-            return Refusal(RunOutcome.MISSED, "the store did not extend the claim window within the misfire grace")
-        return Refusal(RunOutcome.FENCED, "the lease ran out before the claim window reached the fire time")
-
-    def _over_limit(self, spec: JobSpec) -> Refusal | None:
-        """The job's ``max_instances`` across the cluster: runs here plus runs a predecessor handed over."""
-        keys = self._running_keys.get(spec.id, set())
-        window = self.keeper.window
-        if window is not None and window.busy:
-            now_us = int(clocks.time() * 1_000_000)
-            keys = keys | {b.key for b in window.busy if b.job_id == spec.id and b.until_us > now_us}
-        if len(keys) >= spec.max_instances:
-            return Refusal(RunOutcome.SKIPPED, f"max_instances: {len(keys)} run(s) of this job still going in the "
-                                               "cluster")
-        return None
-
-    def _admit_manual(self, spec: JobSpec, now: datetime, force: bool) -> Refusal | tuple[Lease, str]:
-        lease = self._current_lease()
-        if lease is None or self._hand_back_at_us is not None:
-            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        if spec.id in self.paused_jobs and not force:
-            return Refusal(RunOutcome.SKIPPED, "paused (force to run it anyway)")
-        limit = self._over_limit(spec)
-        if limit is not None:
-            return limit
-        return lease, "#manual"
-
-    async def _admit_recovery(self, spec: JobSpec, scheduled_at: datetime) -> Refusal | tuple[Lease, str]:
-        lease = self._current_lease()
-        if lease is None:
-            return Refusal(RunOutcome.FENCED, "not leading (no valid lease)")
-        suffix = f"#recovery-{lease.token}"
-        key = claim_key(spec.id, scheduled_at) + suffix
-        delay = 0.05
-        while True:
-            try:
-                claimed = await self.backend.claim(lease, key)
-                break
-            except BackendUnavailable as exc:
-                if not lease.valid():
-                    return Refusal(RunOutcome.FENCED, f"lease ran out while claiming the recovery: {exc}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            except Exception as exc:
-                return Refusal(RunOutcome.ERROR, f"claiming the recovery failed: {exc}")
-        lease = self._current_lease()
-        if lease is None or self._hand_back_at_us is not None:
-            return Refusal(RunOutcome.FENCED, "lost the lease before the recovery started")
-        if not claimed:
-            return Refusal(RunOutcome.DUPLICATE, "recovery claimed by another token")
-        limit = self._over_limit(spec)
-        if limit is not None:
-            return limit
-        return lease, suffix
 
     async def _run(self, spec: JobSpec, scheduled_at: datetime, t_us: int, kind: RunKind, suffix: str,
                    lease: Lease) -> RunOutcome:

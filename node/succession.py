@@ -39,7 +39,8 @@ from node.outcomes import RunKind, RunOutcome
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
 
-    from node.scheduler import Refusal, Running
+    from node.admission import Refusal
+    from node.scheduler import Running
 
 log = logging.getLogger("baton.scheduler")
 

@@ -56,9 +56,10 @@ from typing import Any
 
 from loadtest.sim import cluster
 from lock_backends import BusyRun, Lease, LockBackendError, Window, memory
+from node.admission import Refusal
 from node.claims import WindowKeeper
 from node.outcomes import RunKind, RunOutcome
-from node.scheduler import GatedScheduler, Refusal
+from node.scheduler import GatedScheduler
 
 
 class ClaimsNotIdempotent(memory.MemoryBackend):
