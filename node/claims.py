@@ -408,11 +408,11 @@ class RunRecorder:
             except asyncio.CancelledError:
                 # not known stored: back in the queue for the writer that comes next (a flush or a record starts
                 # one); a batch the store did apply is only written again, a record being the same each time
-                self._queue.extendleft(reversed(batch))
+                self._put_back(batch)
                 raise
             except BackendUnavailable as exc:
                 # not written (or not known to be): put it back, smaller batches, and wait before the next try
-                self._queue.extendleft(reversed(batch))
+                self._put_back(batch)
                 self.batch = max(BATCH_MIN, self.batch // 2)
                 self._complain(f"writing {size} run record(s) failed, retrying", exc)
                 await self._backoff(delay)
@@ -421,7 +421,7 @@ class RunRecorder:
             except Exception as exc:  # a record the store refuses: drop this batch (counted), keep going
                 surprises += 1
                 if surprises < SURPRISE_ATTEMPTS:  # unless it was a passing surprise: try it again first
-                    self._queue.extendleft(reversed(batch))
+                    self._put_back(batch)
                     self._complain(f"writing {size} run record(s) failed, trying again", exc, error=True)
                     await self._backoff(delay)
                     delay = min(delay * 2, RETRY_MAX * 4)
@@ -455,10 +455,14 @@ class RunRecorder:
                     batch.append(self._queue.popleft())
                 await asyncio.sleep(0)
         except asyncio.CancelledError:
-            self._queue.extendleft(reversed(batch))
+            self._put_back(batch)
             self._in_flight = deque()
             raise
         return batch
+
+    def _put_back(self, batch: deque[RunRecord]) -> None:
+        """A batch not known to be stored goes back to the head of the queue, in its order."""
+        self._queue.extendleft(reversed(batch))
 
     async def _let_go(self, batch: deque[RunRecord]) -> None:
         """Let go of a batch written (or given up on) a slice at a time, oldest first, answering its waiters."""

@@ -399,6 +399,7 @@ def pooled(rounds: list[Round], kinds: list[str], n: int, duration: float, seed:
     # seconds of fire times, per system, for the ratio's interval (``resample``)
     plain_blocks = [block for r in rounds for block in seconds(r.before.lags, n) + seconds(r.after.lags, n)]
     steals = [None if (x := r.steal()) is None else round(x, 4) for r in rounds]
+    ratios = [r.ratios() for r in rounds]
     for kind in kinds:
         costs: dict[str, Any] = {}
         for r in rounds:
@@ -407,7 +408,8 @@ def pooled(rounds: list[Round], kinds: list[str], n: int, duration: float, seed:
         base, mine = plain["p99_ms"], stats["p99_ms"]
         interval = p99_ratio_interval([block for r in rounds for block in seconds(r.baton[kind].lags, n)],
                                       plain_blocks, seed=seed)
-        row[kind] = {**stats, **costs, "round_ratios_p99": [r.ratios()[kind] for r in rounds], "round_steal": steals,
+        row[kind] = {**stats, **costs, "round_ratios_p99": [of_round[kind] for of_round in ratios],
+                     "round_steal": steals,
                      "ratio_p99": round(mine / base, 2) if base and mine is not None else None,
                      "ratio_p99_interval": None if interval is None else [round(x, 2) for x in interval]}
     row[PLAIN] = plain
