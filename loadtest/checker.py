@@ -257,6 +257,9 @@ class Evidence:
         return max(before, key=lambda p: (p.token, p.started_at, p.order)) if before else None
 
 
+Crash = tuple[datetime, str, str, datetime]
+
+
 def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetime | None, misfire_grace: float,
           jobs: int | None = None, interval: float | None = None, probes: str | list[ProbeShape] | None = None,
           chaos: list[dict[str, Any]] | None = None, strict: bool = True,
@@ -278,8 +281,6 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     shape_of = {job: s for s in shapes for job in s.job_ids()}
     grids = {job: Grid.of(s.interval) for job, s in shape_of.items()}
     finest = min(s.interval for s in shapes)
-    fine_grid = Grid.of(finest)
-    fine_jobs = {job for job, s in shape_of.items() if s.interval == finest}
     starts = fault_starts(chaos) if chaos is not None else []
 
     everything = [Probe.from_dict(r, i, f"record {i + 1}") for i, r in enumerate(records)]
@@ -292,10 +293,73 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     if unknown_kinds:
         warnings.append(f"record kind(s) {', '.join(unknown_kinds)} unknown: judged as scheduled runs")
 
-    # -- window --------------------------------------------------------------------------
-    first_fire = min((p.scheduled_at for p in probes_), default=None)
-    win_end = end or max((p.scheduled_at for p in probes_), default=None) or datetime.now(UTC)
+    bounds, win_start, win_end = _window(probes_, grids, start, end)
     end_us = Grid.micros(win_end)
+    in_window = [p for p in probes_ if p.sched_us <= end_us + GRID_TOLERANCE_US]
+    evidence = Evidence(probes_)
+    crashes, crash_windows = _crashes(starts, fault_ends(chaos) if chaos is not None else [], evidence,
+                                      claim_ahead=claim_ahead, crash_slack=crash_slack)
+    duplicate_starts, at_least_once, recovered_pairs = _duplicate_starts(in_window, shape_of, crashes)
+    by_started = sorted(in_window, key=lambda p: (p.started_at, p.order))
+    early = sorted((p for p in probes_ if p.early_by > early_tolerance), key=lambda p: (p.started_at, p.order))
+    early_runs = [{**p.ref(), "received_at": iso(p.received_at), "early_by_s": round(p.early_by, 3)}
+                  for p in early]
+    ran = _runs_on_the_grid(probes_, shape_of, grids, spec_text(shapes), warnings)
+    fine_jobs = {job for job, s in shape_of.items() if s.interval == finest}
+    gaps, open_gap, instants = _gaps(ran, fine_jobs, bounds, Grid.of(finest))
+    misses = _Misses(ran, shape_of, grids, crash_windows, evidence, end_us, round(misfire_grace * 1_000_000))
+    for job, (lo, hi) in bounds.items():
+        for k in range(lo, hi + 1):
+            misses.judge(job, k)
+    misses.missed.sort()
+    handoffs, stale = _handoffs(by_started)
+
+    expected = sum(max(0, hi - lo + 1) for lo, hi in bounds.values())
+    result: dict[str, Any] = {
+        "window": {"start": iso(win_start), "end": iso(win_end), "fire_times": instants},
+        "schedule": {"probes": spec_text(shapes), "jobs": len(shape_of), "interval_s": finest,
+                     "shapes": [{"shape": s.shape, "count": s.count, "interval_s": s.interval, "body_s": s.body,
+                                 "recover": s.recover} for s in shapes],
+                     "misfire_grace_s": misfire_grace, "claim_ahead_s": claim_ahead, "crash_slack_s": crash_slack,
+                     "early_tolerance_s": early_tolerance},
+        "records": len(in_window),
+        "manual_runs": len(manual),
+        "expected": expected,
+        "duplicates": len(duplicate_starts),
+        "duplicate_starts": duplicate_starts[:LIST_LIMIT],
+        "at_least_once": {"count": len(at_least_once), "list": at_least_once[:LIST_LIMIT]},
+        "fenced_sink_duplicates": _fenced_sink_duplicates(by_started, recovered_pairs),
+        "early": len(early_runs),
+        "early_runs": early_runs[:LIST_LIMIT],
+        "missed": len(misses.missed),
+        "missed_fire_times": [{"job": job, "scheduled_at": iso(EPOCH + timedelta(microseconds=us)), "reason": why}
+                              for us, job, why in misses.missed[:LIST_LIMIT]],
+        # "coalesced": the catch-up count under its pre-#12 name, for readers of older reports (bench/peers)
+        "excused": {**misses.excused, "coalesced": misses.excused["catch_up"]},
+        "excused_gaps": group_excuses(misses.excuses, grids)[:LIST_LIMIT],
+        "lost_to_crash": {"count": len(misses.crashed), "list": group_crashes(misses.crashed, grids)[:LIST_LIMIT]},
+        "gaps": {"count": len(gaps), **stats([g["duration_s"] for g in gaps]),
+                 **stats([g["wall_s"] for g in gaps], "wall_"), "list": gaps[:LIST_LIMIT]},
+        "open_gap": open_gap,
+        "handoffs": len(handoffs),
+        "handoff_list": handoffs[:LIST_LIMIT],
+        "stale_records": stale,
+        "warnings": warnings,
+    }
+    if chaos is not None:
+        result["faults"] = failovers(starts, by_started)
+    if not in_window:
+        warnings.append("no probe records in the window: nothing was proven")
+    result["verdict"] = "fail" if (duplicate_starts or misses.missed or early_runs or not in_window) else "pass"
+    return result
+
+
+def _window(probes: list[Probe], grids: dict[str, Grid], start: datetime | None,
+            end: datetime | None) -> tuple[dict[str, tuple[int, int]], datetime | None, datetime]:
+    """Per job, the first and last index of the fire times expected (first > last: none); the window's start
+    and end."""
+    first_fire = min((p.scheduled_at for p in probes), default=None)
+    win_end = end or max((p.scheduled_at for p in probes), default=None) or datetime.now(UTC)
     bounds: dict[str, tuple[int, int]] = {}
     for job, grid in grids.items():
         lows = ([grid.first_at_or_after(start)] if start is not None else []) + (
@@ -305,17 +369,19 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     win_start = min((grids[j].time(lo) for j, (lo, hi) in bounds.items() if lo <= hi), default=None)
     if start is not None and end is not None and end < start:
         raise InputError(f"--end {iso(end)} is before the window start {iso(start)}")
-    in_window = [p for p in probes_ if p.sched_us <= end_us + GRID_TOLERANCE_US]
-    evidence = Evidence(probes_)
+    return bounds, win_start, win_end
 
-    # -- faults: crash windows, crashes ----------------------------------------------------
-    crash_windows: list[CrashWindow] = []
-    # (ts, target, fault, until): until the fault's end entry for a pause or a partition (a node cut off
-    # still holds a lease it believes in, and may start a run whose record it can no longer write); the
-    # crash slack after the logged moment for a kill (logged just before it is applied), or for a fault
-    # whose end the log does not show
-    ends = fault_ends(chaos) if chaos is not None else []
-    crashes: list[tuple[datetime, str, str, datetime]] = []
+
+def _crashes(starts: list[tuple[datetime, dict[str, Any]]], ends: list[tuple[datetime, dict[str, Any]]],
+             evidence: Evidence, *, claim_ahead: float, crash_slack: float) -> tuple[list[Crash], list[CrashWindow]]:
+    """The crash faults, as (ts, target, fault, until), and the crash windows of the leaders they hit.
+
+    ``until``: the fault's end entry for a pause or a partition (a node cut off still holds a lease it
+    believes in, and may start a run whose record it can no longer write); the crash slack after the logged
+    moment for a kill (logged just before it is applied), or for a fault whose end the log does not show.
+    """
+    crashes: list[Crash] = []
+    windows: list[CrashWindow] = []
     for ts, entry in starts:
         if entry["fault"] in CRASH_FAULTS:
             target, fault = str(entry.get("target")), str(entry["fault"])
@@ -329,11 +395,16 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
             leader = evidence.leader_at(ts)
             if leader is not None and (ends_lease or entry.get("target") == leader.node):
                 ts_us = Grid.micros(ts)
-                crash_windows.append(CrashWindow(
+                windows.append(CrashWindow(
                     entry["fault"], leader.node, ts, leader.token, ts_us - round(crash_slack * 1e6),
                     ts_us + round((claim_ahead + crash_slack) * 1e6)))
+    return crashes, windows
 
-    # -- duplicate starts, at-least-once recoveries, fenced sink -------------------------------
+
+def _duplicate_starts(in_window: list[Probe], shape_of: dict[str, ProbeShape], crashes: list[Crash]
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[tuple[str, int]]]:
+    """Fire times started more than once: the duplicates, the at-least-once recoveries, and the latter's
+    (job, fire time) pairs."""
     by_pair: dict[tuple[str, int], list[Probe]] = defaultdict(list)
     for p in in_window:
         by_pair[(p.job, p.sched_us)].append(p)
@@ -363,27 +434,34 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
                                                      for seen in kills_seen if seen is not None]})
         else:
             duplicate_starts.append(entry)
+    return duplicate_starts, at_least_once, recovered_pairs
 
-    by_started = sorted(in_window, key=lambda p: (p.started_at, p.order))
+
+def _fenced_sink_duplicates(by_started: list[Probe], recovered_pairs: set[tuple[str, int]]) -> int:
+    """Fire times a sink that keeps each job's highest token accepts twice, at-least-once recoveries aside."""
     highest: dict[str, int] = {}
     accepted: dict[tuple[str, int], int] = defaultdict(int)
     for p in by_started:
         if p.token >= highest.get(p.job, p.token):
             highest[p.job] = p.token
             accepted[(p.job, p.sched_us)] += 1
-    fenced_sink_duplicates = sum(1 for pair, n in accepted.items() if n > 1 and pair not in recovered_pairs)
+    return sum(1 for pair, n in accepted.items() if n > 1 and pair not in recovered_pairs)
 
-    # -- early runs ----------------------------------------------------------------------------
-    early = sorted((p for p in probes_ if p.early_by > early_tolerance), key=lambda p: (p.started_at, p.order))
-    early_runs = [{**p.ref(), "received_at": iso(p.received_at), "early_by_s": round(p.early_by, 3)}
-                  for p in early]
 
-    # -- which fire times ran ----------------------------------------------------------------
-    recs_at: dict[tuple[str, int], list[Probe]] = defaultdict(list)
-    runs_of: dict[str, set[int]] = defaultdict(set)
+@dataclass
+class _Ran:
+    """Which fire times ran, by their index on their job's grid."""
+
+    runs_of: dict[str, set[int]]
+    recs_at: dict[tuple[str, int], list[Probe]]
+
+
+def _runs_on_the_grid(probes: list[Probe], shape_of: dict[str, ProbeShape], grids: dict[str, Grid], spec: str,
+                      warnings: list[str]) -> _Ran:
+    ran = _Ran(defaultdict(set), defaultdict(list))
     off_schedule: list[Probe] = []
     unexpected_jobs: set[str] = set()
-    for p in probes_:
+    for p in probes:
         if p.job not in shape_of:
             unexpected_jobs.add(p.job)
             continue
@@ -391,24 +469,27 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
         if k is None:
             off_schedule.append(p)
             continue
-        runs_of[p.job].add(k)
-        recs_at[(p.job, k)].append(p)
+        ran.runs_of[p.job].add(k)
+        ran.recs_at[(p.job, k)].append(p)
     if unexpected_jobs:
-        warnings.append(f"{len(unexpected_jobs)} job id(s) outside the probe schedule ({spec_text(shapes)}) "
+        warnings.append(f"{len(unexpected_jobs)} job id(s) outside the probe schedule ({spec}) "
                         "ignored for misses: " + ", ".join(sorted(unexpected_jobs)[:5]))
     if off_schedule:
         warnings.append(f"{len(off_schedule)} record(s) scheduled off their job's grid, e.g. "
                         f"{off_schedule[0].job}@{iso(off_schedule[0].scheduled_at)}")
+    return ran
 
-    # -- gaps (finest grid) ---------------------------------------------------------------------
+
+def _gaps(ran: _Ran, fine_jobs: set[str], bounds: dict[str, tuple[int, int]], fine_grid: Grid
+          ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, int]:
+    """The leaderless gaps on the finest grid, the open gap at its end, and how many instants it has."""
     at_instant: dict[int, list[Probe]] = defaultdict(list)
     for job in fine_jobs:
-        for k in runs_of.get(job, ()):
-            at_instant[k].extend(recs_at[(job, k)])
+        for k in ran.runs_of.get(job, ()):
+            at_instant[k].extend(ran.recs_at[(job, k)])
     fine_bounds = [bounds[j] for j in fine_jobs]
     k_first = min(lo for lo, _ in fine_bounds)
     k_last = max(hi for _, hi in fine_bounds)
-    instants = max(0, k_last - k_first + 1)
     window_runs = sorted(k for k in at_instant if k_first <= k <= k_last)
     gaps: list[dict[str, Any]] = []
     for before, after in pairwise(window_runs):
@@ -428,78 +509,88 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
     open_gap = None
     if window_runs and window_runs[-1] < k_last:
         open_gap = {"start": iso(fine_grid.time(window_runs[-1] + 1)), "missing_fire_times": k_last - window_runs[-1]}
+    return gaps, open_gap, max(0, k_last - k_first + 1)
 
-    # -- misses, strictly ----------------------------------------------------------------------
-    grace_us = round(misfire_grace * 1_000_000)
-    excused = {"catch_up": 0, "leaderless": 0, "window_end": 0}
-    excuses: list[tuple[str, int, str, dict[str, Any]]] = []  # (job, k, excuse, evidence)
-    crashed: list[tuple[str, int, CrashWindow]] = []
-    missed: list[tuple[int, str, str]] = []  # (fire time us, job, reason)
-    for job, (lo, hi) in bounds.items():
-        shape, grid = shape_of[job], grids[job]
-        ran = sorted(runs_of.get(job, ()))
-        for k in range(lo, hi + 1):
-            if k in runs_of.get(job, ()):
-                continue
-            t_us = k * grid.interval_us
-            t = grid.time(k)
-            i = bisect_right(ran, k)
-            nxt = ran[i] if i < len(ran) else None
-            prev = ran[i - 1] if i > 0 else None
-            prev_token = max(p.token for p in recs_at[(job, prev)]) if prev is not None else None
-            windows = [w for w in crash_windows if w.start_us <= t_us <= w.end_us]
-            at_end = nxt is None and end_us - t_us <= grace_us + grid.interval_us
-            if at_end:
-                excused["window_end"] += 1
-                excuses.append((job, k, "window_end", {}))
-                continue
-            if nxt is None:
-                missed.append((t_us, job, "no later run of the job"))
-                continue
-            following = recs_at[(job, nxt)]
-            next_token = max(p.token for p in following)
-            if shape.recover and windows:
-                w = windows[0]
-                missed.append((t_us, job, f"recoverable, in the crash window of {w.fault} {w.target} at "
-                                          f"{iso(w.ts)}: a claimed fire time must run again (recovery)"))
-                continue
-            later_run = evidence.first_run_of_a_later_fire_time(t_us)
-            top_token = evidence.top_token_started_by(t)
-            if (later_run is not None and Grid.micros(later_run.started_at) - t_us > grace_us
-                    and (top_token is None or later_run.token > top_token)):
-                excused["leaderless"] += 1
-                excuses.append((job, k, "leaderless", later_run.ref()))
-                continue
-            catch_ups = sorted((p for p in following if p.kind == RunKind.CATCH_UP),
-                               key=lambda p: (p.started_at, p.order))
-            reason = None
-            if catch_ups:
-                cu = catch_ups[0]
-                if Grid.micros(cu.started_at) - t_us > grace_us + CATCH_UP_SLACK_US:
-                    reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} came more than the grace later"
-                elif prev_token is not None and cu.token <= prev_token:
-                    reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} is not a newer leader's"
-                elif evidence.older_leader_fired_later(t_us, cu.token):
-                    reason = "an older leader still ran later fire times: it skipped this one"
-                else:
-                    excused["catch_up"] += 1
-                    excuses.append((job, k, "catch_up", cu.ref()))
-                    continue
-            crash = next((w for w in windows if next_token > w.leader_token), None)
-            if crash is not None:
-                crashed.append((job, k, crash))
-                continue
-            if reason is None:
-                if prev_token is not None and next_token <= prev_token:
-                    reason = "the leader that ran the job before and after it skipped it"
-                else:
-                    next_run = min(following, key=lambda p: (p.started_at, p.order))
-                    reason = (f"the job's next run ({next_run.job}@{iso(next_run.scheduled_at)}, {next_run.kind}) is "
-                              "not a catch-up")
-            missed.append((t_us, job, reason))
-    missed.sort()
 
-    # -- handoffs ------------------------------------------------------------------------
+class _Misses:
+    """The strict rules for a fire time that did not run: excused (naming the evidence), lost to a crash, or
+    missed (naming why no excuse applied)."""
+
+    def __init__(self, ran: _Ran, shape_of: dict[str, ProbeShape], grids: dict[str, Grid],
+                 crash_windows: list[CrashWindow], evidence: Evidence, end_us: int, grace_us: int) -> None:
+        self.ran, self.shape_of, self.grids = ran, shape_of, grids
+        self.crash_windows, self.evidence = crash_windows, evidence
+        self.end_us, self.grace_us = end_us, grace_us
+        self.ran_sorted = {job: sorted(ks) for job, ks in ran.runs_of.items()}
+        self.excused = {"catch_up": 0, "leaderless": 0, "window_end": 0}
+        self.excuses: list[tuple[str, int, str, dict[str, Any]]] = []  # (job, k, excuse, evidence)
+        self.crashed: list[tuple[str, int, CrashWindow]] = []
+        self.missed: list[tuple[int, str, str]] = []  # (fire time us, job, reason)
+
+    def _excuse(self, job: str, k: int, excuse: str, evidence: dict[str, Any]) -> None:
+        self.excused[excuse] += 1
+        self.excuses.append((job, k, excuse, evidence))
+
+    def judge(self, job: str, k: int) -> None:
+        if k in self.ran.runs_of.get(job, ()):
+            return
+        shape, grid, recs_at, grace_us = self.shape_of[job], self.grids[job], self.ran.recs_at, self.grace_us
+        ran = self.ran_sorted.get(job, [])
+        t_us = k * grid.interval_us
+        t = grid.time(k)
+        i = bisect_right(ran, k)
+        nxt = ran[i] if i < len(ran) else None
+        prev = ran[i - 1] if i > 0 else None
+        prev_token = max(p.token for p in recs_at[(job, prev)]) if prev is not None else None
+        windows = [w for w in self.crash_windows if w.start_us <= t_us <= w.end_us]
+        if nxt is None and self.end_us - t_us <= grace_us + grid.interval_us:
+            self._excuse(job, k, "window_end", {})
+            return
+        if nxt is None:
+            self.missed.append((t_us, job, "no later run of the job"))
+            return
+        following = recs_at[(job, nxt)]
+        next_token = max(p.token for p in following)
+        if shape.recover and windows:
+            w = windows[0]
+            self.missed.append((t_us, job, f"recoverable, in the crash window of {w.fault} {w.target} at "
+                                           f"{iso(w.ts)}: a claimed fire time must run again (recovery)"))
+            return
+        later_run = self.evidence.first_run_of_a_later_fire_time(t_us)
+        top_token = self.evidence.top_token_started_by(t)
+        if (later_run is not None and Grid.micros(later_run.started_at) - t_us > grace_us
+                and (top_token is None or later_run.token > top_token)):
+            self._excuse(job, k, "leaderless", later_run.ref())
+            return
+        catch_ups = sorted((p for p in following if p.kind == RunKind.CATCH_UP), key=lambda p: (p.started_at, p.order))
+        reason = None
+        if catch_ups:
+            cu = catch_ups[0]
+            if Grid.micros(cu.started_at) - t_us > grace_us + CATCH_UP_SLACK_US:
+                reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} came more than the grace later"
+            elif prev_token is not None and cu.token <= prev_token:
+                reason = f"the catch-up {cu.job}@{iso(cu.scheduled_at)} is not a newer leader's"
+            elif self.evidence.older_leader_fired_later(t_us, cu.token):
+                reason = "an older leader still ran later fire times: it skipped this one"
+            else:
+                self._excuse(job, k, "catch_up", cu.ref())
+                return
+        crash = next((w for w in windows if next_token > w.leader_token), None)
+        if crash is not None:
+            self.crashed.append((job, k, crash))
+            return
+        if reason is None:
+            if prev_token is not None and next_token <= prev_token:
+                reason = "the leader that ran the job before and after it skipped it"
+            else:
+                next_run = min(following, key=lambda p: (p.started_at, p.order))
+                reason = (f"the job's next run ({next_run.job}@{iso(next_run.scheduled_at)}, {next_run.kind}) is "
+                          "not a catch-up")
+        self.missed.append((t_us, job, reason))
+
+
+def _handoffs(by_started: list[Probe]) -> tuple[list[dict[str, Any]], int]:
+    """Each record whose token is above every token before it, and how many records are below the highest."""
     handoffs: list[dict[str, Any]] = []
     stale = 0
     top: Probe | None = None
@@ -511,46 +602,7 @@ def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetim
             top = p
         elif p.token < top.token:
             stale += 1
-
-    expected = sum(max(0, hi - lo + 1) for lo, hi in bounds.values())
-    gap_durations = [g["duration_s"] for g in gaps]
-    result: dict[str, Any] = {
-        "window": {"start": iso(win_start), "end": iso(win_end), "fire_times": instants},
-        "schedule": {"probes": spec_text(shapes), "jobs": len(shape_of), "interval_s": finest,
-                     "shapes": [{"shape": s.shape, "count": s.count, "interval_s": s.interval, "body_s": s.body,
-                                 "recover": s.recover} for s in shapes],
-                     "misfire_grace_s": misfire_grace, "claim_ahead_s": claim_ahead, "crash_slack_s": crash_slack,
-                     "early_tolerance_s": early_tolerance},
-        "records": len(in_window),
-        "manual_runs": len(manual),
-        "expected": expected,
-        "duplicates": len(duplicate_starts),
-        "duplicate_starts": duplicate_starts[:LIST_LIMIT],
-        "at_least_once": {"count": len(at_least_once), "list": at_least_once[:LIST_LIMIT]},
-        "fenced_sink_duplicates": fenced_sink_duplicates,
-        "early": len(early_runs),
-        "early_runs": early_runs[:LIST_LIMIT],
-        "missed": len(missed),
-        "missed_fire_times": [{"job": job, "scheduled_at": iso(EPOCH + timedelta(microseconds=us)), "reason": why}
-                              for us, job, why in missed[:LIST_LIMIT]],
-        # "coalesced": the catch-up count under its pre-#12 name, for readers of older reports (bench/peers)
-        "excused": {**excused, "coalesced": excused["catch_up"]},
-        "excused_gaps": group_excuses(excuses, grids)[:LIST_LIMIT],
-        "lost_to_crash": {"count": len(crashed), "list": group_crashes(crashed, grids)[:LIST_LIMIT]},
-        "gaps": {"count": len(gaps), **stats(gap_durations),
-                 **stats([g["wall_s"] for g in gaps], "wall_"), "list": gaps[:LIST_LIMIT]},
-        "open_gap": open_gap,
-        "handoffs": len(handoffs),
-        "handoff_list": handoffs[:LIST_LIMIT],
-        "stale_records": stale,
-        "warnings": warnings,
-    }
-    if chaos is not None:
-        result["faults"] = failovers(starts, by_started)
-    if not in_window:
-        warnings.append("no probe records in the window: nothing was proven")
-    result["verdict"] = "fail" if (duplicate_starts or missed or early_runs or not in_window) else "pass"
-    return result
+    return handoffs, stale
 
 
 def group_excuses(excuses: list[tuple[str, int, str, dict[str, Any]]], grids: dict[str, Grid]) -> list[dict[str, Any]]:

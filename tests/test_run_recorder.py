@@ -406,3 +406,70 @@ def test_a_writer_cancelled_in_the_middle_of_a_write_leaves_its_batch_to_the_nex
     unwritten, left, stored, answered = on_virtual_time(main)
     assert unwritten == {"job@1", "job@2"}
     assert left and stored == ["job@1", "job@2"] and answered
+
+
+async def _cancel_writer_when(loop: SimLoop, recorder: RunRecorder, moment: Callable[[], bool]) -> None:
+    """Look after every callback the writer runs until ``moment()``, then cancel the writer and let it end.
+
+    The moments looked for last one round of the loop (the writer yields with
+    ``sleep(0)`` between slices), so this waits with ``sleep(0)`` while
+    callbacks are ready at this instant, and moves to the next timer only
+    when none is: its own wake-up then comes after that timer's callback.
+    """
+    for _ in range(100_000):
+        if moment():
+            break
+        ready, timers = loop._ready, loop._scheduled  # type: ignore[attr-defined]  # the loop's queues, peeked
+        await asyncio.sleep(0 if ready or not timers else timers[0][0] - loop.now)
+    else:
+        raise AssertionError("the writer never reached the moment to cancel it at")
+    writer = recorder._writer
+    assert writer is not None and not writer.done()
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+
+
+def test_a_writer_cancelled_while_taking_a_batch_puts_what_it_took_back_in_order() -> None:
+    """A batch bigger than a slice is taken a slice at a time, yielding in between: a writer cancelled there holds
+    records that are in neither the queue nor a write. They go back to the head of the queue, in their order, and
+    the next writer stores every record once, oldest first."""
+    keys = [f"job@{i}" for i in range(1200)]  # over the batch (500), so the take yields after each slice
+
+    async def main(loop: SimLoop) -> tuple[int, set[str], bool, list[str], int]:
+        store = Store([])
+        recorder = RunRecorder(store, "baton", op_timeout=5.0, spacing=0.0)  # type: ignore[arg-type]
+        for key in keys:
+            recorder.add(record(key))
+        await _cancel_writer_when(loop, recorder, lambda: 0 < len(recorder._in_flight) < recorder.batch)
+        taken_when_cancelled = len(store.stored)
+        unwritten = recorder.unwritten()
+        left = await recorder.flush(5.0)
+        return taken_when_cancelled, unwritten, left, store.stored, len(recorder._in_flight)
+
+    stored_before, unwritten, left, stored, in_flight = on_virtual_time(main)
+    assert stored_before == 0 and unwritten == set(keys)
+    assert left and stored == keys and in_flight == 0
+
+
+def test_a_writer_cancelled_while_letting_go_of_a_stored_batch_answers_its_waiters() -> None:
+    """Letting go of a stored batch yields between slices; a writer cancelled there has stored the records its
+    waiters wait for. They are answered at once, and nothing is written again. Before, a waiter on the batch's
+    tail was never answered: a manual run waiting on its record would wait out its own timeout."""
+    keys = [f"job@{i}" for i in range(400)]  # two slices of the batch to let go of
+
+    async def main(loop: SimLoop) -> tuple[bool, bool, int, list[str], set[str]]:
+        store = Store([])
+        recorder = RunRecorder(store, "baton", op_timeout=5.0, spacing=0.0)  # type: ignore[arg-type]
+        for key in keys[:-1]:
+            recorder.add(record(key))
+        waited = recorder.add(record(keys[-1]), wait=True)
+        assert waited is not None
+        await _cancel_writer_when(loop, recorder, lambda: len(store.stored) == len(keys) and not waited.done())
+        answered = waited.done()
+        left = await recorder.flush(5.0)
+        return answered, left, store.calls, store.stored, recorder.unwritten()
+
+    answered, left, calls, stored, unwritten = on_virtual_time(main)
+    assert answered, "the waiter on a stored record was left waiting"
+    assert left and calls == 1 and stored == keys and unwritten == set()
