@@ -120,8 +120,9 @@ class WindowKeeper:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._complaint = ""
-        #: Where the predecessor's window ended, read before this leadership's first claim (us; 0: unknown).
-        self._owed_from_us = 0
+        #: Where the predecessor's window ended, read before this leadership's first claim (us; 0: unknown): the
+        #: first claim's intents start there, since every fire time before it is the predecessor's.
+        self._predecessor_until_us = 0
 
     @property
     def lead(self) -> float:
@@ -139,7 +140,7 @@ class WindowKeeper:
         """A new leadership: nothing of the last one's window carries over."""
         self.window = None
         self._stopping = False
-        self._owed_from_us = 0
+        self._predecessor_until_us = 0
 
     def owns(self, t_us: int, token: int) -> bool:
         window = self.window
@@ -163,8 +164,12 @@ class WindowKeeper:
             self._complain("reading the claim mark failed (the catch-up's intents follow the claim)", exc,
                            error=not isinstance(exc, LockBackendError))
         else:
-            if mark.token and mark.token < lease.token and mark.until_us < now_us:
-                self._owed_from_us = mark.until_us
+            # past: the catch-up's fire times start there. Ahead of this clock (a hand-back point past a fire time
+            # the predecessor started by its own clock, running ahead of ours): the fire times before it are the
+            # predecessor's, run or handed over as still going, and an intent of ours for one of them would
+            # take its intent over and hide it from recovery if that run's node died (found by the simulator)
+            if mark.token and mark.token < lease.token:
+                self._predecessor_until_us = mark.until_us
         await self._advance(lease, now_us + max(1, int(self.lead * US)), now_us)
         return self.window
 
@@ -270,7 +275,7 @@ class WindowKeeper:
         while True:
             t0 = clocks.monotonic()
             try:
-                before = self.window.until_us if self.window is not None else self._owed_from_us
+                before = self.window.until_us if self.window is not None else self._predecessor_until_us
                 window = await self.backend.claim_window(lease, until_us, start_us,
                                                          self.intents(before or start_us, until_us))
             except BackendUnavailable as exc:

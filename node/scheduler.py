@@ -172,6 +172,8 @@ class GatedScheduler(Admission, Handoff, Succession):
         #: Bodies running on this node, whatever leadership started them (by key, and keys by job).
         self.running: dict[str, Running] = {}
         self._running_keys: dict[str, set[str]] = {}
+        #: Recoveries waiting for a run of a job to end (job id -> their futures): answered as a run ends.
+        self._run_end_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._recoverable = [spec for spec in jobs if spec.recover]
         #: Each job's trigger, kept after APScheduler drops a one-shot it fired (a catch-up may need it).
         self._triggers: dict[str, BaseTrigger] = {}
@@ -475,6 +477,10 @@ class GatedScheduler(Admission, Handoff, Succession):
             current_run.reset(reset)
             del self.running[key]
             keys.discard(key)
+            if self._run_end_waiters:  # a recovery waits for a slot of a job: a dict's truth per run otherwise
+                for waiter in self._run_end_waiters.pop(spec.id, ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
         duration = clocks.monotonic() - t0
         self.metrics.runs.took(spec.id, duration)
         if outcome is RunOutcome.OK:

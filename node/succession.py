@@ -49,7 +49,8 @@ RECOVERY_SCAN = 500
 #: How often a recovery waiting for a handed-over run's busy entry to expire looks at its leadership, and how
 #: long after that expiry (by this node's clock) it lists the unfinished runs again.
 RECOVERY_RECHECK = 0.5
-#: How often a recovery skipped for ``max_instances`` looks whether a run of its job has ended (no store operation).
+#: How long a recovery skipped for ``max_instances`` waits for a run of its job to end here before it looks again
+#: (a handed-over run's busy entry frees its slot by expiring, not by ending here; no store operation).
 RECOVERY_SLOT_POLL = 0.05
 
 
@@ -68,6 +69,7 @@ class Succession:
         _triggers: dict[str, BaseTrigger]
         _pending: dict[tuple[str, int], int]
         _intents: dict[str, int]
+        _run_end_waiters: dict[str, list[asyncio.Future[None]]]
         _caught_up: bool
         _hand_back_at_us: int | None
 
@@ -84,6 +86,11 @@ class Succession:
         window = await self._first_window(lease, now)
         if window is None:
             return  # this leadership ended (or was fenced) before it owned a window
+        # a first claim made without the predecessor's mark (unread) wrote intents from this clock's now: those
+        # before the window are the predecessor's fire times, never this leadership's to run, nor to close as
+        # never fired (that record would hide them from every recovery)
+        for key in [key for key, t_us in self._intents.items() if t_us < window.since_us]:
+            del self._intents[key]
         # the recovery does not wait for the catch-up's bodies: a long one would hold a dead leader's recoverable
         # runs back for as long (found by the simulator); the two never touch the same fire time (the catch-up's
         # are at or after this window's start, the recovery's before it)
@@ -211,10 +218,26 @@ class Succession:
             while (spec := self.jobs.specs.get(job_id)) is not None and self._over_limit(spec) is not None:
                 if self._still_leading(lease) is None:
                     return outcome
-                await asyncio.sleep(RECOVERY_SLOT_POLL)
+                await self._a_run_ends(job_id, RECOVERY_SLOT_POLL)
             if spec is None or self._still_leading(lease) is None:
                 return outcome
         return outcome
+
+    async def _a_run_ends(self, job_id: str, timeout: float) -> None:
+        """Until a run of ``job_id`` ends here, or ``timeout``. Woken as the run ends, a recovery takes the slot
+        before the job's next fire time does: a job whose runs fill its period leaves gaps of milliseconds, which
+        a poll misses every time (found by the simulator: a recovery skipped for as long as its leader led)."""
+        waiter = asyncio.get_running_loop().create_future()
+        waiting = self._run_end_waiters.setdefault(job_id, [])
+        waiting.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout)
+        finally:
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting and self._run_end_waiters.get(job_id) is waiting:
+                del self._run_end_waiters[job_id]
 
     async def _recover_once(self, lease: Lease, tries: dict[str, asyncio.Task[RunOutcome]]) -> float | None:
         """One pass of ``_recover`` (``tries``: its recoveries so far, by intent): when to look again (wall
@@ -257,11 +280,11 @@ class Succession:
         looks: list[float] = []
         for run in open_runs:
             parsed = parse_claim_key(run.key)
-            if parsed is None or "#" in run.key or run.token >= lease.token:
+            if parsed is None or "#" in run.key:
                 continue
             job_id, scheduled_at = parsed
             if (job_id not in recoverable or job_id in self.paused_jobs or run.key in going
-                    or to_us(scheduled_at) >= window.since_us):
+                    or not self._a_predecessors(run.token, to_us(scheduled_at), lease, window)):
                 continue
             if run.key in handed:  # past its expiry by this clock, the store's may still list it: a look later
                 looks.append(handed[run.key] + RECOVERY_RECHECK)
@@ -272,6 +295,12 @@ class Succession:
                                                                "token": run.token})
             tries[run.key] = self.spawn(self._recover_run(lease, job_id, scheduled_at))
         return min(looks, default=None)
+
+    def _a_predecessors(self, token: int, fire_us: int, lease: Lease, window: Window) -> bool:
+        """Whether an unfinished intent is a predecessor's fire time, for the recovery to run again: one before
+        this leadership's window, under an older token, or under this one: a first claim made without the
+        predecessor's mark (unread) wrote its intents from this clock's now, and took the predecessor's over."""
+        return token <= lease.token and fire_us < window.since_us
 
     def _intents_between(self, lo_us: int, hi_us: int) -> list[str]:
         """Keys of the recoverable fire times in ``[lo_us, hi_us)`` this leader will run (for a new window)."""

@@ -26,7 +26,7 @@ from loadtest.sim.history import WALL0, History
 from loadtest.sim.invariants import INVARIANTS, check
 from loadtest.sim.loop import DEAD, PAUSED, PROCESS, HostClock, Process, SimLoop
 from loadtest.sim.net import FaultyBackend, InjectedError, Network
-from loadtest.sim.run import run_scenario, run_seed, scenario_for_seed
+from loadtest.sim.run import RunResult, run_scenario, run_seed, scenario_for_seed
 from loadtest.sim.scenario import Fault, HostShape, JobShape, RunConfig, Scenario
 from lock_backends import BackendUnavailable, Holder, Lease, LockBackendError, Window, memory
 from lock_backends import clock as clocks
@@ -567,6 +567,27 @@ def test_one_leader_catches_a_clock_outside_the_drift_bound(rate: float, overlap
 # -- whole runs ------------------------------------------------------------------------------------------
 
 
+def test_raised_reports_a_node_api_call_that_raised_and_counts_those_that_returned() -> None:
+    h = _history()
+    h.call(3.0, "n0", 0, "Node.step_down")
+    h.call(4.0, "n1", 1, "Node.stop", "RuntimeError: boom")
+    h.freeze(12.0)
+    checked = check(h, _scenario(JobShape("tick", 500, 0.01)))
+    assert checked.counts["raised"] == 2
+    raised = [v for v in checked.violations if v.invariant == "raised"]  # (no runs here: lost, elsewhere)
+    assert [(v.t, v.hosts) for v in raised] == [(4.0, ["n1"])]
+    assert "Node.stop on n1/p1 raised RuntimeError: boom" in raised[0].detail
+
+
+def test_an_exception_escaping_a_step_down_is_the_nodes_failure_not_the_simulators() -> None:
+    """Seed 156 with an escaping claim error: the step-down route raised. Before, the run ended as a simulator
+    error (a fault's task failed), which says nothing about the node; now it is the ``raised`` invariant."""
+    with broken.injected("claim-error-escapes"):
+        result = run_seed(156)
+    assert result.error is None
+    assert any(v.invariant == "raised" and "Node.step_down" in v.detail for v in result.checked.violations)
+
+
 def test_same_seed_same_history_in_process() -> None:
     first = run_seed(11)
     assert first.error is None
@@ -606,6 +627,46 @@ def test_each_hole_is_found_again_with_its_bug_put_back(hole: holes.Hole) -> Non
         assert holes.classify(found[0], result.history) == hole.hole
 
 
+def test_a_sigkill_in_the_grace_cuts_a_stopping_node_and_none_comes_after_it_exited() -> None:
+    """The orchestrator's SIGKILL after a SIGTERM ends a node still stopping (a long body running: killed, and
+    restarted after the fault's duration), and is nothing once the node has exited (no body running)."""
+    hosts = tuple(HostShape(f"n{i}") for i in range(3))
+    long = JobShape("long", 4000, 3.0, recover=True)
+    killed = run_scenario(Scenario(RunConfig.from_seed(0, jobs=(long,), hosts=hosts, faults_min=0, faults_max=0),
+                                   [Fault(5.0, "term", "leader", duration=1.0, kill_after=0.5)]))
+    quick = JobShape("tick", 500, 0.01)
+    exited = run_scenario(Scenario(RunConfig.from_seed(0, jobs=(quick,), hosts=hosts, faults_min=0, faults_max=0),
+                                   [Fault(5.0, "term", "leader", duration=1.0, kill_after=2.0)]))
+    for result in (killed, exited):
+        assert result.error is None and result.checked.violations == []
+    first = killed.history.procs[0]  # n0 leads first: the fault's target
+    assert (first.how, round(first.end or 0, 3)) == ("killed", 5.5)
+    assert [f["kind"] for f in killed.history.faults] == ["term", "kill_in_grace"]
+    assert any(p.host == first.host and p.start == pytest.approx(6.5) for p in killed.history.procs)
+    # the run it cut was handed over as busy; after its entry expired, the next leader ran it again
+    cut = [r for r in killed.history.runs if r.pid == first.pid and r.end is None]
+    assert cut and all(any(r.kind == "recovery" and r.f_us == c.f_us for r in killed.history.runs) for c in cut)
+    assert exited.history.procs[0].how == "exited"
+    assert [f["kind"] for f in exited.history.faults] == ["term"]
+    # the run lasts until a recovery owed after the busy entry's expiry could be seen
+    scenario = Scenario(killed.scenario.config, [Fault(5.0, "term", "leader", kill_after=0.5)])
+    assert scenario.end_of_faults() >= 5.0 + 12.0 + 5.0 + 2.0 + 2 * 3.0
+    assert Fault.from_dict(Fault(5.0, "term", kill_after=0.5).to_dict()).kill_after == 0.5
+
+
+def test_random_seeds_find_a_run_cut_in_a_shutdown_grace_by_themselves() -> None:
+    """A seed whose SIGTERM the orchestrator follows with a SIGKILL while a long recoverable run goes on reaches the
+    busy entry's expiry: with the recovery's single look put back, ``recovered`` fails on it (before SIGKILLs were
+    drawn, only a hand-built schedule reached this)."""
+    scenario = scenario_for_seed(124)
+    assert any(f.kind == "term" and f.kill_after for f in scenario.faults)
+    assert run_scenario(scenario).ok
+    with broken.injected("recovery-in-one-pass"):
+        result = run_scenario(scenario)
+    assert result.error is None
+    assert "recovered" in {v.invariant for v in result.checked.violations}
+
+
 def test_a_new_leaders_catch_up_intents_go_with_its_first_claim(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seed 9910's finding: a leader killed 1 ms after its first window leaves its catch-up to the next one.
 
@@ -629,6 +690,37 @@ def test_a_new_leaders_catch_up_intents_go_with_its_first_claim(monkeypatch: pyt
     before = run_scenario(finding.scenario)
     lost = {v.f_us for v in before.checked.violations if v.invariant == "lost" and v.job == "fast"}
     assert {_f(1.5), _f(2.7)} <= lost, [v.detail for v in before.checked.violations]
+
+
+def test_a_new_leaders_first_intents_start_at_a_predecessors_mark_ahead_of_its_clock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 8837's finding: the predecessor handed back from just past a fire time it started by its clock, ahead
+    of the new leader's. The first claim's intents start at that mark, so the predecessor's intent stays its own
+    and is recovered once its node, killed in its grace, lets the busy entry expire: even by a recovery that
+    passes over its own token's intents. With the intents from the clock's now (the mark used only when in the
+    past, as before the fix), the store takes the predecessor's intent over, and that recovery never runs it."""
+    scenario = scenario_for_seed(8837)
+
+    def recovered(result: RunResult) -> bool:
+        return any(r.kind == "recovery" and r.job == "long" and r.f_us == _f(8.0) for r in result.history.runs)
+
+    with broken.injected("own-intents-never-recovered"):
+        fixed = run_scenario(scenario)
+    assert fixed.ok and recovered(fixed), [v.detail for v in fixed.checked.violations]
+
+    async def open_with_a_past_mark_only(self: WindowKeeper, lease: Lease) -> Window | None:
+        now_us = int(clocks.time() * 1_000_000)
+        mark = await self.backend.claim_mark(lease.name)
+        if mark.token and mark.token < lease.token and mark.until_us < now_us:
+            self._predecessor_until_us = mark.until_us
+        await self._advance(lease, now_us + max(1, int(self.lead * 1_000_000)), now_us)
+        return self.window
+
+    monkeypatch.setattr(WindowKeeper, "open", open_with_a_past_mark_only)
+    with broken.injected("own-intents-never-recovered"):
+        before = run_scenario(scenario)
+    assert not recovered(before)
+    assert [(v.invariant, v.f_us) for v in before.checked.violations] == [("recovered", _f(8.0))]
 
 
 def test_a_catch_up_is_judged_on_the_freshest_busy_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -750,6 +842,6 @@ def test_bench_section_reports_speed_faults_checks_and_no_violation(tmp_path: Pa
     assert data["runs"] == 12 and data["ok"] and data["runs_per_s"] > 0 and data["faults"]
     assert set(data["checked"]) == set(INVARIANTS) and data["load_before"] is not None
     assert all(p["found"] for p in data["holes_with_their_bug"])
-    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 11
+    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 13
     md = (tmp_path / "report.md").read_text()
     assert "Deterministic simulator" in md and "**violations: 0** in 12 runs" in md and "runs/s" in md

@@ -45,11 +45,19 @@ recovery-in-one-pass   0     a new leader's recovery looks once                 
 recovery-skipped-for-  0     a recovery skipped for ``max_instances`` (a catch-up   recovered
 good                         of its job going) is not tried again
                              (``GatedScheduler._recover_run`` fires once)
+recovery-polls-for-a-  0     a skipped recovery looks for a free slot every 50 ms   recovered
+slot                         (``GatedScheduler._a_run_ends`` sleeps): a job whose
+                             runs fill its period leaves gaps it never sees
+own-intents-never-     0     the recovery passes over every intent of its own       recovered
+recovered                    token (``GatedScheduler._a_predecessors``): one a
+                             first claim made without the predecessor's mark took
+                             over from that predecessor is never run again
 =====================  ====  =====================================================  ====================
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -88,7 +96,7 @@ async def _no_hand_back(self: GatedScheduler, lease: Lease, at_us: int, *, retry
 
 def _escaping_advance(original: Callable[..., Any]) -> Callable[..., Any]:
     async def _advance(self: WindowKeeper, lease: Lease, until_us: int, start_us: int) -> None:
-        before = self.window.until_us if self.window is not None else self._owed_from_us
+        before = self.window.until_us if self.window is not None else self._predecessor_until_us
         try:
             window = await self.backend.claim_window(lease, until_us, start_us,
                                                      self.intents(before or start_us, until_us))
@@ -165,6 +173,14 @@ async def _recovery_tried_once(self: GatedScheduler, lease: Lease, job_id: str, 
     return await self.fire(job_id, scheduled_at, RunKind.RECOVERY)
 
 
+async def _slot_polled(self: GatedScheduler, job_id: str, timeout: float) -> None:
+    await asyncio.sleep(timeout)
+
+
+def _older_tokens_only(self: GatedScheduler, token: int, fire_us: int, lease: Lease, window: Window) -> bool:
+    return token < lease.token and fire_us < window.since_us
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -184,6 +200,8 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "hand-back-flushes-once": (0, (GatedScheduler, "_hand_back", _records_passed_by)),
     "recovery-in-one-pass": (0, (GatedScheduler, "_recover", _one_pass)),
     "recovery-skipped-for-good": (0, (GatedScheduler, "_recover_run", lambda _original: _recovery_tried_once)),
+    "recovery-polls-for-a-slot": (0, (GatedScheduler, "_a_run_ends", lambda _original: _slot_polled)),
+    "own-intents-never-recovered": (0, (GatedScheduler, "_a_predecessors", lambda _original: _older_tokens_only)),
 }
 
 

@@ -36,7 +36,7 @@ import contextvars
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -576,7 +576,7 @@ class Cluster:
             # then runs the lifespan shutdown: Node.stop
             await node.started.wait()
             await asyncio.sleep(uvicorn_delay)
-            await node.stop()
+            await self._api_call(n, "Node.stop", node.stop)  # uvicorn logs what it raised, and exits all the same
             # asyncio.run ends: what still runs is cancelled, then the process exits
             for task in list(self._bodies.get(proc.pid, {}).values()):
                 task.cancel()
@@ -586,11 +586,37 @@ class Cluster:
             self._later(fault.duration, self._restart, n)
 
         self._in(n, terminate)
+        if fault.kill_after:
+            self._later(fault.kill_after, self._kill_in_grace, n, proc, fault)
+
+    def _kill_in_grace(self, n: SimHost, proc: Process, fault: Fault) -> None:
+        """The orchestrator's grace ran out before the node had stopped: SIGKILL, then a restart as for the
+        SIGTERM. Nothing if the process has exited meanwhile."""
+        if proc.state == DEAD:
+            return
+        self.history.fault({"t": round(self.loop.now, 6), "kind": "kill_in_grace", "host": n.name, "pid": proc.pid,
+                            "after_term": fault.kill_after})
+        self._end(n, proc, "killed")
+        self._later(fault.duration, self._restart, n)
 
     def _fault_step_down(self, n: SimHost, fault: Fault) -> None:
         node = n.node
         assert node is not None
-        self._in(n, node.step_down)  # POST /admin/leader/step-down on this node (a follower: nothing)
+        # POST /admin/leader/step-down on this node (a follower: nothing)
+        self._in(n, lambda: self._api_call(n, "Node.step_down", node.step_down))
+
+    async def _api_call(self, n: SimHost, what: str, call: Callable[[], Awaitable[Any]]) -> None:
+        """A call into the node's API, as a route or a signal handler makes it: what it raises is the node's
+        failure (an HTTP 500, a shutdown that ends on a traceback), recorded for ``raised``, not a simulator
+        error."""
+        proc = n.proc
+        assert proc is not None
+        try:
+            await call()
+        except Exception as exc:
+            self.history.call(self.loop.now, n.name, proc.pid, what, f"{type(exc).__name__}: {exc}")
+        else:
+            self.history.call(self.loop.now, n.name, proc.pid, what)
 
     def _fault_run_now(self, n: SimHost, fault: Fault) -> None:
         node = n.node

@@ -133,6 +133,9 @@ class History:
     sink: list[tuple[float, str, int, str, int, bool]] = field(default_factory=list)  # t, job, rid, phase, token, ok
     faults: list[dict[str, Any]] = field(default_factory=list)  # as executed, with resolved targets
     notes: list[tuple[float, str, str, str]] = field(default_factory=list)  # t, host, text, job (faults, logs)
+    #: calls a fault made into a node's API (a SIGTERM's stop, a step-down) that returned: t, host, pid, what,
+    #: the exception it raised ("" if none)
+    calls: list[tuple[float, str, int, str, str]] = field(default_factory=list)
     end: float = 0.0
     frozen: bool = False
     _open: dict[int, Belief] = field(default_factory=dict, repr=False)
@@ -241,6 +244,10 @@ class History:
         if not self.frozen:
             self.faults.append(entry)
 
+    def call(self, t: float, host: str, pid: int, what: str, raised: str = "") -> None:
+        if not self.frozen:
+            self.calls.append((t, host, pid, what, raised))
+
     def note(self, t: float, host: str, text: str, job: str = "") -> None:
         if not self.frozen:
             self.notes.append((t, host, text, job))
@@ -281,6 +288,6 @@ class History:
         lines = [json.dumps({"hosts": self.hosts, "end": self.end}, sort_keys=True)]
         for name in ("runs", "fires", "beliefs", "procs", "marks", "views"):
             lines.extend(json.dumps([name, asdict(x)], sort_keys=True) for x in getattr(self, name))
-        for name in ("grants", "pauses", "cuts", "steps", "sink", "faults", "notes"):
+        for name in ("grants", "pauses", "cuts", "steps", "sink", "faults", "notes", "calls"):
             lines.extend(json.dumps([name, x], sort_keys=True) for x in getattr(self, name))
         return "\n".join(lines) + "\n"

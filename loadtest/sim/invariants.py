@@ -58,6 +58,10 @@ first. The names and their meaning:
     next renewal, so its belief may outlast the restart by up to its renew
     deadline (``RESTART_BELIEF_SLACK`` beyond it); its claim window, fenced by
     its token, keeps what it runs apart from the next leader's.
+``raised``
+    No call a fault makes into a node's API (a SIGTERM's ``Node.stop``, a
+    step-down) raises: a route would answer 500, a shutdown end on a
+    traceback, with the hand-back it was for possibly undone.
 """
 
 from __future__ import annotations
@@ -68,11 +72,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.sim.history import WALL0, Belief, Fire, History, Mark, Run, View
-from loadtest.sim.scenario import Scenario
+from loadtest.sim.scenario import RECOVERY_ALLOWANCE, Scenario
 from lock_backends.clock import to_us
 from node.triggers import INTERVAL_EPOCH
 
-INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "recovered", "max_instances", "waits_forever", "one_leader")
+INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "recovered", "max_instances", "waits_forever", "one_leader",
+              "raised")
 
 #: Unix time of the interval triggers' epoch, in microseconds: interval fire times are this plus whole periods.
 INTERVAL_EPOCH_US = to_us(INTERVAL_EPOCH)
@@ -91,9 +96,6 @@ CRASH_SLACK = 0.6
 STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
-#: Leadership a recovery may take after it is owed (its first window, a flush, the listing, the look again after a
-#: busy entry's expiry), beside twice the job's body (a run of it going holds the recovery back).
-RECOVERY_ALLOWANCE = 2.0
 #: How long past its renew deadline after a store restart a holder may still believe it leads: the renewal in
 #: flight at the restart answered late, and the holder's clock running slow.
 RESTART_BELIEF_SLACK = 0.5
@@ -697,3 +699,9 @@ def check_one_leader(facts: _Facts, excused: dict[str, int]) -> tuple[list[Viola
                     f"{b.host}/p{b.pid} (token {b.token}, {b.since:.3f}-{b.until:.3f}) both believed they led "
                     f"for {overlap:.3f}s", hosts=[a.host, b.host]))
     return out, len(beliefs)
+
+
+def check_raised(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    calls = facts.h.calls
+    return [Violation("raised", t, f"{what} on {host}/p{pid} raised {raised}", hosts=[host])
+            for t, host, pid, what, raised in calls if raised], len(calls)

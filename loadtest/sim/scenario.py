@@ -14,6 +14,8 @@ import random
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from node.handoff import BUSY_SLACK
+
 KINDS = ("pause", "kill", "term", "step_down", "clock_step", "outage", "restart", "cut", "op", "run_now")
 #: Faults of the store itself (no target): down for a while; a restart also ends every lease.
 STORE_KINDS = ("outage", "restart")
@@ -27,6 +29,14 @@ OP_WEIGHTS = {"claim_window": 5, "hand_back": 3, "claim": 2, "renew": 3, "acquir
               "claim_many": 0, "runs": 0, "set_setting": 0}
 OP_DEFAULT_WEIGHT = 2
 EFFECT_WEIGHTS = {"delay-request": 2, "delay-response": 2, "fail-before": 2, "fail-after": 3, "raise": 2}
+#: Share of a random schedule's SIGTERMs that the orchestrator follows with a SIGKILL while the node is still
+#: stopping (its own grace shorter than the node's, as a rolling deploy's can be), and the range of that delay:
+#: from the middle of the hand-back to well into a long body's run.
+KILL_IN_GRACE_SHARE = 0.4
+KILL_IN_GRACE_DELAY = (0.05, 3.0)
+#: Leadership a recovery may take after it is owed (its first window, a flush, the listing, the look again after a
+#: busy entry's expiry), beside twice the job's body (a run of it going holds the recovery back).
+RECOVERY_ALLOWANCE = 2.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,8 @@ class Fault:
     target: str = "leader"
     #: pause, outage, restart, cut: how long; kill, term: how long until the host's process is started again
     duration: float = 0.0
+    #: term: seconds until the orchestrator's SIGKILL if the process is still up (0: its grace outlasts the node's)
+    kill_after: float = 0.0
     #: clock_step: seconds added to the target's wall clock
     delta: float = 0.0
     #: op: the operation's method name and what happens to its next call
@@ -65,6 +77,9 @@ class Fault:
         who = self.target or "store"
         if self.kind in ("pause", *STORE_KINDS, "cut"):
             return f"{self.kind} {who} for {self.duration:.3f}s"
+        if self.kind == "term" and self.kill_after:
+            return (f"term {who}, SIGKILL after {self.kill_after:.3f}s if still up, "
+                    f"restart after {self.duration:.3f}s")
         if self.kind in ("kill", "term"):
             return f"{self.kind} {who}, restart after {self.duration:.3f}s"
         if self.kind == "clock_step":
@@ -181,10 +196,22 @@ class Scenario:
                    str(data.get("name", "")))
 
     def end_of_faults(self) -> float:
-        """When the last fault's own effects are over (a pause resumed, a killed host restarted)."""
-        end = self.config.fault_start
+        """When the last fault's own effects are over (a pause resumed, a killed host restarted).
+
+        A SIGTERM that a SIGKILL follows can leave runs handed over as still
+        going that no record will end: their busy entries expire after the
+        shutdown grace and its slack, and only then are they owed again. The
+        run lasts until a recovery of the longest recoverable job could be
+        seen, so ``recovered`` checks them rather than excusing them.
+        """
+        config = self.config
+        recover_body = max((j.body_s for j in config.jobs if j.recover), default=0.0)
+        owed = config.shutdown_grace + BUSY_SLACK + RECOVERY_ALLOWANCE + 2 * recover_body + 1.0
+        end = config.fault_start
         for f in self.faults:
             end = max(end, f.at + f.duration + (0.5 if f.kind == "term" else 0.0))
+            if f.kind == "term" and f.kill_after:
+                end = max(end, f.at + f.kill_after + f.duration, f.at + owed)
         return end
 
     def duration(self) -> float:
@@ -227,4 +254,9 @@ def random_faults(config: RunConfig, ops: list[str]) -> list[Fault]:
         elif kind == "run_now":
             faults.append(Fault(at, kind, "leader", job=rng.choice(config.jobs).id))
     faults.sort(key=lambda f: f.at)
+    # drawn from a stream of their own: a seed's schedule is otherwise what it was before SIGKILLs were drawn
+    orchestrator = random.Random(f"baton-sim-orchestrator-{config.seed}")
+    for i, f in enumerate(faults):
+        if f.kind == "term" and orchestrator.random() < KILL_IN_GRACE_SHARE:
+            faults[i] = replace(f, kill_after=round(orchestrator.uniform(*KILL_IN_GRACE_DELAY), 4))
     return faults
