@@ -52,6 +52,10 @@ own-intents-never-     0     the recovery passes over every intent of its own   
 recovered                    token (``GatedScheduler._a_predecessors``): one a
                              first claim made without the predecessor's mark took
                              over from that predecessor is never run again
+past-window-without-   0     a claim answered after its window's fire times came   recovered
+intents                      due writes no intents for them
+                             (``GatedScheduler._intents_between`` returns early):
+                             a kill before their runs end loses them
 =====================  ====  =====================================================  ====================
 """
 
@@ -64,6 +68,7 @@ from typing import Any
 
 from loadtest.sim import cluster
 from lock_backends import BusyRun, Lease, LockBackendError, Window, memory
+from lock_backends import clock as clocks
 from node.admission import Refusal
 from node.claims import WindowKeeper
 from node.outcomes import RunKind, RunOutcome
@@ -181,6 +186,16 @@ def _older_tokens_only(self: GatedScheduler, token: int, fire_us: int, lease: Le
     return token < lease.token and fire_us < window.since_us
 
 
+def _past_window_without_intents(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _intents_between(self: GatedScheduler, lo_us: int, hi_us: int) -> list[str]:
+        if max(lo_us, int(clocks.time() * 1_000_000)) >= hi_us:
+            return []  # the early return before the fix: a window wholly in the past owes nothing
+        result: list[str] = original(self, lo_us, hi_us)
+        return result
+
+    return _intents_between
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -202,6 +217,7 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "recovery-skipped-for-good": (0, (GatedScheduler, "_recover_run", lambda _original: _recovery_tried_once)),
     "recovery-polls-for-a-slot": (0, (GatedScheduler, "_a_run_ends", lambda _original: _slot_polled)),
     "own-intents-never-recovered": (0, (GatedScheduler, "_a_predecessors", lambda _original: _older_tokens_only)),
+    "past-window-without-intents": (0, (GatedScheduler, "_intents_between", _past_window_without_intents)),
 }
 
 

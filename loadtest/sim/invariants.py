@@ -56,8 +56,10 @@ first. The names and their meaning:
     documented drift, so the local deadline margin must absorb it). Except
     after a store restart that ended the leases: the holder learns it at its
     next renewal, so its belief may outlast the restart by up to its renew
-    deadline (``RESTART_BELIEF_SLACK`` beyond it); its claim window, fenced by
-    its token, keeps what it runs apart from the next leader's.
+    deadline (``RESTART_BELIEF_SLACK`` beyond it), or, paused or cut off, by
+    up to the TTL (its local deadline, set by a renewal sent before the
+    restart); its claim window, fenced by its token, keeps what it runs apart
+    from the next leader's.
 ``raised``
     No call a fault makes into a node's API (a SIGTERM's ``Node.stop``, a
     step-down) raises: a route would answer 500, a shutdown end on a
@@ -382,8 +384,10 @@ class _Facts:
 
     def restart_under(self, a: Belief, b: Belief) -> float | None:
         """The store restart that ended ``a``'s lease before ``b`` began, if ``a``'s belief ended within the
-        renew deadline of it (the holder learns at its next renewal): when it began."""
-        bound = self.config.renew_deadline + RESTART_BELIEF_SLACK
+        renew deadline of it (the holder learns at its next renewal), or within the TTL (a holder paused or cut
+        off learns nothing: it stops at the local deadline its last renewal before the restart set): when it
+        began."""
+        bound = max(self.config.renew_deadline + RESTART_BELIEF_SLACK, self.config.ttl)
         for t0 in self.restarts:
             if a.since - EPS <= t0 <= b.since + EPS and a.until <= t0 + bound:
                 return t0
