@@ -56,6 +56,10 @@ past-window-without-   0     a claim answered after its window's fire times came
 intents                      due writes no intents for them
                              (``GatedScheduler._intents_between`` returns early):
                              a kill before their runs end loses them
+recovery-never-looks-  0     a recovery that waited for a slot starts without       duplicate_start
+again                        looking whether the run's own node has stored its
+                             result meanwhile (``GatedScheduler._still_unfinished``
+                             answers yes)
 =====================  ====  =====================================================  ====================
 """
 
@@ -196,6 +200,10 @@ def _past_window_without_intents(original: Callable[..., Any]) -> Callable[..., 
     return _intents_between
 
 
+async def _never_looks_again(self: GatedScheduler, key: str) -> bool:
+    return True
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -218,6 +226,7 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "recovery-polls-for-a-slot": (0, (GatedScheduler, "_a_run_ends", lambda _original: _slot_polled)),
     "own-intents-never-recovered": (0, (GatedScheduler, "_a_predecessors", lambda _original: _older_tokens_only)),
     "past-window-without-intents": (0, (GatedScheduler, "_intents_between", _past_window_without_intents)),
+    "recovery-never-looks-again": (0, (GatedScheduler, "_still_unfinished", lambda _original: _never_looks_again)),
 }
 
 

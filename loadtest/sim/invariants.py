@@ -297,12 +297,13 @@ class _Facts:
         return views[i - 1] if i else None
 
     def truly_busy(self, key: str, node: str, token: int) -> bool:
-        """A busy entry the store listed was written by a hand-back sent while that run was going."""
+        """A busy entry the store listed was written by a hand-back sent while that run was going: by its node,
+        under the run's token or a later one of that node's (it won again while the run went on: seed 28566)."""
         cached = self._busy_ok.get((key, token))
         if cached is None:
             runs = [r for r in self.runs_by_key.get(key, ()) if r.token == token and r.host == node]
             cached = any(r.start <= m.sent + EPS and (r.end is None or r.end >= m.sent - EPS)
-                         for m in self.hand_backs_of.get(key, ()) for r in runs if m.asked == token)
+                         for m in self.hand_backs_of.get(key, ()) for r in runs if m.asked >= token and m.host == node)
             self._busy_ok[(key, token)] = cached
         return cached
 
