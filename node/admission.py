@@ -179,7 +179,8 @@ class Admission:
             except Exception as exc:
                 # a surprise is tried again too, as a record write's is: given up at once, the recovery it was
                 # owed was lost for the whole leadership (found by the simulator, seed 33272)
-                surprises += not isinstance(exc, BackendUnavailable)
+                if not isinstance(exc, BackendUnavailable):
+                    surprises += 1
                 if surprises >= SURPRISE_ATTEMPTS:
                     return Refusal(RunOutcome.ERROR, f"claiming the recovery failed: {exc}")
                 if not lease.valid():

@@ -214,6 +214,7 @@ class Succession:
     async def _recover_run(self, lease: Lease, job_id: str, scheduled_at: datetime) -> RunOutcome:
         """One recovery, run as soon as ``max_instances`` lets it while this leadership lasts: it is owed, not
         optional, and a run of its job going (a catch-up, the next fire time) would otherwise skip it for good."""
+        await self._until_due(scheduled_at)
         while (outcome := await self.fire(job_id, scheduled_at, RunKind.RECOVERY)) is RunOutcome.SKIPPED:
             while (spec := self.jobs.specs.get(job_id)) is not None and self._over_limit(spec) is not None:
                 if self._still_leading(lease) is None:
@@ -224,6 +225,15 @@ class Succession:
             if not await self._still_unfinished(claim_key(job_id, scheduled_at)):
                 return outcome
         return outcome
+
+    async def _until_due(self, scheduled_at: datetime) -> None:
+        """Until ``scheduled_at`` by this clock. A predecessor killed just before a fire time had claimed it ahead
+        (its intent is in the store), and a new leader can win before it comes due (the file lock and a
+        PostgreSQL session lock are let go with the process): recovered at once, it started early (found by the
+        benchmark's aimed kills, up to 72 ms before its fire time)."""
+        early = to_us(scheduled_at) / 1_000_000 - clocks.time()
+        if early > 0:  # slept on the monotonic clock, which the wall clock keeps pace with: a margin for rounding
+            await asyncio.sleep(early + 0.001)
 
     async def _still_unfinished(self, key: str) -> bool:
         """Whether the intent ``key`` is still without a result, looked up again before a recovery that had to wait:

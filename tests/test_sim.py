@@ -854,6 +854,6 @@ def test_bench_section_reports_speed_faults_checks_and_no_violation(tmp_path: Pa
     assert data["runs"] == 12 and data["ok"] and data["runs_per_s"] > 0 and data["faults"]
     assert set(data["checked"]) == set(INVARIANTS) and data["load_before"] is not None
     assert all(p["found"] for p in data["holes_with_their_bug"])
-    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 15
+    assert len(data["holes_with_their_bug"]) == len(holes.with_bugs()) == 16
     md = (tmp_path / "report.md").read_text()
     assert "Deterministic simulator" in md and "**violations: 0** in 12 runs" in md and "runs/s" in md

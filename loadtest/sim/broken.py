@@ -60,6 +60,8 @@ recovery-never-looks-  0     a recovery that waited for a slot starts without   
 again                        looking whether the run's own node has stored its
                              result meanwhile (``GatedScheduler._still_unfinished``
                              answers yes)
+recovery-before-due    0     a recovery of a fire time not yet due starts at once   early
+                             (``GatedScheduler._until_due`` does not wait)
 =====================  ====  =====================================================  ====================
 """
 
@@ -204,6 +206,10 @@ async def _never_looks_again(self: GatedScheduler, key: str) -> bool:
     return True
 
 
+async def _not_waiting_for_due(self: GatedScheduler, scheduled_at: Any) -> None:
+    return None
+
+
 def _no_grace(original: Callable[..., Any]) -> Callable[..., Any]:
     async def shutdown(self: GatedScheduler, grace: float | None = None) -> None:
         await original(self, 0.0)
@@ -227,6 +233,7 @@ BUGS: dict[str, tuple[int, tuple[Any, str, Callable[[Any], Any]]]] = {
     "own-intents-never-recovered": (0, (GatedScheduler, "_a_predecessors", lambda _original: _older_tokens_only)),
     "past-window-without-intents": (0, (GatedScheduler, "_intents_between", _past_window_without_intents)),
     "recovery-never-looks-again": (0, (GatedScheduler, "_still_unfinished", lambda _original: _never_looks_again)),
+    "recovery-before-due": (0, (GatedScheduler, "_until_due", lambda _original: _not_waiting_for_due)),
 }
 
 

@@ -480,8 +480,9 @@ class Cluster:
         """Run ``coro_fn()`` as a task of the host's current process.
 
         A fault's task that dies of an exception is a simulator error, never
-        silence: a SIGTERM whose ``Node.stop`` raised would otherwise leave the
-        process up forever and its host's faults unapplied.
+        silence: a fault whose task died half-way would leave its host's
+        process up forever and its later faults unapplied. What the node's own
+        API raises is not that: ``_api_call`` records it for ``raised``.
         """
         assert n.context is not None
         task = self.loop.create_task(coro_fn(), context=n.context.copy())

@@ -64,6 +64,11 @@ first. The names and their meaning:
     No call a fault makes into a node's API (a SIGTERM's ``Node.stop``, a
     step-down) raises: a route would answer 500, a shutdown end on a
     traceback, with the hand-back it was for possibly undone.
+``early``
+    No run of a fire time (scheduled, catch-up or recovery) starts before
+    its fire time by the clock of the host that starts it (``EARLY_BOUND``),
+    unless that clock was stepped back in the second before: APScheduler
+    fires by that clock, and a recovery must wait for it too.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from lock_backends.clock import to_us
 from node.triggers import INTERVAL_EPOCH
 
 INVARIANTS = ("duplicate_start", "fenced_sink", "lost", "recovered", "max_instances", "waits_forever", "one_leader",
-              "raised")
+              "raised", "early")
 
 #: Unix time of the interval triggers' epoch, in microseconds: interval fire times are this plus whole periods.
 INTERVAL_EPOCH_US = to_us(INTERVAL_EPOCH)
@@ -98,6 +103,8 @@ CRASH_SLACK = 0.6
 STOP_SLACK = 0.05
 #: How long after its leadership ends a node may still be handing its window back (a flush, one attempt).
 HAND_BACK_TIME = 1.5
+#: How far before its fire time, by its own host's clock, a run may start (float rounding only).
+EARLY_BOUND = 0.001
 #: How long past its renew deadline after a store restart a holder may still believe it leads: the renewal in
 #: flight at the restart answered late, and the holder's clock running slow.
 RESTART_BELIEF_SLACK = 0.5
@@ -710,3 +717,22 @@ def check_raised(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation
     calls = facts.h.calls
     return [Violation("raised", t, f"{what} on {host}/p{pid} raised {raised}", hosts=[host])
             for t, host, pid, what, raised in calls if raised], len(calls)
+
+
+def check_early(facts: _Facts, excused: dict[str, int]) -> tuple[list[Violation], int]:
+    h = facts.h
+    out = []
+    looked = 0
+    for r in h.runs:
+        if r.kind == "manual":
+            continue
+        looked += 1
+        early = r.f_us / 1e6 - h.wall(r.host, r.start)
+        if early <= EARLY_BOUND:
+            continue
+        if any(host == r.host and delta < 0 and r.start - 1.0 <= at <= r.start + EPS for host, at, delta in h.steps):
+            excused["early: its host's clock stepped back in the second before"] += 1
+            continue
+        out.append(Violation("early", r.start, f"{r.job} fire time {_fmt_f(r.f_us)} started {early:.3f}s before it "
+                             f"by {r.host}'s clock: {_run_desc(r)}", r.job, r.f_us, [r.rid], [r.host]))
+    return out, looked
