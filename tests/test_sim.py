@@ -600,6 +600,22 @@ def test_a_busy_entry_handed_over_by_a_later_token_of_its_node_holds_the_job() -
                                       "arrive", 0) > 0
 
 
+@pytest.mark.parametrize(("start", "stepped_back", "violated"),
+                         [(4.99, False, True), (5.0, False, False), (4.9, True, False)],
+                         ids=["before-its-fire-time", "on-time", "after-a-backward-step"])
+def test_early_reports_a_run_started_before_its_fire_time_by_its_hosts_clock(
+        start: float, stepped_back: bool, violated: bool) -> None:
+    h = _history()
+    _every_second(h, skip=(5.0,))
+    _run(h, "tick", 5.0, kind="recovery", start=start, end=start + 0.1)
+    if stepped_back:  # back by 0.2 s just before, and forward again after it (runs on true time here)
+        h.step("n0", 4.5, -0.2)
+        h.step("n0", 5.5, 0.2)
+    checked = check(h, _scenario(JobShape("tick", 1000, 0.1)))
+    assert ("early" in {v.invariant for v in checked.violations}) == violated
+    assert checked.counts["early"] == 10
+
+
 def test_same_seed_same_history_in_process() -> None:
     first = run_seed(11)
     assert first.error is None
