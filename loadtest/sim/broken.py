@@ -52,7 +52,7 @@ own-intents-never-     0     the recovery passes over every intent of its own   
 recovered                    token (``GatedScheduler._a_predecessors``): one a
                              first claim made without the predecessor's mark took
                              over from that predecessor is never run again
-past-window-without-   0     a claim answered after its window's fire times came   recovered
+past-window-without-   0     a claim answered after its window's fire times came    recovered
 intents                      due writes no intents for them
                              (``GatedScheduler._intents_between`` returns early):
                              a kill before their runs end loses them
