@@ -193,6 +193,10 @@ def schedule_of(probes: str | list[ProbeShape] | None, jobs: int | None, interva
     return shapes
 
 
+#: A crash fault as the rules read it: (logged at, target, fault, until when the node may still have started runs).
+Crash = tuple[datetime, str, str, datetime]
+
+
 @dataclass(frozen=True)
 class CrashWindow:
     """Fire times a leader hit by a crash-like fault may have claimed ahead and never started."""
@@ -255,9 +259,6 @@ class Evidence:
         i = bisect_right(self.started_keys, t)
         before = self.by_started[:i]
         return max(before, key=lambda p: (p.token, p.started_at, p.order)) if before else None
-
-
-Crash = tuple[datetime, str, str, datetime]
 
 
 def check(records: list[dict[str, Any]], *, start: datetime | None, end: datetime | None, misfire_grace: float,
